@@ -1,0 +1,93 @@
+"""Episodes from a folder of ACT/TinyVLA-style HDF5 files, split by episode, normalised with training statistics."""
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+
+def read_episode(path, camera):
+    with h5py.File(path, "r") as f:
+        ep = {"images": f[f"observations/images/{camera}"][()], "qpos": f["observations/qpos"][()].astype(np.float32),
+              "action": f["action"][()].astype(np.float32), "instruction": f["language_raw"][()]}
+        ep["baselines"] = {k: v[()] for k, v in f["baselines"].items()} if "baselines" in f else {}
+    if isinstance(ep["instruction"], bytes):
+        ep["instruction"] = ep["instruction"].decode()
+    return ep
+
+
+def split_episodes(files, val_fraction, seed):
+    """Train and validation files, split by episode with a seeded shuffle (at least one of each)."""
+    order = np.random.default_rng(seed).permutation(len(files))
+    n_val = min(max(1, round(len(files) * val_fraction)), len(files) - 1)
+    return [files[i] for i in sorted(order[n_val:])], [files[i] for i in sorted(order[:n_val])]
+
+
+class Normalizer:
+    """Actions min-max scaled to [-1, 1]; states standardised. Statistics come from the training episodes only."""
+
+    def __init__(self, action_min, action_max, qpos_mean, qpos_std):
+        self.action_min, self.action_max = np.asarray(action_min, np.float32), np.asarray(action_max, np.float32)
+        self.qpos_mean, self.qpos_std = np.asarray(qpos_mean, np.float32), np.asarray(qpos_std, np.float32)
+
+    @classmethod
+    def fit(cls, episodes):
+        actions = np.concatenate([e["action"] for e in episodes])
+        qpos = np.concatenate([e["qpos"] for e in episodes])
+        return cls(actions.min(0), actions.max(0), qpos.mean(0), qpos.std(0) + 1e-6)
+
+    def actions(self, a):
+        return 2 * (a - self.action_min) / np.maximum(self.action_max - self.action_min, 1e-6) - 1
+
+    def qpos(self, q):
+        return (q - self.qpos_mean) / self.qpos_std
+
+    def state_dict(self):
+        return {k: v.tolist() for k, v in vars(self).items()}
+
+
+class ChunkDataset(torch.utils.data.Dataset):
+    """One sample per time step: image, state, instruction and the next `horizon` actions (the last one repeated
+    past the episode's end, where the robot holds its final pose)."""
+
+    def __init__(self, episodes, normalizer, horizon):
+        self.episodes, self.norm, self.horizon = episodes, normalizer, horizon
+        self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["action"]))]
+
+    def __len__(self):
+        return len(self.index)
+
+    def chunk(self, actions, t):
+        idx = np.minimum(np.arange(t, t + self.horizon), len(actions) - 1)
+        return actions[idx]
+
+    def __getitem__(self, i):
+        e, t = self.index[i]
+        ep = self.episodes[e]
+        return {"image": torch.from_numpy(ep["images"][t]).permute(2, 0, 1),
+                "state": torch.from_numpy(self.norm.qpos(ep["qpos"][t])),
+                "actions": torch.from_numpy(self.norm.actions(self.chunk(ep["action"], t))),
+                "instruction": ep["instruction"]}
+
+    def baselines(self, indices, mean_chunk):
+        """Normalised action chunks of the trivial predictors for the samples `indices`."""
+        out = {"mean_action": np.stack([mean_chunk] * len(indices))}
+        first = self.episodes[0]
+        if first["qpos"].shape[1] == first["action"].shape[1]:  # actions are target poses: holding still is a policy
+            out["hold_state"] = np.stack([self.norm.actions(np.repeat(self.episodes[e]["qpos"][t][None], self.horizon, 0))
+                                          for e, t in (self.index[i] for i in indices)])
+        for name in first["baselines"]:
+            out[name] = np.stack([self.norm.actions(self.episodes[e]["baselines"][name][t])
+                                  for e, t in (self.index[i] for i in indices)])
+        return out
+
+
+def load_split(data_dir, camera, val_fraction, seed, horizon):
+    files = sorted(Path(data_dir).glob("*.hdf5"))
+    if not files:
+        raise FileNotFoundError(f"data.dir={data_dir}: no *.hdf5 episode files there")
+    train_files, val_files = split_episodes(files, val_fraction, seed)
+    train = [read_episode(f, camera) for f in train_files]
+    val = [read_episode(f, camera) for f in val_files]
+    norm = Normalizer.fit(train)
+    return ChunkDataset(train, norm, horizon), ChunkDataset(val, norm, horizon)

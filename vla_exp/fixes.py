@@ -1,0 +1,130 @@
+"""The four differences between the seed's original and fixed training scripts, one small piece each.
+
+The config picks them with `_target_` (conf/init, conf/loss_handling, conf/optim, conf/clipping); the training loop
+calls them and never asks which recipe it runs.
+"""
+import math
+
+import torch
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------------------------
+# init: applied to the diffusion head only, after loading
+
+
+class NoInit:
+    """Apply nothing: the head keeps what building and loading left (see model.head_loading)."""
+
+    def __call__(self, head):
+        pass
+
+
+class SeedXavierInit:
+    """The seed's `proper_weight_init`, exactly: Linear xavier_uniform(gain), bias 0; Conv1d kaiming_normal(fan_out,
+    relu, a), bias 0. Nothing else: ConvTranspose1d is not a Conv1d subclass and GroupNorm is not touched. On a 1x1
+    output conv, fan_out is the action dimension, so its weights get std ~ sqrt(2 / action_dim): a large output."""
+
+    def __init__(self, gain=0.5, a=0.1):
+        self.gain, self.a = gain, a
+
+    def __call__(self, head):
+        for m in head.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight, gain=self.gain)
+            elif isinstance(m, nn.Conv1d):
+                nn.init.kaiming_normal_(m.weight, a=self.a, mode="fan_out", nonlinearity="relu")
+            else:
+                continue
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class XavierAllInit:
+    """A corrected variant: xavier_uniform(gain) on every Linear, Conv1d and ConvTranspose1d (fan_in and fan_out
+    averaged, so the 1x1 output conv stays small), biases 0, norms reset to 1/0."""
+
+    def __init__(self, gain=0.5):
+        self.gain = gain
+
+    def __call__(self, head):
+        for m in head.modules():
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.ConvTranspose1d)):
+                nn.init.xavier_uniform_(m.weight, gain=self.gain)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+class TorchDefaultInit:
+    """PyTorch's own defaults (`reset_parameters`) for every head module, as a plain `nn.Module` would start."""
+
+    def __call__(self, head):
+        for m in head.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loss handling: returns (loss to back-propagate or None to skip the batch, event name or None)
+
+
+class ScaleDown:
+    """The original script: a loss above `threshold` is multiplied by `factor` before backward. NaN is not > 1000,
+    so a NaN loss is back-propagated as it is."""
+
+    def __init__(self, threshold=1000.0, factor=0.1):
+        self.threshold, self.factor = threshold, factor
+
+    def __call__(self, loss):
+        if loss.item() > self.threshold:
+            return loss * self.factor, "scaled"
+        return loss, None
+
+
+class SkipNonFinite:
+    """The fixed script: skip a batch whose loss is NaN or inf; never scale."""
+
+    def __call__(self, loss):
+        if not math.isfinite(loss.item()):
+            return None, "skipped"
+        return loss, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optim: learning rate per epoch, a pure function of the epoch (so a resumed run needs no scheduler state)
+
+
+class ConstantLR:
+    def __call__(self, lr, epoch, epochs):
+        return lr
+
+
+class CosineLR:
+    """torch's CosineAnnealingLR(T_max=epochs, eta_min=eta_min_ratio * lr) stepped once per epoch, in closed form."""
+
+    def __init__(self, eta_min_ratio=0.1):
+        self.eta_min_ratio = eta_min_ratio
+
+    def __call__(self, lr, epoch, epochs):
+        eta_min = self.eta_min_ratio * lr
+        return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# clipping: returns the gradient norm before clipping
+
+
+class NoClip:
+    def __call__(self, params):
+        grads = [p.grad for p in params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).item()
+
+
+class GradNormClip:
+    def __init__(self, max_norm=1.0):
+        self.max_norm = max_norm
+
+    def __call__(self, params):
+        return torch.nn.utils.clip_grad_norm_(params, self.max_norm).item()

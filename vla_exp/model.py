@@ -1,0 +1,175 @@
+"""The TinyVLA policy, built from transformers parts and loaded through transformers' real `from_pretrained` path.
+
+`TinyVLAForCausalLM` is the vision-language backbone (CLIP vision tower -> projector -> GPTNeoX with its usual
+vocabulary head `embed_out`). `TinyVLAPolicy` is the same model with `embed_out` replaced by the diffusion action head,
+as TinyVLA's `LlavaPythiaForCausalLM` does. Loading a policy from a backbone checkpoint therefore leaves the head's
+weights missing, and what the loader does with them is what the `model.head_loading` option studies.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from transformers import (AutoTokenizer, logging, ByT5Tokenizer, CLIPVisionConfig, CLIPVisionModel, GPTNeoXConfig,
+                          GPTNeoXModel, PretrainedConfig, PreTrainedModel)
+
+from vla_exp.head import ConditionalUnet1D
+
+logging.set_verbosity_error()  # the loader's report of missing head weights is expected; the init report covers it
+logging.disable_progress_bar()
+HEAD_LOADING = ("current", "legacy_zeros", "legacy_stale", "legacy_empty")
+
+
+class VLAConfig(PretrainedConfig):
+    model_type = "vla_exp_tinyvla"
+    sub_configs = {"vision_config": CLIPVisionConfig, "text_config": GPTNeoXConfig}
+
+    def __init__(self, vision_config=None, text_config=None, action_dim=2, state_dim=2, horizon=16,
+                 down_dims=(64, 128, 256), step_embed_dim=128, kernel_size=5, n_groups=8, pooling="last", **kwargs):
+        if not isinstance(vision_config, PretrainedConfig):
+            vision_config = CLIPVisionConfig(**(vision_config or {}))
+        if not isinstance(text_config, PretrainedConfig):
+            text_config = GPTNeoXConfig(**(text_config or {}))
+        self.vision_config, self.text_config = vision_config, text_config
+        self.action_dim, self.state_dim, self.horizon = action_dim, state_dim, horizon
+        self.down_dims, self.step_embed_dim = list(down_dims), step_embed_dim
+        self.kernel_size, self.n_groups, self.pooling = kernel_size, n_groups, pooling
+        super().__init__(**kwargs)
+
+
+class TinyVLAForCausalLM(PreTrainedModel):
+    """The VLM backbone: image patches and instruction tokens go through one GPTNeoX."""
+    config_class = VLAConfig
+    base_model_prefix = "vla"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.vision_tower = CLIPVisionModel(config.vision_config)
+        self.mm_projector = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.gpt_neox = GPTNeoXModel(config.text_config)
+        self.embed_out = self.make_head(config)
+        self.post_init()
+
+    def make_head(self, config):
+        return nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+
+    def encode(self, images, input_ids, attention_mask):
+        """Pooled last hidden state (already after GPTNeoX's final layer norm) of [image tokens, text tokens]."""
+        image_tokens = self.mm_projector(self.vision_tower(pixel_values=images).last_hidden_state)
+        embeds = torch.cat([image_tokens, self.gpt_neox.get_input_embeddings()(input_ids)], dim=1)
+        mask = torch.cat([attention_mask.new_ones(image_tokens.shape[:2]), attention_mask], dim=1)
+        hidden = self.gpt_neox(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        if self.config.pooling == "mean":  # TinyVLA's choice; dilutes a one-word instruction (see README)
+            return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        last = mask.sum(1) - 1  # right padding: the last real token sees the image and the whole instruction
+        return hidden[torch.arange(len(hidden)), last]
+
+
+class TinyVLAPolicy(TinyVLAForCausalLM):
+    def make_head(self, config):
+        return ConditionalUnet1D(config.action_dim, config.state_dim, config.text_config.hidden_size,
+                                 config.down_dims, config.step_embed_dim, config.kernel_size, config.n_groups)
+
+    def forward(self, images, input_ids, attention_mask, state, noisy_actions, timesteps):
+        """Predicted noise for `noisy_actions` (B, horizon, action_dim)."""
+        cond = self.encode(images, input_ids, attention_mask)
+        return self.embed_out(noisy_actions, timesteps, cond, state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def write_backbone(model_cfg, path, seed=0):
+    """Build a randomly initialised backbone (seeded) and save it with its byte-level tokenizer, atomically."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    backbone = TinyVLAForCausalLM(VLAConfig(**model_cfg))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+    backbone.save_pretrained(tmp)
+    ByT5Tokenizer().save_pretrained(tmp)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another job wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def backbone_path(cfg, cache_dir):
+    """The checkpoint to load: `cfg.path`, or for an embedded model one written once into the cache."""
+    if cfg.path is not None:
+        path = Path(cfg.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path={path}: no checkpoint there (expected config.json and weights "
+                                    f"written by save_pretrained)")
+        return path
+    arch = OmegaConf.to_container(cfg.config)
+    key = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cache_dir).expanduser() / "backbones" / f"{cfg.name}-{key}"
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_backbone(arch, path)
+    return path
+
+
+def load_policy(cfg, cache_dir, seed):
+    """Load the policy from the backbone checkpoint; the head is missing there and is set as `cfg.head_loading` says.
+
+    Returns (policy, tokenizer, names of the head parameters the checkpoint did not hold).
+    """
+    path = backbone_path(cfg, cache_dir)
+    torch.manual_seed(seed)  # what the loader draws for the missing head depends on the run's seed
+    try:
+        policy, info = TinyVLAPolicy.from_pretrained(path, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"model.path={path}: cannot load a TinyVLA backbone from it ({e})") from None
+    missing = info["missing_keys"]
+    if cfg.head_loading != "current":
+        legacy_head_loading(policy, missing, cfg.head_loading.removeprefix("legacy_"), seed, cfg.stale_fraction)
+    return policy, AutoTokenizer.from_pretrained(path), sorted(missing)
+
+
+def legacy_head_loading(model, missing_keys, memory, seed, stale_fraction=0.01):
+    """Redo what transformers < 4.54 did to weights missing from a checkpoint (issues #28298, #35437).
+
+    The model was built under `no_init_weights`, so every parameter started as `torch.empty`. Then only modules
+    that GPTNeoX's `_init_weights` knows were initialised: Linear and Embedding normal(0, initializer_range), biases 0,
+    LayerNorm 1/0. Conv1d, ConvTranspose1d and GroupNorm kept raw memory, here:
+      zeros: what a fresh process returns (measured with transformers 4.37.1: output 0, a dead head);
+      stale: a seeded model of recycled memory: `stale_fraction` of the elements hold arbitrary float32 bit patterns
+             (magnitudes up to ~3e38, about 1 in 256 of them inf or NaN), the rest zero;
+      empty: the real `torch.empty`, whatever the allocator hands back (not reproducible).
+    """
+    std = model.config.text_config.initializer_range
+    gen = torch.Generator().manual_seed(seed)
+    missing = set(missing_keys)
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            own = {n: p for n, p in module.named_parameters(recurse=False) if f"{prefix}.{n}".lstrip(".") in missing}
+            if not own:
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            else:
+                for p in own.values():
+                    p.copy_(raw_memory(p.shape, memory, gen, stale_fraction))
+
+
+def raw_memory(shape, memory, gen, stale_fraction):
+    if memory == "zeros":
+        return torch.zeros(shape)
+    if memory == "empty":
+        return torch.empty(shape)
+    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, shape, generator=gen, dtype=torch.int64).to(torch.int32)
+    keep = torch.rand(shape, generator=gen) < stale_fraction
+    return torch.where(keep, bits.view(torch.float32), torch.zeros(()))

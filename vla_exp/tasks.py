@@ -1,0 +1,127 @@
+"""Built-in task generators: episodes written as ACT/TinyVLA-style HDF5 files.
+
+Each file holds `/observations/images/<camera>` (T, H, W, 3) uint8, `/observations/qpos` (T, 2), `/action` (T, 2)
+(the next gripper position), `language_raw` (the instruction), and `/baselines/<name>` (T, horizon, 2): the action
+chunk of the best predictor that does not see one input, so held-out evaluation can report it beside the policy.
+
+- `tint` (the embedded default): the background colour picks the row of the goal (red top, green middle, blue
+  bottom) and the instruction picks the column ("left" / "right"). The policy must read both the image and the words.
+- `blocks` (harder, for longer runs): three coloured blocks at random places; the instruction names the block to
+  reach, so the policy has to localise small objects.
+"""
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (50, 70, 210)}
+ROWS = {"red": 0.6, "green": 0.0, "blue": -0.6}
+COLUMNS = {"left": -0.6, "right": 0.6}
+PHRASES = {"left": ["go left", "move to the left", "reach the left goal"],
+           "right": ["go right", "move to the right", "reach the right goal"]}
+
+
+def expert_chunk(pos, goal, horizon, speed):
+    """Next `horizon` positions of the expert from `pos` (..., 2) towards `goal` (..., 2) at constant speed."""
+    delta = goal - pos
+    dist = np.linalg.norm(delta, axis=-1, keepdims=True)
+    frac = np.minimum(np.arange(1, horizon + 1) * speed, dist) / np.maximum(dist, 1e-9)  # (..., horizon)
+    return pos[..., None, :] + frac[..., None] * delta[..., None, :]
+
+
+def to_pixel(xy, size):
+    return int(round((xy[0] + 1) / 2 * (size - 1))), int(round((1 - xy[1]) / 2 * (size - 1)))
+
+
+def draw_square(img, xy, half, colour):
+    c, r = to_pixel(xy, img.shape[0])
+    img[max(r - half, 0):r + half + 1, max(c - half, 0):c + half + 1] = colour
+
+
+def tint_episode(rng, steps, horizon, speed, size):
+    colour = rng.choice(list(ROWS))
+    side = rng.choice(list(COLUMNS))
+    goal = np.array([COLUMNS[side], ROWS[colour]])
+    background = np.clip(np.array(COLOURS[colour]) * rng.uniform(0.7, 1.2), 0, 255).astype(np.uint8)
+    clutter = rng.uniform(-0.9, 0.9, (3, 2))  # grey distractors: the colour, not a place, carries the goal row
+
+    def render(pos):
+        img = np.broadcast_to(background, (size, size, 3)).copy()
+        for xy in clutter:
+            draw_square(img, xy, 3, (120, 120, 120))
+        draw_square(img, pos, 2, (255, 255, 255))
+        return img
+
+    # the best predictors that miss one input average the expert over what that input would have told
+    ignore_image = [np.array([COLUMNS[side], y]) for y in ROWS.values()]
+    ignore_words = [np.array([x, ROWS[colour]]) for x in COLUMNS.values()]
+    return goal, render, rng.choice(PHRASES[side]), {"ignore_image": ignore_image, "ignore_instruction": ignore_words}
+
+
+def blocks_episode(rng, steps, horizon, speed, size):
+    places = rng.uniform(-0.8, 0.8, (3, 2))
+    name = rng.choice(list(COLOURS))
+    goal = places[list(COLOURS).index(name)]
+    other = rng.uniform(-0.8, 0.8, (32, 2))  # unseen image: the named block could be anywhere
+
+    def render(pos):
+        img = np.full((size, size, 3), 235, np.uint8)
+        for place, colour in zip(places, COLOURS.values()):
+            draw_square(img, place, 3, colour)
+        draw_square(img, pos, 1, (0, 0, 0))
+        return img
+
+    return goal, render, f"reach the {name} block", {"ignore_image": list(other), "ignore_instruction": list(places)}
+
+
+TASKS = {"tint": tint_episode, "blocks": blocks_episode}
+
+
+def write_episode(path, images, qpos, actions, instruction, baselines, camera):
+    with h5py.File(path, "w") as f:
+        f.create_dataset(f"observations/images/{camera}", data=images, compression="lzf")
+        f["observations/qpos"] = qpos
+        f["action"] = actions
+        f["language_raw"] = str(instruction)
+        for name, chunks in baselines.items():
+            f[f"baselines/{name}"] = chunks
+
+
+def generate(task, out_dir, episodes, seed, steps=24, horizon=16, speed=0.12, image_size=64, camera="top"):
+    """Write `episodes` episodes of `task` into `out_dir` (created atomically; same arguments, same files)."""
+    if task not in TASKS:
+        raise ValueError(f"data.task={task!r} is not a built-in task; choose one of {sorted(TASKS)}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
+    rng = np.random.default_rng(seed)
+    for i in tqdm(range(episodes), desc=f"generating {task} episodes", leave=False):
+        goal, render, instruction, alternatives = TASKS[task](rng, steps, horizon, speed, image_size)
+        pos = rng.uniform(-0.9, 0.9, 2)
+        path = [pos]
+        for _ in range(steps):
+            path.append(expert_chunk(path[-1], goal, 1, speed)[0])
+        qpos = np.array(path[:-1], np.float32)
+        baselines = {name: np.mean([expert_chunk(qpos, g, horizon, speed) for g in goals], axis=0).astype(np.float32)
+                     for name, goals in alternatives.items()}
+        write_episode(tmp / f"episode_{i:05d}.hdf5", np.stack([render(p) for p in qpos]), qpos,
+                      np.array(path[1:], np.float32), instruction, baselines, camera)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # another job wrote the same data first
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    return out_dir
+
+
+def cached(cache_dir, **kwargs):
+    """The folder of generated episodes for these arguments, generating it on first use."""
+    key = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:12]
+    out_dir = Path(cache_dir).expanduser() / "data" / f"{kwargs['task']}-{key}"
+    return out_dir if out_dir.is_dir() else generate(out_dir=out_dir, **kwargs)
