@@ -134,7 +134,7 @@ def load_policy(cfg, cache_dir, seed):
     return policy, AutoTokenizer.from_pretrained(path), sorted(missing)
 
 
-def legacy_head_loading(model, missing_keys, memory, seed, stale_fraction=0.01):
+def legacy_head_loading(model, missing_keys, memory, seed, stale_fraction=0.2):
     """Redo what transformers < 4.54 did to weights missing from a checkpoint (issues #28298, #35437).
 
     The model was built under `no_init_weights`, so every parameter started as `torch.empty`. Then only modules

@@ -59,7 +59,8 @@ class Recorder:
     def log(self, row):
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
-        self.tracker.log({k: v for k, v in row.items() if k != "step"}, step=row.get("step"))
+        prefix = "train" if row["kind"] == "step" else row["kind"]  # W&B merges rows logged at the same step
+        self.tracker.log({f"{prefix}/{k}": v for k, v in row.items() if k not in ("kind", "step")}, step=row["step"])
 
     def summary(self, summary):
         write_json(self.run_dir / "summary.json", summary)

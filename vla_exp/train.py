@@ -98,7 +98,7 @@ def train(cfg, run_dir):
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         counts = {"skipped": 0, "scaled": 0}
-        step, converged_epoch, converged_at, epoch_row = 0, None, None, {}
+        step, converged_epoch, converged_at, epoch_row, grad_norms = 0, None, None, {}, []
         bar = tqdm(total=cfg.epochs * math.ceil(len(train_set) / cfg.optim.batch_size), desc=run_name(cfg),
                    disable=not cfg.progress)
         for epoch in range(cfg.epochs):
@@ -121,6 +121,7 @@ def train(cfg, run_dir):
                     grad_norm = clip(params)
                     optimizer.step()
                     epoch_losses.append(raw_loss)
+                    grad_norms.append(grad_norm)
                 step += 1
                 seen += len(pred)
                 bar.update()
@@ -146,6 +147,8 @@ def train(cfg, run_dir):
             final_loss=final_loss, final_val_loss=epoch_row["val_loss"], final_output_std=epoch_row["val_output_std"],
             epochs_to_converge=converged_epoch, time_to_converge_s=converged_at, converge_loss=cfg.converge_loss,
             skipped_batches=counts["skipped"], scaled_loss_steps=counts["scaled"], steps=step, epochs=cfg.epochs,
+            updates=len(grad_norms), grad_norm_median=float(np.median(grad_norms)) if grad_norms else None,
+            nonfinite_grad_steps=int(sum(not math.isfinite(g) for g in grad_norms)),
             val_action_error=val_err, baseline_action_errors=base,
             beats_baselines=bool(math.isfinite(val_err) and all(val_err < b for b in base.values())),
             wall_time_s=time.time() - start)

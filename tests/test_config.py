@@ -1,0 +1,63 @@
+"""Config composition: every group option and preset, and the precedence rule (command line beats preset)."""
+import pytest
+
+from vla_exp.train import CONF_DIR, GROUPS
+
+ORIGINAL = {"init": "none", "loss_handling": "scale_down", "optim": "original", "clipping": "none"}
+FIXED = {"init": "xavier", "loss_handling": "skip_nonfinite", "optim": "fixed", "clipping": "grad_norm"}
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes_and_names_itself(make_cfg, group):
+    assert len(options(group)) >= 2
+    for option in options(group):
+        cfg = make_cfg(f"{group}={option}")
+        assert cfg[group].name == option
+        if group != "optim":
+            assert cfg[group]._target_.startswith("vla_exp.fixes.")
+
+
+def test_defaults_are_the_original_script(make_cfg):
+    cfg = make_cfg()
+    assert {g: cfg[g].name for g in GROUPS} == ORIGINAL
+    assert cfg.recipe is None and cfg.logger.kind == "wandb" and cfg.logger.mode == "offline"
+
+
+@pytest.mark.parametrize("recipe,expected", [("original", ORIGINAL), ("fixed", FIXED)])
+def test_presets_select_the_four_groups(make_cfg, recipe, expected):
+    cfg = make_cfg(f"recipe={recipe}")
+    assert {g: cfg[g].name for g in GROUPS} == expected
+    assert cfg.recipe == recipe
+
+
+@pytest.mark.parametrize("order", [("recipe=fixed", "init=none"), ("init=none", "recipe=fixed")])
+def test_command_line_beats_preset_in_either_order(make_cfg, order):
+    cfg = make_cfg(*order)
+    assert {g: cfg[g].name for g in GROUPS} == {**FIXED, "init": "none"}
+
+
+def test_seed_values(make_cfg):
+    original, fixed = make_cfg("recipe=original"), make_cfg("recipe=fixed")
+    assert (original.optim.lr, original.optim.batch_size) == (1e-3, 16)
+    assert (fixed.optim.lr, fixed.optim.batch_size, fixed.optim.schedule.eta_min_ratio) == (1e-4, 8, 0.1)
+    assert original.loss_handling.threshold == 1000 and original.loss_handling.factor == 0.1
+    assert fixed.clipping.max_norm == 1.0
+    assert (fixed.init.gain, fixed.init.a) == (0.5, 0.1)
+    # everything outside the four groups is shared by the recipes
+    strip = lambda c: {k: v for k, v in c.items() if k not in (*GROUPS, "recipe")}
+    assert strip(original) == strip(fixed)
+
+
+def test_smoke_shrinks_any_run(make_cfg):
+    cfg = make_cfg("recipe=fixed", "debug=smoke")
+    assert cfg.epochs == 1 and cfg.data.episodes <= 10 and cfg.optim.name == "fixed"
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_model_options(make_cfg, model):
+    cfg = make_cfg(f"model={model}")
+    assert cfg.model.name == model and cfg.model.head_loading == "current"

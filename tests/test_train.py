@@ -1,0 +1,124 @@
+"""The real training loop on the tiny model: what each run records, and each fix seen end to end."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vla_exp.train import train
+
+FAST = ("logger=none", "progress=false", "debug=smoke")
+SUMMARY_KEYS = {"choices", "seed", "status", "initial_output_std", "initial_loss", "final_loss", "final_output_std",
+                "epochs_to_converge", "time_to_converge_s", "skipped_batches", "scaled_loss_steps", "steps", "epochs",
+                "wall_time_s", "val_action_error", "baseline_action_errors", "versions"}
+
+
+def rows(run_dir, kind="step"):
+    return [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["kind"] == kind]
+
+
+def test_short_run_learns_and_records_everything(make_cfg, tmp_path):
+    cfg = make_cfg("recipe=original", "logger=none", "progress=false", "epochs=3", "data.episodes=40",
+                   "data.steps=12", "eval.samples=32", "log_every=1")
+    s = train(cfg, tmp_path)
+    losses = [r["loss"] for r in rows(tmp_path)]
+    assert len(losses) == s["steps"] > 20
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10  # the loss falls
+    assert SUMMARY_KEYS <= s.keys() and s["status"] == "completed"
+    assert s["choices"] == {"init": "none", "loss_handling": "scale_down", "optim": "original", "clipping": "none",
+                            "recipe": "original", "head_loading": "current"}
+    assert set(s["baseline_action_errors"]) == {"mean_action", "hold_state", "ignore_image", "ignore_instruction"}
+    assert s["versions"]["torch"] == torch.__version__
+    assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] == s["final_loss"]
+    report = json.loads((tmp_path / "init_report.json").read_text())
+    assert report["initial_loss"] == s["initial_loss"] and "Conv1d" in report["head_weights"]
+    step = rows(tmp_path)[0]
+    assert {"loss", "output_std", "grad_norm", "lr", "skipped_batches", "scaled_loss_steps", "samples_per_s"} <= step.keys()
+    epochs = rows(tmp_path, "epoch")
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert {"train_loss", "val_loss", "val_output_std", "val_action_error"} <= epochs[0].keys()
+    norm = json.loads((tmp_path / "normalization.json").read_text())
+    assert len(norm["action_min"]) == 2
+
+
+def test_same_seed_same_metrics(make_cfg, tmp_path):
+    a, b = (train(make_cfg(*FAST, "recipe=fixed"), tmp_path / d) for d in "ab")
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rs]
+    assert strip(rows(tmp_path / "a")) == strip(rows(tmp_path / "b"))
+    assert a["val_action_error"] == b["val_action_error"]
+    wa, wb = (torch.load(tmp_path / d / "policy.pt") for d in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_learning_rate_per_epoch(make_cfg, tmp_path):
+    train(make_cfg(*FAST, "recipe=fixed", "epochs=3"), tmp_path)
+    lrs = {r["epoch"]: r["lr"] for r in rows(tmp_path)}
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3, eta_min=1e-5)
+    for epoch in range(3):
+        assert lrs[epoch] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        sched.step()
+
+
+def test_scale_down_scales_exactly_the_losses_above_threshold(make_cfg, tmp_path):
+    # the seed's xavier init starts with a loss far above 1, which then falls below the threshold
+    s = train(make_cfg(*FAST, "recipe=fixed", "loss_handling=scale_down", "loss_handling.threshold=20"), tmp_path)
+    losses = [r["loss"] for r in rows(tmp_path)]
+    assert 0 < s["scaled_loss_steps"] == sum(l > 20 for l in losses) < len(losses)
+
+
+def test_stale_memory_original_recipe_diverges(make_cfg, tmp_path):
+    s = train(make_cfg(*FAST, "recipe=original", "model.head_loading=legacy_stale"), tmp_path)
+    assert s["status"] == "diverged" and math.isnan(s["initial_loss"])
+    assert s["nonfinite_grad_steps"] == s["updates"] == s["steps"] and s["skipped_batches"] == 0
+    assert any("NaN or inf" in w for w in s["init_warnings"])
+
+
+def test_stale_memory_fixed_loss_handling_skips_every_batch(make_cfg, tmp_path):
+    s = train(make_cfg(*FAST, "recipe=fixed", "init=none", "model.head_loading=legacy_stale"), tmp_path)
+    assert s["skipped_batches"] == s["steps"] > 0 and s["updates"] == 0
+
+
+def test_corrected_init_repairs_a_stale_head(make_cfg, tmp_path):
+    s = train(make_cfg(*FAST, "recipe=fixed", "init=xavier_all", "model.head_loading=legacy_stale"), tmp_path)
+    assert s["status"] == "completed" and s["nonfinite_head_params"] == 0 and s["skipped_batches"] == 0
+    assert 0.1 < s["initial_output_std"] < 1.5
+
+
+def test_failed_run_keeps_its_rows_and_says_why(make_cfg, tmp_path):
+    cfg = make_cfg(*FAST, "recipe=fixed", "diffusion.inference_steps=1000")  # DDIM refuses more steps than trained
+    with pytest.raises(ValueError):
+        train(cfg, tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["status"] == "failed" and "ValueError" in s["error"]
+    assert len(rows(tmp_path)) == s.get("steps", 5) > 0
+
+
+def wandb_records(run_dir):
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline)],
+                         capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_wandb_offline_files_are_written_and_readable(make_cfg, tmp_path):
+    train(make_cfg("debug=smoke", "progress=false", "recipe=fixed", "init=none"), tmp_path)
+    records = wandb_records(tmp_path)
+    types = [r["type"] for r in records]
+    config = next(r for r in records if r["type"] == "run")["run"]["config"]["update"]
+    assert config["choices"] == {"init": "none", "loss_handling": "skip_nonfinite", "optim": "fixed",
+                                 "clipping": "grad_norm", "recipe": "fixed", "head_loading": "current"}
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert [h["train/loss"] for h in history] == [r["loss"] for r in rows(tmp_path)]
+    assert [h["epoch/val_loss"] for h in history if "epoch/val_loss" in h] == [r["val_loss"] for r in rows(tmp_path, "epoch")]
+    assert "exit" in types  # the run was finished
+
+
+def test_wandb_run_is_finished_when_the_job_fails(make_cfg, tmp_path):
+    with pytest.raises(ValueError):
+        train(make_cfg("debug=smoke", "progress=false", "diffusion.inference_steps=1000"), tmp_path)
+    exit_record = next(r for r in wandb_records(tmp_path) if r["type"] == "exit")
+    assert exit_record["exit"].get("exit_code") == 1
