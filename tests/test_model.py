@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
 from vla_exp.head import ConditionalUnet1D
@@ -285,21 +284,19 @@ def test_explicit_path_to_a_checkpoint_loads_it(loaded, cache):
 def test_llava_pythia_400m_yaml_leaves_path_mandatory(cache):
     raw = OmegaConf.load(CONF / "llava_pythia_400m.yaml")
     assert OmegaConf.is_missing(raw, "path")
-    with pytest.raises(MissingMandatoryValue):  # fails on the config, before building or writing anything
+    with pytest.raises(ValueError, match="model.path="):  # fails on the config, before building or writing anything
         load_policy(raw, cache, 0)
     assert not list((Path(cache) / "backbones").glob("llava_pythia_400m*"))
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: llava_pythia_400m.yaml inherits `tiny` (path: null) and sets "
-                   "`path: ???` in _self_, but OmegaConf never lets a merged `???` replace a value, so the composed "
-                   "config has path=None and load_policy would build and cache a random 400M backbone")
 def test_llava_pythia_400m_composed_by_hydra_keeps_path_mandatory(make_cfg, cache):
     cfg = make_cfg("model=llava_pythia_400m").model
     assert cfg.name == "llava_pythia_400m" and cfg.config.action_dim == 10 and cfg.config.state_dim == 7
-    assert cfg.head_loading == "current"  # inherited from tiny
-    assert OmegaConf.is_missing(cfg, "path")  # fails today (None): load_policy is never reached with path None
-    with pytest.raises(MissingMandatoryValue):
+    assert cfg.head_loading == "current"
+    assert OmegaConf.is_missing(cfg, "path")
+    with pytest.raises(ValueError, match="model=llava_pythia_400m .* set model.path="):
         load_policy(cfg, cache, 0)
+    assert not list((Path(cache) / "backbones").glob("llava_pythia_400m*"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ def read_episode(path, camera):
 
 def split_episodes(files, val_fraction, seed):
     """Train and validation files, split by episode with a seeded shuffle (at least one of each)."""
+    if len(files) < 2:
+        raise ValueError(f"{len(files)} episode file(s): at least 2 are needed to split train and validation")
     order = np.random.default_rng(seed).permutation(len(files))
     n_val = min(max(1, round(len(files) * val_fraction)), len(files) - 1)
     return [files[i] for i in sorted(order[n_val:])], [files[i] for i in sorted(order[:n_val])]
@@ -76,8 +78,8 @@ class ChunkDataset(torch.utils.data.Dataset):
         if first["qpos"].shape[1] == first["action"].shape[1]:  # actions are target poses: holding still is a policy
             out["hold_state"] = np.stack([self.norm.actions(np.repeat(self.episodes[e]["qpos"][t][None], self.horizon, 0))
                                           for e, t in (self.index[i] for i in indices)])
-        for name in first["baselines"]:
-            out[name] = np.stack([self.norm.actions(self.episodes[e]["baselines"][name][t])
+        for name in first["baselines"]:  # stored chunks may be longer than the horizon: their prefix is the same predictor
+            out[name] = np.stack([self.norm.actions(self.episodes[e]["baselines"][name][t][:self.horizon])
                                   for e, t in (self.index[i] for i in indices)])
         return out
 

@@ -102,6 +102,9 @@ def write_backbone(model_cfg, path, seed=0):
 
 def backbone_path(cfg, cache_dir):
     """The checkpoint to load: `cfg.path`, or for an embedded model one written once into the cache."""
+    if OmegaConf.is_missing(cfg, "path"):
+        raise ValueError(f"model={cfg.name} loads its weights from a local checkpoint: set model.path=<folder written "
+                         f"by save_pretrained>")
     if cfg.path is not None:
         path = Path(cfg.path).expanduser()
         if not (path / "config.json").is_file():
