@@ -37,12 +37,14 @@ def measured(s):
     conv = s["epochs_to_converge"]
     return {
         "loss": f"{fmt(s['final_loss'])} (val {fmt(s['final_val_loss'])})",
-        "training": "diverged (NaN)" if s["status"] == "diverged" else
+        "training": f"never updated: all {s['skipped_batches']} batches skipped" if s["updates"] == 0 else
+        "diverged (NaN)" if s["status"] == "diverged" else
         f"converged: val loss <= {s['converge_loss']} at epoch {conv}" if conv else
         f"val loss stayed above {s['converge_loss']}",
         "time": f"{conv} epochs ({s['time_to_converge_s'] / 60:.1f} min)" if conv else "never",
         "scale": f"std={fmt(s['final_output_std'])} (at init {fmt(s['initial_output_std'])})",
-        "grad": f"median norm {fmt(s['grad_norm_median'])}, {s['nonfinite_grad_steps']}/{s['updates']} non-finite",
+        "grad": "no gradient (no update)" if s["updates"] == 0 else
+        f"median norm {fmt(s['grad_norm_median'])} before clipping, {s['nonfinite_grad_steps']}/{s['updates']} non-finite",
     }
 
 
