@@ -17,7 +17,8 @@ from tqdm import tqdm
 from vla_exp.train import CONF_DIR, train
 
 RECIPES = ("original", "fixed")
-LOADERS = {"current": "today's loader", "legacy_stale": "legacy loader"}
+LOADERS = {"current": "today's loader", "legacy_stale": "legacy loader, stale memory",
+           "legacy_zeros": "legacy loader, zeroed memory"}
 
 REPORTED = json.loads((Path(__file__).parent / "seed_reported.json").read_text())  # quoted, never computed
 
@@ -52,17 +53,17 @@ ROWS = [("Loss (final epoch, train)", "loss"), ("Training", "training"), ("Time 
         ("Model output scale", "scale"), ("Gradient flow", "grad")]
 
 
-def table(summaries):
-    cols = [(r, h) for r in RECIPES for h in LOADERS]
+def table(summaries, loaders):
+    cols = [(r, h) for r in RECIPES for h in loaders]
     head = ["metric"] + [c for r in RECIPES for c in
-                         (f"{r}: reported", *(f"{r}: measured, {LOADERS[h]}" for h in LOADERS))]
+                         (f"{r}: reported", *(f"{r}: measured, {LOADERS[h]}" for h in loaders))]
     words = {c: measured(summaries[c]) for c in cols}
     lines = [head]
     for label, key in ROWS:
-        lines.append([label] + [c for r in RECIPES for c in (REPORTED[r][key], *(words[(r, h)][key] for h in LOADERS))])
+        lines.append([label] + [c for r in RECIPES for c in (REPORTED[r][key], *(words[(r, h)][key] for h in loaders))])
 
     def extra(label, get):
-        lines.append([label] + [c for r in RECIPES for c in ("not reported", *(get(summaries[(r, h)]) for h in LOADERS))])
+        lines.append([label] + [c for r in RECIPES for c in ("not reported", *(get(summaries[(r, h)]) for h in loaders))])
 
     extra("Initial output std", lambda s: fmt(s.get("initial_output_std")))
     extra("Initial loss", lambda s: fmt(s.get("initial_loss")))
@@ -75,8 +76,8 @@ def table(summaries):
 
 
 def notes(summaries):
-    fixed, original = summaries[("fixed", "current")], summaries[("original", "current")]
-    legacy = summaries[("original", "legacy_stale")]
+    fixed, original = summaries.get(("fixed", "current"), {}), summaries.get(("original", "current"), {})
+    stale = {h: s for (r, h), s in summaries.items() if r == "original" and h != "current"}
     return [
         f"Loss: the reported {REPORTED['original']['loss']} cannot be a per-element MSE against unit noise, which is "
         f"about 1 for a near-zero prediction (measured at init with today's loader: {fmt(original.get('initial_loss'))})."
@@ -88,8 +89,9 @@ def notes(summaries):
         f"{fmt(original.get('initial_output_std'))} without it), and it never touches ConvTranspose1d or GroupNorm.",
         "Loader: the seed ran transformers 4.52, which left the head's Conv1d/ConvTranspose1d/GroupNorm weights as "
         "uninitialised memory (transformers issues #28298, #35437). Today's transformers initialises them, so the "
-        "original recipe no longer starts broken. The legacy columns redo the old behaviour with seeded stale memory "
-        f"(model.head_loading=legacy_stale): {legacy.get('nonfinite_head_params')} non-finite head weights at start.",
+        "original recipe no longer starts broken. The legacy columns redo the old behaviour (model.head_loading): "
+        + "; ".join(f"{h}: {s.get('nonfinite_head_params')} non-finite head weights and output std "
+                    f"{fmt(s.get('initial_output_std'))} at start" for h, s in stale.items()) + ".",
         f"Time: the reported {REPORTED['fixed']['time']} was TinyVLA on the seed's hardware; here a tiny model on the "
         "CPU, so only the epoch counts compare, and the convergence threshold (converge_loss) is this project's.",
         "Action error: mean squared error of DDIM-sampled action chunks on held-out episodes (normalised to [-1, 1]); "
@@ -100,12 +102,17 @@ def notes(summaries):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/reproduce", help="folder for the runs and table.md")
+    parser.add_argument("--loaders", default="current,legacy_stale",
+                        help=f"comma-separated model.head_loading modes, from {','.join(LOADERS)}")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. seed=1")
     args = parser.parse_args()
+    loaders = args.loaders.split(",")
+    if unknown := set(loaders) - set(LOADERS):
+        parser.error(f"--loaders: unknown {sorted(unknown)}; choose from {', '.join(LOADERS)}")
     out = Path(args.out)
     summaries = {}
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cells = [(r, h) for h in LOADERS for r in RECIPES]
+        cells = [(r, h) for h in loaders for r in RECIPES]
         for recipe, loading in tqdm(cells, desc="reproduce_table runs"):
             cfg = compose("train", [f"recipe={recipe}", f"model.head_loading={loading}", *args.overrides])
             run_dir = out / f"{recipe}-{loading}"
@@ -114,7 +121,7 @@ def main():
             except Exception as e:  # one failed run must not lose the others: its cell says why
                 tqdm.write(f"{recipe}/{loading} failed: {type(e).__name__}: {e}")
                 summaries[(recipe, loading)] = json.loads((run_dir / "summary.json").read_text())
-    text = "\n".join(["# Broken vs fixed: reported by the seed, measured here", "", table(summaries), "",
+    text = "\n".join(["# Broken vs fixed: reported by the seed, measured here", "", table(summaries, loaders), "",
                       "Notes:", *(f"- {n}" for n in notes(summaries)), ""])
     (out / "table.md").write_text(text)
     print(text)

@@ -49,7 +49,7 @@ def test_reproduce_table_prints_measured_beside_reported(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert table in out and f"Table written to {tmp_path / 'table.md'}" in out
     header = next(l for l in table.splitlines() if l.startswith("| metric"))
-    assert "original: reported" in header and "fixed: measured, legacy loader" in header
+    assert "original: reported" in header and "fixed: measured, legacy loader, stale memory" in header
     cells = {}
     for recipe in ("original", "fixed"):
         for loading in ("current", "legacy_stale"):
@@ -57,3 +57,24 @@ def test_reproduce_table_prints_measured_beside_reported(tmp_path):
     row = next(l for l in table.splitlines() if l.startswith("| Initial output std"))
     assert f"{cells['fixed', 'current']['initial_output_std']:.3g}" in row
     assert "1400+" in next(l for l in table.splitlines() if l.startswith("| Loss"))  # the reported column
+
+
+def test_installed_package_finds_its_configs(tmp_path):
+    """Not only a checkout: a plain (non-editable) install carries conf/ inside the package."""
+    target, elsewhere = tmp_path / "site", tmp_path / "cwd"
+    elsewhere.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "recipe=fixed", "--cfg", "job"], cwd=elsewhere,
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert "name: skip_nonfinite" in out
+    probe = "import vla_exp.train as t; print(t.CONF_DIR)"
+    conf = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True).stdout
+    assert conf.strip() == str(target / "vla_exp" / "conf")
+
+
+def test_reproduce_table_rejects_an_unknown_loader():
+    out = subprocess.run([sys.executable, "experiments/reproduce_table.py", "--loaders", "current,legacy"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown ['legacy']" in out.stderr and "legacy_zeros" in out.stderr

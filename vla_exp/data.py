@@ -71,6 +71,10 @@ class ChunkDataset(torch.utils.data.Dataset):
                 "actions": torch.from_numpy(self.norm.actions(self.chunk(ep["action"], t))),
                 "instruction": ep["instruction"]}
 
+    def mean_chunk(self):
+        """The mean normalised action chunk: the best predictor that sees nothing."""
+        return np.mean([self.norm.actions(self.chunk(self.episodes[e]["action"], t)) for e, t in self.index], axis=0)
+
     def baselines(self, indices, mean_chunk):
         """Normalised action chunks of the trivial predictors for the samples `indices`."""
         out = {"mean_action": np.stack([mean_chunk] * len(indices))}

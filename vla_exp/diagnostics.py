@@ -51,15 +51,22 @@ def init_report(policy, scheduler, batch, tokenizer, seed):
 
 
 @torch.no_grad()
-def action_errors(policy, ddim, dataset, indices, tokenizer, steps, mean_chunk, batch_size=64, seed=0):
-    """Mean squared error of DDIM-sampled action chunks (normalised space) on `indices`, and of each baseline."""
-    gen = torch.Generator().manual_seed(seed)
-    sq, targets = [], []
+def evaluate(policy, train_scheduler, ddim, dataset, indices, tokenizer, steps, mean_chunk, batch_size=64):
+    """On held-out samples `indices`: loss and output std, and the mean squared error of DDIM-sampled action chunks
+    (normalised space) beside each baseline's. The same noise every call, so epochs and runs compare."""
+    policy.eval()
+    gen = torch.Generator().manual_seed(1)
+    losses, stds, sq, targets = [], [], [], []
     for batch in DataLoader(Subset(dataset, indices), batch_size):
+        loss, pred = noise_prediction(policy, train_scheduler, batch, tokenizer, gen)
+        losses.append(loss.item())
+        stds.append(pred.std().item())
         sq.append(((sample_actions(policy, ddim, batch, tokenizer, steps, gen) - batch["actions"]) ** 2).mean((1, 2)))
         targets.append(batch["actions"].numpy())
+    policy.train()
     targets = np.concatenate(targets)
-    baselines = {name: float(((pred - targets) ** 2).mean())
-                 for name, pred in dataset.baselines(indices, mean_chunk).items()}
     err = torch.cat(sq).mean().item()
-    return (err if math.isfinite(err) else float("nan")), baselines
+    return {"val_loss": float(np.mean(losses)), "val_output_std": float(np.mean(stds)),
+            "val_action_error": err if math.isfinite(err) else float("nan"),
+            "baseline_action_errors": {name: float(((pred - targets) ** 2).mean())
+                                       for name, pred in dataset.baselines(indices, mean_chunk).items()}}

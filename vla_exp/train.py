@@ -41,7 +41,7 @@ def train(cfg, run_dir):
     """Train one run into `run_dir` and return its summary (also written to `run_dir/summary.json`)."""
     from vla_exp import tasks
     from vla_exp.data import load_split
-    from vla_exp.diagnostics import action_errors, init_report
+    from vla_exp.diagnostics import evaluate, init_report
     from vla_exp.diffusion import noise_prediction, schedulers
     from vla_exp.model import load_policy
     from vla_exp.recorder import Recorder, write_json
@@ -67,26 +67,15 @@ def train(cfg, run_dir):
     lr_at = instantiate(cfg.optim.schedule)
     handle_loss, clip = build(cfg.loss_handling), build(cfg.clipping)
     eval_idx = np.random.default_rng(0).permutation(len(val_set))[:cfg.eval.samples]
-    mean_chunk = np.mean([train_set[i]["actions"].numpy() for i in range(0, len(train_set), 7)], axis=0)
+    mean_chunk = train_set.mean_chunk()
     config = {**OmegaConf.to_container(cfg, resolve=True), "choices": choices(cfg)}
     rec = Recorder(run_dir, cfg.logger, config, run_name(cfg))
     summary = {"choices": choices(cfg), "seed": cfg.seed, "status": "running", "versions": versions(),
                "data_dir": str(data_dir), "missing_head_params": len(missing)}
 
-    def evaluate():
-        policy.eval()
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(1)
-            losses, stds = zip(*[(loss.item(), pred.std().item()) for loss, pred in
-                                 (noise_prediction(policy, train_scheduler, b, tokenizer, gen)
-                                  for b in torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, eval_idx), 64))])
-        err, base = action_errors(policy, ddim, val_set, eval_idx, tokenizer, cfg.diffusion.inference_steps, mean_chunk)
-        policy.train()
-        return float(np.mean(losses)), float(np.mean(stds)), err, base
-
     try:
         # ---------------------------------------------------------------------------- init report
-        first = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, eval_idx), cfg.optim.batch_size)))
+        first = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, eval_idx), 64)))
         report = init_report(policy, train_scheduler, first, tokenizer, cfg.seed)
         write_json(run_dir / "init_report.json", report)
         for w in report["warnings"]:
@@ -131,12 +120,13 @@ def train(cfg, run_dir):
                              "skipped_batches": counts["skipped"], "scaled_loss_steps": counts["scaled"],
                              "samples_per_s": seen / (time.time() - tick)})
                     bar.set_postfix(loss=f"{raw_loss:.4g}")
-            val_loss, val_std, val_err, base = evaluate()
+            held_out = evaluate(policy, train_scheduler, ddim, val_set, eval_idx, tokenizer,
+                                cfg.diffusion.inference_steps, mean_chunk)
             epoch_row = {"kind": "epoch", "step": step, "epoch": epoch + 1,
                          "train_loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
-                         "val_loss": val_loss, "val_output_std": val_std, "val_action_error": val_err}
+                         **{k: v for k, v in held_out.items() if k != "baseline_action_errors"}}
             rec.log(epoch_row)
-            if converged_epoch is None and val_loss <= cfg.converge_loss:
+            if converged_epoch is None and held_out["val_loss"] <= cfg.converge_loss:
                 converged_epoch, converged_at = epoch + 1, time.time() - start
         bar.close()
 
@@ -149,18 +139,17 @@ def train(cfg, run_dir):
             skipped_batches=counts["skipped"], scaled_loss_steps=counts["scaled"], steps=step, epochs=cfg.epochs,
             updates=len(grad_norms), grad_norm_median=float(np.median(grad_norms)) if grad_norms else None,
             nonfinite_grad_steps=int(sum(not math.isfinite(g) for g in grad_norms)),
-            val_action_error=val_err, baseline_action_errors=base,
-            beats_baselines=bool(math.isfinite(val_err) and all(val_err < b for b in base.values())),
+            val_action_error=held_out["val_action_error"], baseline_action_errors=held_out["baseline_action_errors"],
+            beats_baselines=all(held_out["val_action_error"] < b for b in held_out["baseline_action_errors"].values()),
             wall_time_s=time.time() - start)
         torch.save(policy.state_dict(), run_dir / "policy.pt")
-        rec.summary(summary)
-        rec.finish()
         return summary
-    except BaseException as e:
+    except BaseException as e:  # the summary says why; rows already in metrics.jsonl stay
         summary.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start)
-        rec.summary(summary)
-        rec.finish(exit_code=1)
         raise
+    finally:
+        rec.summary(summary)
+        rec.finish(exit_code=int(summary["status"] == "failed"))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
