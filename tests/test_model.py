@@ -281,6 +281,15 @@ def test_explicit_path_to_a_checkpoint_loads_it(loaded, cache):
         assert torch.equal(ours[n], theirs[n]), n
 
 
+def test_head_shape_follows_our_config_not_the_checkpoints(cache):
+    path = backbone_path(tiny_cfg(), cache)
+    cfg = tiny_cfg(path=str(path))
+    cfg.config.action_dim, cfg.config.state_dim = 7, 5
+    policy, _, _ = load_policy(cfg, cache, 0)
+    assert policy.embed_out.final_conv[1].out_channels == 7
+    assert policy.embed_out.combine.in_features == policy.config.text_config.hidden_size + 5
+
+
 def test_llava_pythia_400m_yaml_leaves_path_mandatory(cache):
     raw = OmegaConf.load(CONF / "llava_pythia_400m.yaml")
     assert OmegaConf.is_missing(raw, "path")

@@ -126,9 +126,11 @@ def load_policy(cfg, cache_dir, seed):
     Returns (policy, tokenizer, names of the head parameters the checkpoint did not hold).
     """
     path = backbone_path(cfg, cache_dir)
+    # the backbone comes from the checkpoint's config; the head's shape and the pooling from ours (they fit the data)
+    head = {k: v for k, v in OmegaConf.to_container(cfg.config).items() if k not in VLAConfig.sub_configs}
     torch.manual_seed(seed)  # what the loader draws for the missing head depends on the run's seed
     try:
-        policy, info = TinyVLAPolicy.from_pretrained(path, output_loading_info=True)
+        policy, info = TinyVLAPolicy.from_pretrained(path, output_loading_info=True, **head)
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"model.path={path}: cannot load a TinyVLA backbone from it ({e})") from None
     missing = info["missing_keys"]
