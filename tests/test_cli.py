@@ -78,3 +78,10 @@ def test_reproduce_table_rejects_an_unknown_loader():
     out = subprocess.run([sys.executable, "experiments/reproduce_table.py", "--loaders", "current,legacy"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "unknown ['legacy']" in out.stderr and "legacy_zeros" in out.stderr
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "logger=none", f"data.dir={tmp_path}",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"error: data.dir={tmp_path}: no *.hdf5 episode files there"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vla_exp import data, tasks
+from vla_exp import UsageError, data, tasks
 
 STEPS, HORIZON, SPEED, SIZE = 24, 16, 0.12, 64  # generate()'s defaults
 N_EPISODES = 6
@@ -297,7 +297,7 @@ def test_baselines_follow_a_shorter_horizon(tint_dir):
 
 def test_load_split_empty_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("no episodes")
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+    with pytest.raises(UsageError, match=re.escape(str(tmp_path))):
         data.load_split(tmp_path, "top", 0.1, 0, HORIZON)
 
 

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from vla_exp import UsageError
 from vla_exp.head import ConditionalUnet1D
 from vla_exp.model import TinyVLAForCausalLM, TinyVLAPolicy, backbone_path, load_policy
 
@@ -252,19 +253,19 @@ def test_legacy_stale_backbone_equals_current(loaded):
 
 def test_missing_path_raises_file_not_found_naming_it(tmp_path, cache):
     path = tmp_path / "no_such_checkpoint"
-    with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
+    with pytest.raises(UsageError, match=re.escape(str(path))):
         load_policy(tiny_cfg(path=str(path)), cache, 0)
 
 
 def test_folder_without_checkpoint_raises_clear_error(tmp_path, cache):
     (tmp_path / "unrelated.txt").write_text("not a checkpoint")
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path)) + ".*no checkpoint there"):
+    with pytest.raises(UsageError, match=re.escape(str(tmp_path)) + ".*no checkpoint there"):
         load_policy(tiny_cfg(path=str(tmp_path)), cache, 0)
 
 
 def test_folder_with_config_but_no_weights_raises_value_error(tmp_path, cache):
     (tmp_path / "config.json").write_text((backbone_path(tiny_cfg(), cache) / "config.json").read_text())
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ".*cannot load a TinyVLA backbone"):
+    with pytest.raises(UsageError, match=re.escape(str(tmp_path)) + ".*cannot load a TinyVLA backbone"):
         load_policy(tiny_cfg(path=str(tmp_path)), cache, 0)
 
 
@@ -293,7 +294,7 @@ def test_head_shape_follows_our_config_not_the_checkpoints(cache):
 def test_llava_pythia_400m_yaml_leaves_path_mandatory(cache):
     raw = OmegaConf.load(CONF / "llava_pythia_400m.yaml")
     assert OmegaConf.is_missing(raw, "path")
-    with pytest.raises(ValueError, match="model.path="):  # fails on the config, before building or writing anything
+    with pytest.raises(UsageError, match="model.path="):  # fails on the config, before building or writing anything
         load_policy(raw, cache, 0)
     assert not list((Path(cache) / "backbones").glob("llava_pythia_400m*"))
 
@@ -303,7 +304,7 @@ def test_llava_pythia_400m_composed_by_hydra_keeps_path_mandatory(make_cfg, cach
     assert cfg.name == "llava_pythia_400m" and cfg.config.action_dim == 10 and cfg.config.state_dim == 7
     assert cfg.head_loading == "current"
     assert OmegaConf.is_missing(cfg, "path")
-    with pytest.raises(ValueError, match="model=llava_pythia_400m .* set model.path="):
+    with pytest.raises(UsageError, match="model=llava_pythia_400m .* set model.path="):
         load_policy(cfg, cache, 0)
     assert not list((Path(cache) / "backbones").glob("llava_pythia_400m*"))
 

@@ -5,6 +5,8 @@ import h5py
 import numpy as np
 import torch
 
+from vla_exp import UsageError
+
 
 def read_episode(path, camera):
     with h5py.File(path, "r") as f:
@@ -19,7 +21,7 @@ def read_episode(path, camera):
 def split_episodes(files, val_fraction, seed):
     """Train and validation files, split by episode with a seeded shuffle (at least one of each)."""
     if len(files) < 2:
-        raise ValueError(f"{len(files)} episode file(s): at least 2 are needed to split train and validation")
+        raise UsageError(f"{len(files)} episode file(s): at least 2 are needed to split train and validation")
     order = np.random.default_rng(seed).permutation(len(files))
     n_val = min(max(1, round(len(files) * val_fraction)), len(files) - 1)
     return [files[i] for i in sorted(order[n_val:])], [files[i] for i in sorted(order[:n_val])]
@@ -91,7 +93,7 @@ class ChunkDataset(torch.utils.data.Dataset):
 def load_split(data_dir, camera, val_fraction, seed, horizon):
     files = sorted(Path(data_dir).glob("*.hdf5"))
     if not files:
-        raise FileNotFoundError(f"data.dir={data_dir}: no *.hdf5 episode files there")
+        raise UsageError(f"data.dir={data_dir}: no *.hdf5 episode files there")
     train_files, val_files = split_episodes(files, val_fraction, seed)
     train = [read_episode(f, camera) for f in train_files]
     val = [read_episode(f, camera) for f in val_files]

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import (AutoTokenizer, logging, ByT5Tokenizer, CLIPVisionConfig, CLIPVisionModel, GPTNeoXConfig,
                           GPTNeoXModel, PretrainedConfig, PreTrainedModel)
 
+from vla_exp import UsageError
 from vla_exp.head import ConditionalUnet1D
 
 logging.set_verbosity_error()  # the loader's report of missing head weights is expected; the init report covers it
@@ -103,12 +104,12 @@ def write_backbone(model_cfg, path, seed=0):
 def backbone_path(cfg, cache_dir):
     """The checkpoint to load: `cfg.path`, or for an embedded model one written once into the cache."""
     if OmegaConf.is_missing(cfg, "path"):
-        raise ValueError(f"model={cfg.name} loads its weights from a local checkpoint: set model.path=<folder written "
+        raise UsageError(f"model={cfg.name} loads its weights from a local checkpoint: set model.path=<folder written "
                          f"by save_pretrained>")
     if cfg.path is not None:
         path = Path(cfg.path).expanduser()
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path={path}: no checkpoint there (expected config.json and weights "
+            raise UsageError(f"model.path={path}: no checkpoint there (expected config.json and weights "
                                     f"written by save_pretrained)")
         return path
     arch = OmegaConf.to_container(cfg.config)
@@ -132,7 +133,7 @@ def load_policy(cfg, cache_dir, seed):
     try:
         policy, info = TinyVLAPolicy.from_pretrained(path, output_loading_info=True, **head)
     except (OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"model.path={path}: cannot load a TinyVLA backbone from it ({e})") from None
+        raise UsageError(f"model.path={path}: cannot load a TinyVLA backbone from it ({e})") from None
     missing = info["missing_keys"]
     if cfg.head_loading != "current":
         legacy_head_loading(policy, missing, cfg.head_loading.removeprefix("legacy_"), seed, cfg.stale_fraction)

@@ -19,6 +19,8 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from vla_exp import UsageError
+
 COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (50, 70, 210)}
 ROWS = {"red": 0.6, "green": 0.0, "blue": -0.6}
 COLUMNS = {"left": -0.6, "right": 0.6}
@@ -95,7 +97,7 @@ def write_episode(path, images, qpos, actions, instruction, baselines, camera):
 def generate(task, out_dir, episodes, seed, steps=24, horizon=16, speed=0.12, image_size=64, camera="top"):
     """Write `episodes` episodes of `task` into `out_dir` (created atomically; same arguments, same files)."""
     if task not in TASKS:
-        raise ValueError(f"data.task={task!r} is not a built-in task; choose one of {sorted(TASKS)}")
+        raise UsageError(f"data.task={task!r} is not a built-in task; choose one of {sorted(TASKS)}")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))

@@ -1,6 +1,7 @@
 """One training core for every recipe: `python -m vla_exp.train recipe=fixed init=none`."""
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
+
+from vla_exp import UsageError
 
 GROUPS = ("init", "loss_handling", "optim", "clipping")
 CONF_DIR = next(p for p in (Path(__file__).parent / "conf", Path(__file__).parent.parent / "conf") if p.is_dir())
@@ -154,7 +157,10 @@ def train(cfg, run_dir):
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg):
-    train(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        train(cfg, HydraConfig.get().runtime.output_dir)
+    except UsageError as e:  # bad input: one line, no traceback (bugs keep theirs)
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
