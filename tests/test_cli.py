@@ -1,6 +1,7 @@
 """The real command line, in subprocesses: single runs, multirun, --help, --cfg, and the results table."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,10 +62,13 @@ def test_reproduce_table_prints_measured_beside_reported(tmp_path):
 
 def test_installed_package_finds_its_configs(tmp_path):
     """Not only a checkout: a plain (non-editable) install carries conf/ inside the package."""
-    target, elsewhere = tmp_path / "site", tmp_path / "cwd"
+    target, elsewhere, source = tmp_path / "site", tmp_path / "cwd", tmp_path / "src"
     elsewhere.mkdir()
+    # build from a copy: setuptools writes build/ and *.egg-info next to the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "results", "outputs",
+                                                                  "multirun", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
-                    str(target), str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
+                    str(target), str(source)], check=True, capture_output=True, cwd=tmp_path)
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-m", "vla_exp.train", "recipe=fixed", "--cfg", "job"], cwd=elsewhere,
                          env=env, capture_output=True, text=True, check=True).stdout
