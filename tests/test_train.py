@@ -52,6 +52,12 @@ def test_same_seed_same_metrics(make_cfg, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_new_run_into_an_old_folder_starts_afresh(make_cfg, tmp_path):
+    for _ in range(2):
+        s = train(make_cfg(*FAST, "recipe=fixed"), tmp_path)
+    assert [r["step"] for r in rows(tmp_path)] == list(range(1, s["steps"] + 1))
+
+
 def test_learning_rate_per_epoch(make_cfg, tmp_path):
     train(make_cfg(*FAST, "recipe=fixed", "epochs=3"), tmp_path)
     lrs = {r["epoch"]: r["lr"] for r in rows(tmp_path)}

@@ -7,18 +7,16 @@ weights missing, and what the loader does with them is what the `model.head_load
 """
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from transformers import (AutoTokenizer, logging, ByT5Tokenizer, CLIPVisionConfig, CLIPVisionModel, GPTNeoXConfig,
-                          GPTNeoXModel, PretrainedConfig, PreTrainedModel)
+from transformers import (AutoTokenizer, ByT5Tokenizer, CLIPVisionConfig, CLIPVisionModel, GPTNeoXConfig,
+                          GPTNeoXModel, PretrainedConfig, PreTrainedModel, logging)
 
 from vla_exp import UsageError
+from vla_exp.files import atomic_dir
 from vla_exp.head import ConditionalUnet1D
 
 logging.set_verbosity_error()  # the loader's report of missing head weights is expected; the init report covers it
@@ -88,17 +86,12 @@ class TinyVLAPolicy(TinyVLAForCausalLM):
 
 def write_backbone(model_cfg, path, seed=0):
     """Build a randomly initialised backbone (seeded) and save it with its byte-level tokenizer, atomically."""
-    path = Path(path)
     torch.manual_seed(seed)
     backbone = TinyVLAForCausalLM(VLAConfig(**model_cfg))
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    backbone.save_pretrained(tmp)
-    ByT5Tokenizer().save_pretrained(tmp)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another job wrote it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    with atomic_dir(path) as tmp:
+        backbone.save_pretrained(tmp)
+        ByT5Tokenizer().save_pretrained(tmp)
+    return Path(path)
 
 
 def backbone_path(cfg, cache_dir):
@@ -116,7 +109,6 @@ def backbone_path(cfg, cache_dir):
     key = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir).expanduser() / "backbones" / f"{cfg.name}-{key}"
     if not path.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_backbone(arch, path)
     return path
 

@@ -3,16 +3,10 @@
 W&B degrades to a stub (logger=none, or when it fails to start), so the training loop never asks whether it is on.
 """
 import json
-import os
 import warnings
 from pathlib import Path
 
-
-def write_json(path, obj):
-    """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+from vla_exp.files import write_json
 
 
 class NoTracker:
@@ -38,7 +32,7 @@ class WandbTracker:
         self.run.log(row, step=step)
 
     def summary(self, summary):
-        self.run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+        self.run.summary.update(summary)
 
     def finish(self, exit_code=0):
         self.run.finish(exit_code=exit_code)
@@ -47,8 +41,7 @@ class WandbTracker:
 class Recorder:
     def __init__(self, run_dir, logger_cfg, config, name):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(self.run_dir / "metrics.jsonl", "a")
+        self.metrics = open(self.run_dir / "metrics.jsonl", "w")  # a new run into an old folder starts afresh
         self.tracker = NoTracker()
         if logger_cfg.kind == "wandb":
             try:

@@ -11,8 +11,6 @@ chunk of the best predictor that does not see one input, so held-out evaluation 
 """
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import h5py
@@ -20,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vla_exp import UsageError
+from vla_exp.files import atomic_dir
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (50, 70, 210)}
 ROWS = {"red": 0.6, "green": 0.0, "blue": -0.6}
@@ -82,6 +81,7 @@ def blocks_episode(rng, steps, horizon, speed, size):
 
 
 TASKS = {"tint": tint_episode, "blocks": blocks_episode}
+VERSION = 1  # part of the cache key: bump it when a generator changes what it writes
 
 
 def write_episode(path, images, qpos, actions, instruction, baselines, camera):
@@ -98,32 +98,28 @@ def generate(task, out_dir, episodes, seed, steps=24, horizon=16, speed=0.12, im
     """Write `episodes` episodes of `task` into `out_dir` (created atomically; same arguments, same files)."""
     if task not in TASKS:
         raise UsageError(f"data.task={task!r} is not a built-in task; choose one of {sorted(TASKS)}")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
     rng = np.random.default_rng(seed)
-    for i in tqdm(range(episodes), desc=f"generating {task} episodes", leave=False):
-        goal, render, instruction, alternatives = TASKS[task](rng, steps, horizon, speed, image_size)
-        pos = rng.uniform(-0.9, 0.9, 2)
-        path = [pos]
-        for _ in range(steps):
-            path.append(expert_chunk(path[-1], goal, 1, speed)[0])
-        qpos = np.array(path[:-1], np.float32)
-        baselines = {name: np.mean([expert_chunk(qpos, g, horizon, speed) for g in goals], axis=0).astype(np.float32)
-                     for name, goals in alternatives.items()}
-        write_episode(tmp / f"episode_{i:05d}.hdf5", np.stack([render(p) for p in qpos]), qpos,
-                      np.array(path[1:], np.float32), instruction, baselines, camera)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:  # another job wrote the same data first
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-    return out_dir
+    with atomic_dir(out_dir) as tmp:
+        for i in tqdm(range(episodes), desc=f"generating {task} episodes", leave=False):
+            write_episode(tmp / f"episode_{i:05d}.hdf5", *expert_episode(task, rng, steps, horizon, speed, image_size),
+                          camera)
+    return Path(out_dir)
+
+
+def expert_episode(task, rng, steps, horizon, speed, image_size):
+    """One episode of `task`: images, qpos, actions, instruction and the baselines' action chunks."""
+    goal, render, instruction, alternatives = TASKS[task](rng, steps, horizon, speed, image_size)
+    path = [rng.uniform(-0.9, 0.9, 2)]
+    for _ in range(steps):
+        path.append(expert_chunk(path[-1], goal, 1, speed)[0])
+    qpos = np.array(path[:-1], np.float32)
+    baselines = {name: np.mean([expert_chunk(qpos, g, horizon, speed) for g in goals], axis=0).astype(np.float32)
+                 for name, goals in alternatives.items()}
+    return np.stack([render(p) for p in qpos]), qpos, np.array(path[1:], np.float32), instruction, baselines
 
 
 def cached(cache_dir, **kwargs):
     """The folder of generated episodes for these arguments, generating it on first use."""
-    key = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps({**kwargs, "version": VERSION}, sort_keys=True).encode()).hexdigest()[:12]
     out_dir = Path(cache_dir).expanduser() / "data" / f"{kwargs['task']}-{key}"
     return out_dir if out_dir.is_dir() else generate(out_dir=out_dir, **kwargs)

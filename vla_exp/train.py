@@ -47,7 +47,8 @@ def train(cfg, run_dir):
     from vla_exp.diagnostics import evaluate, init_report
     from vla_exp.diffusion import noise_prediction, schedulers
     from vla_exp.model import load_policy
-    from vla_exp.recorder import Recorder, write_json
+    from vla_exp.files import write_json
+    from vla_exp.recorder import Recorder
 
     # -------------------------------------------------------------------------------- build
     start = time.time()
