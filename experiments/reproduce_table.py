@@ -54,16 +54,15 @@ ROWS = [("Loss (final epoch, train)", "loss"), ("Training", "training"), ("Time 
 
 
 def table(summaries, loaders):
-    cols = [(r, h) for r in RECIPES for h in loaders]
     head = ["metric"] + [c for r in RECIPES for c in
                          (f"{r}: reported", *(f"{r}: measured, {LOADERS[h]}" for h in loaders))]
-    words = {c: measured(summaries[c]) for c in cols}
     lines = [head]
-    for label, key in ROWS:
-        lines.append([label] + [c for r in RECIPES for c in (REPORTED[r][key], *(words[(r, h)][key] for h in loaders))])
 
-    def extra(label, get):
-        lines.append([label] + [c for r in RECIPES for c in ("not reported", *(get(summaries[(r, h)]) for h in loaders))])
+    def extra(label, get, reported=lambda recipe: "not reported"):
+        lines.append([label] + [c for r in RECIPES for c in (reported(r), *(get(summaries[(r, h)]) for h in loaders))])
+
+    for label, key in ROWS:
+        extra(label, lambda s, k=key: measured(s)[k], lambda r, k=key: REPORTED[r][k])
 
     extra("Initial output std", lambda s: fmt(s.get("initial_output_std")))
     extra("Initial loss", lambda s: fmt(s.get("initial_loss")))

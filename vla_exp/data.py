@@ -79,14 +79,14 @@ class ChunkDataset(torch.utils.data.Dataset):
 
     def baselines(self, indices, mean_chunk):
         """Normalised action chunks of the trivial predictors for the samples `indices`."""
+        samples = [(self.episodes[e], t) for e, t in (self.index[i] for i in indices)]
         out = {"mean_action": np.stack([mean_chunk] * len(indices))}
         first = self.episodes[0]
         if first["qpos"].shape[1] == first["action"].shape[1]:  # actions are target poses: holding still is a policy
-            out["hold_state"] = np.stack([self.norm.actions(np.repeat(self.episodes[e]["qpos"][t][None], self.horizon, 0))
-                                          for e, t in (self.index[i] for i in indices)])
+            out["hold_state"] = np.stack([self.norm.actions(np.repeat(ep["qpos"][t][None], self.horizon, 0))
+                                          for ep, t in samples])
         for name in first["baselines"]:  # stored chunks may be longer than the horizon: their prefix is the same predictor
-            out[name] = np.stack([self.norm.actions(self.episodes[e]["baselines"][name][t][:self.horizon])
-                                  for e, t in (self.index[i] for i in indices)])
+            out[name] = np.stack([self.norm.actions(ep["baselines"][name][t][:self.horizon]) for ep, t in samples])
         return out
 
 

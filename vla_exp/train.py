@@ -46,8 +46,8 @@ def train(cfg, run_dir):
     from vla_exp.data import load_split
     from vla_exp.diagnostics import evaluate, init_report
     from vla_exp.diffusion import noise_prediction, schedulers
-    from vla_exp.model import load_policy
     from vla_exp.files import write_json
+    from vla_exp.model import load_policy
     from vla_exp.recorder import Recorder
 
     # -------------------------------------------------------------------------------- build
