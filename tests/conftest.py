@@ -1,4 +1,7 @@
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -21,3 +24,14 @@ def make_cfg():
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="train", overrides=list(overrides))
     return make
+
+
+@pytest.fixture
+def wandb_records():
+    """The records of a run's offline W&B file, read back by W&B's own tool."""
+    def read(run_dir):
+        (offline,) = (run_dir / "wandb").glob("offline-run-*")
+        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline)],
+                             capture_output=True, text=True, check=True).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+    return read

@@ -7,11 +7,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+@contextmanager
+def atomic(path):
+    """A temporary name beside `path` that replaces it when the block succeeds: a crash leaves the old file or the
+    new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_json(path, obj):
-    """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 @contextmanager

@@ -1,0 +1,226 @@
+"""The report: the factorial analysis on data with known effects, failed cells, the self-contained dashboard, and the
+real CLI on real runs (with W&B offline, read back with W&B's own tool)."""
+import base64
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vla_exp import analysis
+from vla_exp.report import main, reference_levels, sweep_group
+from vla_exp.train import GROUPS, train
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXED = {"init": "xavier", "loss_handling": "skip_nonfinite", "optim": "fixed", "clipping": "grad_norm",
+         "recipe": "fixed", "head_loading": "current"}
+ORIGINAL = {"init": "none", "loss_handling": "scale_down", "optim": "original", "clipping": "none",
+            "recipe": "original", "head_loading": "current"}
+BASELINES = {"mean_action": 0.44, "hold_state": 0.11, "ignore_image": 0.14, "ignore_instruction": 0.17}
+
+
+def factorial_runs(effect, seeds=3, noise=0.02, rng_seed=0, **levels):
+    """Every combination of `levels` (group: options) x seeds, the rest at the fixed recipe's levels, with
+    val_action_error = 0.5 + effect(cell) + N(0, noise) drawn from a fixed numpy seed."""
+    rng, rows = np.random.default_rng(rng_seed), []
+    for combo in itertools.product(*levels.values()):
+        cell = {**FIXED, **dict(zip(levels, combo))}
+        for seed in range(seeds):
+            rows.append({**cell, "seed": seed, "status": "completed",
+                         "val_action_error": 0.5 + effect(cell) + rng.normal(0, noise)})
+    return pd.DataFrame(rows)
+
+
+def test_recipe_levels_come_from_the_presets(tmp_path):
+    levels = reference_levels()
+    assert analysis.GROUPS == GROUPS  # analysis keeps its own copy: it must not import torch with the training loop
+    assert levels["fixed"] == {k: v for k, v in FIXED.items() if k != "recipe"}
+    assert levels["original"] == {k: v for k, v in ORIGINAL.items() if k != "recipe"}
+    # a preset built on another one: its own overrides win
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "base.yaml").write_text("defaults:\n  - override /init: xavier\n  - override /optim: fixed\n")
+    (tmp_path / "recipe" / "child.yaml").write_text("defaults:\n  - base\n  - override /init: none\n")
+    assert analysis.recipe_levels("child", tmp_path) == {"init": "none", "optim": "fixed"}
+
+
+def test_wandb_group_is_the_sweeps(tmp_path):
+    for run in ("0_a", "1_b"):
+        (tmp_path / "sweep" / run).mkdir(parents=True)
+    runs = sorted((tmp_path / "sweep").iterdir())
+    assert sweep_group(runs) == "sweep"  # no multirun.yaml: the folder's name
+    (tmp_path / "sweep" / "multirun.yaml").write_text("hydra:\n  sweep:\n    dir: multirun/2026-01-01/12-00-00\n")
+    assert sweep_group(runs) == "multirun/2026-01-01/12-00-00"  # what vla_exp.train grouped the runs by
+    (tmp_path / "sweep" / "multirun.yaml").write_text("hydra:\n  sweep:\n    dir: multirun/${now:%H}\n")
+    assert sweep_group(runs) == "sweep"  # unresolved: it would resolve to today, not to the sweep's day
+
+
+def test_factorial_recovers_known_effects_and_interaction():
+    # init: -0.2; optim and clipping: +0.1 only together (marginal effects +0.05 each); loss_handling: nothing
+    effect = lambda c: -0.2 * (c["init"] == "xavier") + 0.1 * (c["optim"] == "fixed") * (c["clipping"] == "grad_norm")
+    runs = factorial_runs(effect, init=("none", "xavier"), loss_handling=("scale_down", "skip_nonfinite"),
+                          optim=("original", "fixed"), clipping=("none", "grad_norm"))
+    res = analysis.factorial(runs, "val_action_error", reference_levels())
+    assert res["model"] == "two-way interactions" and res["n"] == 48 and not res["dropped"]
+    e = res["effects"].set_index("factor")
+    assert list(e.reference) == ["none", "scale_down", "original", "none"]  # level minus the original recipe's
+    for factor, truth in [("init", -0.2), ("optim", 0.05), ("clipping", 0.05), ("loss_handling", 0.0)]:
+        assert e.lo[factor] <= truth <= e.hi[factor], factor
+    assert e.p["init"] < 0.001 and e.p["optim"] < 0.05 and e.p["clipping"] < 0.05
+    assert e.p["loss_handling"] > 0.05
+    assert res["anova"].p["optim:clipping"] < 0.001 and res["anova"].partial_eta_sq["init"] > 0.14
+    verdicts = analysis.verdicts(res)
+    assert re.fullmatch(r"init \(xavier vs none\): large effect on val_action_error, -0\.\d+ \[-0\.\d+, -0\.\d+\], "
+                        r"p < 0\.001", verdicts[0]), verdicts[0]
+    assert "loss_handling (skip_nonfinite vs scale_down): no detectable effect on val_action_error (p = " in verdicts[1]
+    line = next(line for line in analysis.interactions(res) if line.startswith("optim × clipping"))
+    simple = [float(x) for x in re.findall(r"([+-][\d.]+) when clipping=", line)]  # optim's effect per clipping level
+    assert abs(simple[0]) < 0.03 and abs(simple[1] - 0.1) < 0.03, line
+
+
+def test_factor_with_many_levels_and_one_level_choices():
+    effect = lambda c: -0.3 * (c["init"] == "xavier_all")
+    runs = factorial_runs(effect, init=("none", "xavier", "xavier_all", "torch_default"),
+                          clipping=("none", "grad_norm"))
+    runs.loc[0, "val_action_error"] = float("nan")  # a diverged run: dropped and counted
+    runs.loc[0, "status"] = "diverged"
+    res = analysis.factorial(runs, "val_action_error", reference_levels())
+    assert res["factors"] == ["init", "clipping"]  # the other groups hold one level: no factor
+    assert res["dropped"] == {"diverged": 1} and res["n"] == 23
+    e = res["effects"].set_index("level")
+    assert list(e.index) == ["torch_default", "xavier", "xavier_all", "grad_norm"]
+    assert e.p["xavier_all"] < 0.001 and abs(e["diff"]["xavier_all"] + 0.3) < 0.05
+    assert e.p["xavier"] > 0.05 and e.p["torch_default"] > 0.05 and e.p["grad_norm"] > 0.05
+
+
+def test_confidence_intervals_cover_the_truth_95_percent_of_the_time():
+    effect = lambda c: -0.2 * (c["init"] == "xavier") + 0.1 * (c["clipping"] == "grad_norm")
+    covered = []
+    for rng_seed in range(60):
+        runs = factorial_runs(effect, rng_seed=rng_seed, init=("none", "xavier"), clipping=("none", "grad_norm"))
+        e = analysis.factorial(runs, "val_action_error", reference_levels())["effects"].set_index("factor")
+        covered += [e.lo["init"] <= -0.2 <= e.hi["init"], e.lo["clipping"] <= 0.1 <= e.hi["clipping"]]
+    assert 0.88 <= np.mean(covered) <= 0.995  # 120 intervals: 95% expected, sd about 2%
+
+
+def test_too_few_runs_say_so_without_crashing():
+    runs = factorial_runs(lambda c: 0.0, seeds=1, init=("none", "xavier"))
+    res = analysis.factorial(runs, "val_action_error", reference_levels())
+    assert "too few" in res["error"] and res["anova"] is None and analysis.verdicts(res) == []
+    confounded = factorial_runs(lambda c: 0.0, seeds=3, init=("none", "xavier"))
+    confounded["optim"] = confounded.init.map({"none": "original", "xavier": "fixed"})
+    res = analysis.factorial(confounded, "val_action_error", reference_levels())
+    assert "init and optim together" in res["error"]
+
+
+# ------------------------------------------------------------------------------------------------ report files
+def fake_run(path, choices, seed, status="completed", error=0.05, loss=0.1):
+    """A run folder in the format vla_exp.train writes; a failed one holds only its choices, status and error."""
+    path.mkdir(parents=True)
+    if status == "failed":
+        summary = {"choices": choices, "seed": seed, "status": "failed", "error": "RuntimeError: out of memory"}
+    else:
+        summary = {"choices": choices, "seed": seed, "status": status, "initial_output_std": 0.1, "initial_loss": 1.0,
+                   "final_loss": loss, "final_val_loss": loss, "final_output_std": 0.9, "epochs_to_converge": 2,
+                   "time_to_converge_s": 10.0, "skipped_batches": 0, "scaled_loss_steps": 0, "steps": 4, "epochs": 2,
+                   "val_action_error": error, "baseline_action_errors": BASELINES,
+                   "beats_baselines": all(error < b for b in BASELINES.values()), "config_hash": "abc",
+                   "overrides": ["seed=1"]}
+        rows = [{"kind": "step", "step": s, "epoch": (s - 1) // 2, "loss": loss * (5 - s), "output_std": 0.5 + 0.1 * s,
+                 "grad_norm": 1.0, "lr": 1e-4, "skipped_batches": 0, "scaled_loss_steps": 0, "samples_per_s": 50.0}
+                for s in range(1, 5)]
+        rows += [{"kind": "epoch", "step": 2 * e, "epoch": e, "train_loss": loss, "val_loss": loss,
+                  "val_output_std": 0.9, "val_action_error": error * (3 - e)} for e in (1, 2)]
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture(scope="module")
+def synthetic_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    for seed in range(2):
+        fake_run(root / f"fixed-s{seed}", FIXED, seed, error=0.02 + 0.01 * seed)
+        fake_run(root / f"original-s{seed}", ORIGINAL, seed, error=0.2 + 0.01 * seed)
+    fake_run(root / "fixed-noinit-s0", {**FIXED, "init": "none"}, 0, status="failed")
+    out = root / "report"
+    main([str(root), "--out", str(out)])
+    return out
+
+
+def test_failed_cell_is_reported_as_failed(synthetic_report):
+    table = pd.read_csv(synthetic_report / "table.csv").set_index("cell")
+    assert table.loc["fixed with init=none", ["status", "n_runs", "n_failed"]].tolist() == ["failed", 1, 1]
+    assert table.loc["fixed", ["status", "n_runs", "n_beat_baselines", "beats_baselines"]].tolist() == \
+        ["completed", 2, 2, "yes"]
+    assert table.loc["original", "beats_baselines"] == "no"  # 0.2 is worse than holding still (0.11)
+    row = next(l for l in (synthetic_report / "table.md").read_text().splitlines() if "| fixed with init=none |" in l)
+    assert "| failed |" in row
+    runs = pd.read_csv(synthetic_report / "runs.csv")
+    assert len(runs) == 5 and runs.status.value_counts()["failed"] == 1
+    loo = (synthetic_report / "analysis.md").read_text()
+    assert "| init: xavier → none | fixed with init=none | failed |" in loo
+    assert "| optim: fixed → original | fixed with optim=original | not run |" in loo
+
+
+def test_every_output_is_written_and_no_temp_file_left(synthetic_report):
+    names = {p.name for p in synthetic_report.iterdir()}
+    assert {"runs.csv", "runs.parquet", "curves.csv", "table.md", "table.csv", "analysis.md", "dashboard.html",
+            "loss_curves.png", "output_std_curves.png", "action_error.png", "effects.png"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert len(pd.read_parquet(synthetic_report / "runs.parquet")) == 5
+    curves = pd.read_csv(synthetic_report / "curves.csv")
+    assert len(curves) == 4 * 6 and set(curves.kind) == {"step", "epoch"}
+
+
+def test_dashboard_is_one_self_contained_file(synthetic_report):
+    page = (synthetic_report / "dashboard.html").read_text()
+    assert "<table" in page and "fixed with init=none" in page and "Leave-one-out" in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 4 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+    assert not re.search(r"https?://", page) and "<script" not in page and "<link" not in page
+
+
+def test_empty_folder_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path)])
+    assert e.value.code == f"error: {tmp_path} holds no summary.json: not a run or sweep folder"
+
+
+# ------------------------------------------------------------------------------------------------ real runs, real CLI
+@pytest.mark.slow
+def test_report_cli_on_real_runs_with_wandb(make_cfg, wandb_records, tmp_path):
+    sweep = tmp_path / "sweep"
+    for init, seed in itertools.product(("xavier", "none"), (0, 1)):
+        cfg = make_cfg("logger=none", "progress=false", "debug=smoke", "threads=1", f"init={init}", f"seed={seed}")
+        train(cfg, sweep / f"{init}-s{seed}")
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-m", "vla_exp.report", str(sweep), "--out", str(out), "--wandb"],
+                          capture_output=True, text=True, cwd=tmp_path, env=os.environ)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(zip(runs.init, runs.seed)) == [("none", 0), ("none", 1), ("xavier", 0), ("xavier", 1)]
+    assert set(runs.optim) == {"original"} and set(runs.status) == {"completed"}
+    assert {"baseline_hold_state", "val_action_error", "cell", "run_dir"} <= set(runs.columns)
+    assert "init (xavier vs none)" in done.stdout and "| original with init=xavier |" in done.stdout
+    records = wandb_records(out)  # W&B wrote its offline run into the report folder
+    (run,) = (r["run"] for r in records if r["type"] == "run")
+    assert run["job_type"] == "report" and run["run_group"] == "sweep" and run["project"] == "vla-exp"
+    assert run["config"]["update"]["job_type"] == "report" and run["config"]["update"]["runs"] == 4
+    logged = {k[:-len("._type")]: v for r in records if r["type"] == "history" for k, v in r["history"]["item"].items()
+              if k.endswith("._type")}
+    assert logged == {"runs": "table-file", "table": "table-file", **{f"plots/{p}": "image-file" for p in
+                      ("loss_curves", "output_std_curves", "action_error", "effects")}}
+    assert (out / "dashboard.html").exists() and (out / "table.md").exists()
+
+
+@pytest.mark.slow
+def test_missing_folder_exits_1_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vla_exp.report", str(tmp_path / "nope")], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"error: {tmp_path / 'nope'} is not a directory"

@@ -1,0 +1,238 @@
+"""Report on finished runs: what each fix did, with the seeds' uncertainty.
+
+    python -m vla_exp.report multirun/2026-01-01/12-00-00           # a sweep, searched recursively for runs
+    python -m vla_exp.report outputs/a outputs/b --out results/ab     # several folders, one report
+    python -m vla_exp.report multirun/... --wandb                     # also log the table and plots to W&B (offline)
+
+Writes into --out (default <first dir>/report), every file atomically: runs.csv and runs.parquet (one row per run),
+curves.csv (every metrics.jsonl row), table.md and table.csv (per cell: mean ± std and n over seeds), analysis.md
+(verdicts, ANOVA tables, interactions, leave-one-out and add-one tables), PNG plots and dashboard.html (one
+self-contained file). The recipes' levels come from conf/recipe/*.yaml; vla_exp/analysis.py says how effects are tested.
+"""
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from vla_exp import UsageError, analysis, dashboard
+from vla_exp.files import atomic, write_text
+from vla_exp.analysis import CELL, GROUPS
+
+MANY = 20  # a progress bar from this many runs on
+METHOD = ("Effect = marginal mean of the level minus that of the reference level (the original recipe's), with a 95% "
+          "CI, from an OLS over the seeds (with two-way interactions where the runs allow: see each metric's model); "
+          f"detectable when p < {analysis.ALPHA}; size from partial eta² (small >= 0.01, medium >= 0.06, "
+          "large >= 0.14). See vla_exp/analysis.py.")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def reference_levels(conf_dir=None):
+    """{"original": {group: level}, "fixed": {...}} from the recipe presets; the head loading is the default
+    model's for both (the recipes do not choose it)."""
+    from vla_exp.train import CONF_DIR
+    conf_dir = Path(conf_dir or CONF_DIR)
+    model = next(e["model"] for e in OmegaConf.load(conf_dir / "train.yaml").defaults
+                 if isinstance(e, DictConfig) and "model" in e)
+    head = OmegaConf.load(conf_dir / "model" / f"{model}.yaml").head_loading
+    return {recipe: {**{g: analysis.recipe_levels(recipe, conf_dir)[g] for g in GROUPS}, "head_loading": head}
+            for recipe in ("original", "fixed")}
+
+
+def sweep_group(run_dirs):
+    """The W&B group of the runs' sweep: its hydra.sweep.dir (what vla_exp.train groups a multirun by) when the
+    sweep's multirun.yaml holds it literally, else the name of the runs' common parent folder."""
+    parent = Path(os.path.commonpath([str(Path(d).parent) for d in run_dirs]))
+    if (parent / "multirun.yaml").exists():
+        sweep = OmegaConf.load(parent / "multirun.yaml").get("hydra", {}).get("sweep", {})
+        if "dir" in sweep and not OmegaConf.is_interpolation(sweep, "dir"):
+            return str(sweep.dir)
+    return parent.name
+
+
+def find_run_dirs(dirs):
+    """Every folder holding a summary.json under the given ones (each counted once)."""
+    found = {}
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise UsageError(f"{d} is not a directory")
+        runs = sorted(p.parent.resolve() for p in d.rglob("summary.json"))
+        if not runs:
+            raise UsageError(f"{d} holds no summary.json: not a run or sweep folder")
+        found.update(dict.fromkeys(runs))
+    return list(found)
+
+
+def load_runs(run_dirs, levels):
+    """One row per run: run_dir, cell (in words), the choices, seed, status and every scalar of summary.json, with
+    baseline_<name> columns for the baselines. A run without choices goes to the cell '?' rather than vanish."""
+    rows = []
+    for d in tqdm(run_dirs, desc="reading summaries", disable=len(run_dirs) < MANY):
+        try:
+            s = json.loads((Path(d) / "summary.json").read_text())
+        except (OSError, ValueError) as e:  # a summary half written by an older, non-atomic writer
+            s = {"status": "failed", "error": f"unreadable summary.json: {e}"}
+        choices = s.get("choices") or {}
+        row = {"run_dir": str(d), **{c: str(choices.get(c) or "?") for c in CELL}, "recipe": choices.get("recipe")}
+        row.update({k: v for k, v in s.items() if isinstance(v, (str, int, float, bool, type(None))) and k not in row})
+        row.update({f"baseline_{k}": v for k, v in (s.get("baseline_action_errors") or {}).items()})
+        rows.append(row)
+    runs = pd.DataFrame(rows)
+    runs.insert(1, "cell", [analysis.cell_label(r, levels) for r in rows])
+    runs["status"] = runs["status"].fillna("unknown") if "status" in runs else "unknown"
+    runs["seed"] = pd.to_numeric(runs["seed"], errors="coerce").astype("Int64") if "seed" in runs else pd.NA
+    numeric = [*analysis.TABLE_METRICS, *analysis.METRICS, *(c for c in runs if c.startswith("baseline_"))]
+    for m in numeric:  # a failed run may lack every metric; null becomes NaN
+        runs[m] = pd.to_numeric(runs[m], errors="coerce").astype(float) if m in runs else np.nan
+    return runs
+
+
+def load_curves(runs):
+    """Every row of every run's metrics.jsonl, tagged with run_dir, cell and seed."""
+    frames = []
+    for r in tqdm(runs.itertuples(), total=len(runs), desc="reading metrics", disable=len(runs) < MANY):
+        path, rows = Path(r.run_dir) / "metrics.jsonl", []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # the last line of a run killed while writing it
+                    pass
+        if rows:
+            frames.append(pd.DataFrame(rows).assign(run_dir=r.run_dir, cell=r.cell, seed=r.seed))
+    first = ["run_dir", "cell", "seed", "kind", "step", "epoch"]
+    if not frames:
+        return pd.DataFrame(columns=first)
+    curves = pd.concat(frames, ignore_index=True)
+    return curves[first + [c for c in curves.columns if c not in first]]
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def parquet_safe(df):
+    """pyarrow wants one type per column: a user's summary key holding a number in one run and text in another
+    becomes text."""
+    mixed = [c for c in df if df[c].dtype == object and pd.api.types.infer_dtype(df[c], skipna=True) == "mixed"]
+    return df.astype({c: str for c in mixed})
+
+
+def analysis_markdown(title, results, loo, add):
+    lines = [f"# {title}", "", "## Verdicts", "", METHOD, ""]
+    for metric, res in results.items():
+        lines += [f"### {metric}", "", f"_{analysis.notes_line(res)}_", ""]
+        lines += [f"- {v}" for v in analysis.verdicts(res)] + [""]
+    inter = [line for res in results.values() for line in analysis.interactions(res)]
+    lines += ["## Significant two-way interactions", ""] + ([f"- {i}" for i in inter] or ["none detected"]) + [""]
+    lines += ["## ANOVA tables (type II)", ""]
+    for metric, res in results.items():
+        lines += [f"### {metric}", ""]
+        lines += [analysis.markdown(analysis.anova_table(res)) if res["anova"] is not None else
+                  f"no ANOVA: {res.get('error')}", ""]
+    lines += ["## Leave-one-out: the fixed recipe minus each fix", "", analysis.markdown(loo), "",
+              "## Add-one: the original recipe plus each fix", "", analysis.markdown(add), ""]
+    return "\n".join(lines)
+
+
+def log_wandb(out, runs, table, pngs, group, mode):
+    """Mirror the table and the plots to W&B (job_type=report). The local files are already written: a failure here
+    only warns."""
+    try:
+        import wandb
+        run = wandb.init(project="vla-exp", group=group, job_type="report", mode=mode, dir=str(out),
+                         name=f"report-{group}", config={"job_type": "report", "runs": len(runs), "cells": len(table),
+                                                          "run_dirs": list(runs.run_dir)},
+                         settings=wandb.Settings(console="off", silent=True))
+        try:
+            as_table = lambda df: wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
+            run.log({"runs": as_table(runs), "table": as_table(table),
+                     **{f"plots/{p.stem}": wandb.Image(str(p)) for p in pngs}})
+        finally:
+            run.finish()
+    except Exception as e:
+        warnings.warn(f"W&B logging failed ({type(e).__name__}: {e}); the local report in {out} is complete")
+
+
+def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
+    """Read the runs under `dirs`, write every report file into `out` and return `out`."""
+    run_dirs = find_run_dirs(dirs)
+    out = Path(out) if out else Path(dirs[0]) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    levels = reference_levels()
+    runs = load_runs(run_dirs, levels)
+    curves = load_curves(runs)
+    table = analysis.results_table(runs, levels)
+    shown = analysis.format_table(table, runs)
+    results = analysis.analyse(runs, levels)
+    loo, add = analysis.leave_one_out(runs, levels), analysis.add_one(runs, levels)
+    title = f"Report: {len(runs)} runs in {len(table)} cells ({', '.join(str(d) for d in dirs)})"
+
+    # ---------------------------------------------------------------------------- data and tables
+    for name, df in (("runs.csv", runs), ("curves.csv", curves), ("table.csv", table)):
+        with atomic(out / name) as tmp:
+            df.to_csv(tmp, index=False)
+    with atomic(out / "runs.parquet") as tmp:
+        parquet_safe(runs).to_parquet(tmp, index=False)
+    baselines = ", ".join(f"{c[len('baseline_'):]} {analysis.num(runs[c].mean())}" for c in runs
+                          if c.startswith("baseline_"))
+    table_md = f"# {title}\n\n{analysis.markdown(shown)}\n\nBaselines (mean over runs): {baselines or 'none'}\n"
+    write_text(out / "table.md", table_md)
+    write_text(out / "analysis.md", analysis_markdown(title, results, loo, add))
+
+    # ---------------------------------------------------------------------------- plots and dashboard
+    pngs = []
+    for stem, fig in dashboard.figures(curves, runs, results, list(table.cell)).items():
+        with atomic(out / f"{stem}.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        dashboard.plt.close(fig)
+        pngs.append(out / f"{stem}.png")
+    verdict_lines = [line for res in results.values()
+                     for line in analysis.verdicts(res) or [f"{res['metric']}: {res.get('error')}"]]
+    sections = [
+        ("Results per cell (mean ± std (n) over seeds)", dashboard.table_html(shown) +
+         dashboard.note_html(f"Baselines (mean over runs): {baselines or 'none'}. A cell beats the baselines only "
+                             "if every seed's held-out action error is below every baseline's.")),
+        ("Verdicts", dashboard.note_html(METHOD) + "".join(
+            f"<h3>{m}</h3>" + dashboard.note_html(analysis.notes_line(r)) +
+            dashboard.list_html(analysis.verdicts(r) or [r.get("error", "")]) for m, r in results.items())),
+        ("Significant two-way interactions",
+         dashboard.list_html([i for r in results.values() for i in analysis.interactions(r)])),
+        ("Leave-one-out: the fixed recipe minus each fix", dashboard.table_html(loo)),
+        ("Add-one: the original recipe plus each fix", dashboard.table_html(add)),
+        *((p.stem.replace("_", " ").capitalize(), dashboard.image_html(p)) for p in pngs),
+    ]
+    write_text(out / "dashboard.html", dashboard.page(title, sections))
+
+    print(table_md)
+    print("Verdicts:\n" + "\n".join(f"- {v}" for v in verdict_lines))
+    print(f"\nReport written to {out}/ (table.md, analysis.md, dashboard.html, runs.csv, runs.parquet, curves.csv, "
+          "table.csv, *.png)")
+    if use_wandb:  # after the local files, so a W&B failure never costs them
+        group = group or sweep_group(run_dirs)
+        log_wandb(out, runs, table, pngs, group, wandb_mode)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m vla_exp.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", help="run or sweep folders, searched recursively for summary.json")
+    parser.add_argument("--out", help="output folder (default: <first dir>/report)")
+    parser.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B (job_type=report)")
+    parser.add_argument("--wandb-mode", default="offline", choices=("offline", "online", "disabled"),
+                        help="W&B mode (default offline: no network)")
+    parser.add_argument("--group", help="W&B group (default: the sweep's, from its multirun.yaml, else the name of "
+                        "the runs' common parent folder)")
+    args = parser.parse_args(argv)
+    try:
+        report(args.dirs, args.out, args.wandb, args.wandb_mode, args.group)
+    except UsageError as e:  # bad input: one line, no traceback (bugs keep theirs)
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
