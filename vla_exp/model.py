@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (AutoTokenizer, ByT5Tokenizer, CLIPVisionConfig, CLIPVisionModel, GPTNeoXConfig,
                           GPTNeoXModel, PretrainedConfig, PreTrainedModel, logging)
@@ -101,9 +102,19 @@ def backbone_path(cfg, cache_dir):
                          f"by save_pretrained>")
     if cfg.path is not None:
         path = Path(cfg.path).expanduser()
+        if not path.is_dir():
+            raise UsageError(f"model.path={path}: {'not a folder' if path.exists() else 'no such folder'}")
         if not (path / "config.json").is_file():
             raise UsageError(f"model.path={path}: no checkpoint there (expected config.json and weights "
-                                    f"written by save_pretrained)")
+                             f"written by save_pretrained)")
+        # before building anything: a config.json of another model type builds VLAConfig's defaults, a 20B GPTNeoX
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (ValueError, AttributeError) as e:
+            raise UsageError(f"model.path={path}: config.json is not a JSON object ({e})") from None
+        if model_type != VLAConfig.model_type:
+            raise UsageError(f"model.path={path}: config.json is a {model_type!r} checkpoint, not a TinyVLA backbone "
+                             f"({VLAConfig.model_type!r})")
         return path
     arch = OmegaConf.to_container(cfg.config)
     key = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
@@ -122,14 +133,33 @@ def load_policy(cfg, cache_dir, seed):
     # the backbone comes from the checkpoint's config; the head's shape and the pooling from ours (they fit the data)
     head = {k: v for k, v in OmegaConf.to_container(cfg.config).items() if k not in VLAConfig.sub_configs}
     torch.manual_seed(seed)  # what the loader draws for the missing head depends on the run's seed
-    try:
-        policy, info = TinyVLAPolicy.from_pretrained(path, output_loading_info=True, **head)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UsageError(f"model.path={path}: cannot load a TinyVLA backbone from it ({e})") from None
+    try:  # ignore_mismatched_sizes: instead of raising with "see the log", list them for check_compatible to name
+        policy, info = TinyVLAPolicy.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                     **head)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise UsageError(f"model.path={path}: cannot load a TinyVLA backbone from it ({' '.join(str(e).split())})"
+                         ) from None
+    check_compatible(path, policy, info, cfg)
     missing = info["missing_keys"]
     if cfg.head_loading != "current":
         legacy_head_loading(policy, missing, cfg.head_loading.removeprefix("legacy_"), seed, cfg.stale_fraction)
     return policy, AutoTokenizer.from_pretrained(path), sorted(missing)
+
+
+def check_compatible(path, policy, info, cfg):
+    """Raise UsageError if the checkpoint's weights do not fit its config, or its images are not the size that
+    model.config (and so the data check) expects. Only the head may be missing: it is not in a backbone."""
+    if info["mismatched_keys"]:
+        key, theirs, ours = sorted(info["mismatched_keys"])[0]
+        raise UsageError(f"model.path={path}: weights do not fit its config.json: {key} is {tuple(theirs)} there, "
+                         f"{tuple(ours)} in the model ({len(info['mismatched_keys'])} tensors differ)")
+    if lacking := sorted(k for k in info["missing_keys"] if not k.startswith("embed_out.")):
+        raise UsageError(f"model.path={path}: {len(lacking)} backbone weights missing from the checkpoint "
+                         f"(first: {lacking[0]})")
+    size, ours = policy.config.vision_config.image_size, OmegaConf.select(cfg, "config.vision_config.image_size")
+    if ours is not None and size != ours:
+        raise UsageError(f"model.path={path}: the checkpoint takes {size}x{size} images, "
+                         f"model.config.vision_config.image_size={ours}")
 
 
 def legacy_head_loading(model, missing_keys, memory, seed, stale_fraction=0.2):

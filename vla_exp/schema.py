@@ -1,0 +1,91 @@
+"""The rules a composed config must meet, checked before a run builds or writes anything.
+
+A broken rule is one line naming the key, its value and what is allowed: `optim.lr=-1: must be a number > 0`.
+Group options (`init=xaviar`) are Hydra's to check: it lists the valid ones before the config even exists.
+"""
+import math
+
+from omegaconf import OmegaConf
+
+from vla_exp import UsageError
+from vla_exp.model import HEAD_LOADING
+from vla_exp.tasks import TASKS
+
+ABSENT = object()
+
+
+def number(v):
+    # YAML's true/false load as bool, a subclass of int: a flag set by mistake must not pass as 1 or 0
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def integer_from(low):
+    return lambda v: integer(v) and v >= low, f"must be an integer >= {low}"
+
+
+def one_of(options):
+    return lambda v: isinstance(v, str) and v in options, f"must be one of {', '.join(options)}"
+
+
+POSITIVE = (lambda v: number(v) and v > 0, "must be a number > 0")
+RULES = [  # key, (test, what is allowed)
+    ("seed", (integer, "must be an integer")),
+    ("epochs", integer_from(1)),
+    ("log_every", integer_from(1)),
+    ("converge_loss", (number, "must be a number")),
+    ("threads", (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")),
+    ("optim.lr", POSITIVE),
+    ("optim.batch_size", integer_from(1)),
+    ("eval.samples", integer_from(1)),
+    ("diffusion.train_steps", integer_from(1)),
+    ("data.episodes", integer_from(2)),  # one for training, one for validation
+    ("data.steps", integer_from(1)),
+    ("data.val_fraction", (lambda v: number(v) and 0 < v < 1, "must be a number in (0, 1)")),
+    ("model.head_loading", one_of(HEAD_LOADING)),
+    ("model.stale_fraction", (lambda v: number(v) and 0 <= v <= 1, "must be a number in [0, 1]")),
+    ("logger.kind", one_of(("wandb", "none"))),
+]
+OPTIONAL = [  # keys that only some options of a group have
+    ("clipping.max_norm", POSITIVE),
+    ("loss_handling.threshold", POSITIVE),
+    ("loss_handling.factor", (lambda v: number(v) and 0 < v <= 1, "must be a number in (0, 1]")),
+]
+
+
+def shown(v):
+    """A value as it is typed on the command line; a string quoted, so `optim.lr='0.001'` shows it is no number."""
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    if OmegaConf.is_config(v):
+        v = OmegaConf.to_container(v)
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def check(cfg, key, rule, optional=False):
+    test, allowed = rule
+    v = OmegaConf.select(cfg, key, default=ABSENT)
+    if v is ABSENT:
+        if optional:
+            return
+        raise UsageError(f"{key} is not set: it {allowed}")
+    if not test(v):
+        raise UsageError(f"{key}={shown(v)}: {allowed}")
+
+
+def validate(cfg):
+    """Raise UsageError for the first key of `cfg` that breaks a rule."""
+    for key, rule in RULES:
+        check(cfg, key, rule)
+    for key, rule in OPTIONAL:
+        check(cfg, key, rule, optional=True)
+    steps = cfg.diffusion.train_steps
+    check(cfg, "diffusion.inference_steps",
+          (lambda v: integer(v) and 1 <= v <= steps, f"must be an integer from 1 to diffusion.train_steps={steps}"))
+    if cfg.logger.kind == "wandb":
+        check(cfg, "logger.mode", one_of(("offline", "online", "disabled")))
+    if cfg.data.dir is None:  # the episodes are generated
+        check(cfg, "data.task", one_of(tuple(TASKS)))
