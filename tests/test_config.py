@@ -34,6 +34,14 @@ def test_presets_select_the_four_groups(make_cfg, recipe, expected):
     assert cfg.recipe == recipe
 
 
+@pytest.mark.parametrize("group", GROUPS)
+def test_leave_one_out_and_add_one_presets_change_one_group(make_cfg, group):
+    without, with_ = make_cfg(f"recipe=fixed_without_{group}"), make_cfg(f"recipe=original_with_{group}")
+    assert {g: without[g].name for g in GROUPS} == {**FIXED, group: ORIGINAL[group]}
+    assert {g: with_[g].name for g in GROUPS} == {**ORIGINAL, group: FIXED[group]}
+    assert (without.recipe, with_.recipe) == (f"fixed_without_{group}", f"original_with_{group}")
+
+
 @pytest.mark.parametrize("order", [("recipe=fixed", "init=none"), ("init=none", "recipe=fixed")])
 def test_command_line_beats_preset_in_either_order(make_cfg, order):
     cfg = make_cfg(*order)

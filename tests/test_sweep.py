@@ -1,0 +1,119 @@
+"""Sweeps through the real CLI: launchers, job names, failure isolation, skipping finished runs, and the studies."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from vla_exp.train import config_hash, train
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ("debug=smoke", "progress=false")
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=os.environ)
+
+
+def summaries(sweep_dir):
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(sweep_dir).glob("*/summary.json"))}
+
+
+def test_joblib_sweep_divides_the_cores_groups_runs_and_reports(tmp_path, wandb_records):
+    out = cli("-m", "vla_exp.train", "-m", "init=xavier,none", *SMOKE, "hydra/launcher=joblib",
+              "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = summaries(tmp_path)
+    # each job is named by its choices and seed
+    assert sorted(runs) == ["0_xavier-scale_down-original-none-s0", "1_none-scale_down-original-none-s0"]
+    assert all(s["status"] == "completed" and s["threads"] == max(1, os.cpu_count() // 2) for s in runs.values())
+    for name in runs:  # one W&B group per sweep (the sweep folder); the config says every choice and the seed
+        run = next(r for r in wandb_records(tmp_path / name) if r["type"] == "run")["run"]
+        config = run["config"]["update"]
+        assert run["run_group"] == str(tmp_path) and run["job_type"] == "train"
+        assert config["seed"] == 0 and config["choices"]["init"] == runs[name]["choices"]["init"]
+    assert f"{tmp_path}: 2 runs, 0 failed" in out.stdout
+
+    report = cli("-m", "vla_exp.report", str(tmp_path))
+    assert report.returncode == 0, report.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "report" / "runs.csv")
+    assert sorted(table["init"]) == ["none", "xavier"] and len(table) == 2
+
+
+def test_a_sweep_of_bad_values_fails_every_job_in_one_line_each(tmp_path):
+    out = cli("-m", "vla_exp.train", "-m", "optim.lr=-1,0", *SMOKE, "logger=none", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 1 and f"{tmp_path}: 2 runs, 2 failed" in out.stdout
+    assert "job 0 failed: optim.lr=-1: must be a number > 0" in out.stderr and "Traceback" not in out.stderr
+    assert [s["status"] for s in summaries(tmp_path).values()] == ["failed", "failed"]
+
+
+def test_a_failed_job_neither_stops_the_sweep_nor_hides(tmp_path):
+    args = ("-m", "vla_exp.train", "-m", "diffusion.beta_schedule=no_such_schedule,squaredcos_cap_v2", *SMOKE,
+            "logger=none", f"hydra.sweep.dir={tmp_path}")  # diffusers refuses the schedule after the run began
+    out = cli(*args)
+    assert out.returncode == 1 and f"{tmp_path}: 2 runs, 1 failed" in out.stdout
+    assert "job 0 failed; the sweep goes on" in out.stderr
+    status = [s["status"] for s in summaries(tmp_path).values()]
+    assert status == ["failed", "completed"]
+
+    report = cli("-m", "vla_exp.report", str(tmp_path))
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "failed" in (tmp_path / "report" / "table.md").read_text()
+
+    # re-running the sweep skips the finished job and retries the failed one
+    finished = tmp_path / "1_none-scale_down-original-none-s0" / "metrics.jsonl"
+    before = finished.stat().st_mtime_ns
+    again = cli(*args)
+    assert "1_none-scale_down-original-none-s0: finished before with the same config; skipped" in again.stdout
+    assert "job 0 failed" in again.stderr and finished.stat().st_mtime_ns == before
+
+
+def test_submitit_local_launcher_runs_the_jobs(tmp_path):
+    out = cli("-m", "vla_exp.train", "-m", "init=xavier,none", *SMOKE, "logger=none", "hydra/launcher=submitit_local",
+              f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = summaries(tmp_path)
+    assert sorted(s["choices"]["init"] for s in runs.values()) == ["none", "xavier"]
+    assert all(s["status"] == "completed" for s in runs.values())
+    assert list(tmp_path.glob(".submitit/*/*_log.out"))  # submitit ran them as its own jobs
+
+
+def test_add_one_study_runs_its_cells_and_writes_its_report(tmp_path):
+    out = cli("experiments/study.py", "add_one", "--seeds", "0", "--jobs", "1", "--out", str(tmp_path), *SMOKE,
+              "logger=none")
+    assert out.returncode == 0, out.stderr[-3000:]
+    recipes = sorted(s["choices"]["recipe"] for s in summaries(tmp_path).values())
+    assert recipes == ["original", "original_with_clipping", "original_with_init", "original_with_loss_handling",
+                       "original_with_optim"]
+    assert (tmp_path / "report" / "dashboard.html").is_file()
+    assert "add-one" in (tmp_path / "report" / "analysis.md").read_text().lower()
+
+
+def test_study_rejects_bad_arguments():
+    out = cli("experiments/study.py", "factorial", "--jobs", "0")
+    assert out.returncode == 2 and "--jobs must be 1 or more, got 0" in out.stderr
+    out = cli("experiments/study.py", "everything")
+    assert out.returncode == 2 and "factorial" in out.stderr
+
+
+def test_a_finished_run_is_skipped_and_a_changed_config_reruns(make_cfg, tmp_path):
+    first = train(make_cfg(*SMOKE, "logger=none", "recipe=fixed"), tmp_path)
+    mtime = (tmp_path / "metrics.jsonl").stat().st_mtime_ns
+    # logging and progress settings do not change results: still the same run
+    again = train(make_cfg("debug=smoke", "progress=true", "logger=none", "recipe=fixed", "threads=1"), tmp_path)
+    assert again == first and (tmp_path / "metrics.jsonl").stat().st_mtime_ns == mtime
+    other = train(make_cfg(*SMOKE, "logger=none", "recipe=fixed", "seed=1"), tmp_path)
+    assert other["seed"] == 1 and (tmp_path / "metrics.jsonl").stat().st_mtime_ns != mtime
+    rerun = train(make_cfg(*SMOKE, "logger=none", "recipe=fixed", "seed=1", "skip_finished=false"), tmp_path)
+    assert rerun["wall_time_s"] != other["wall_time_s"]
+
+
+def test_config_hash_follows_results_not_logging(make_cfg):
+    base = config_hash(make_cfg("recipe=fixed"))
+    assert base == config_hash(make_cfg("recipe=fixed", "logger=none", "progress=false", "threads=1"))
+    assert base != config_hash(make_cfg("recipe=fixed", "seed=1"))
+    assert base != config_hash(make_cfg("recipe=fixed", "optim.lr=0.001"))
