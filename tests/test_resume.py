@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vla_exp import UsageError
+from vla_exp.recorder import Recorder
 from vla_exp.train import train
 
 pytestmark = pytest.mark.slow
@@ -96,3 +97,15 @@ def test_wandb_that_cannot_start_costs_nothing_but_a_warning(make_cfg, tmp_path)
     with pytest.warns(UserWarning, match="W&B did not start"):
         s = train(make_cfg("debug=smoke", "progress=false", "recipe=fixed"), tmp_path)
     assert s["status"] == "completed" and len(rows(tmp_path)) == s["steps"] + 1
+
+
+def test_wandb_that_fails_mid_run_costs_nothing_but_one_warning(make_cfg, tmp_path, recwarn):
+    rec = Recorder(tmp_path, make_cfg().logger, {"seed": 0}, "w")
+    rec.tracker.run.finish()  # W&B refuses rows for a finished run: a real failure, from W&B itself
+    for step in (1, 2, 3):
+        rec.log({"kind": "step", "step": step, "loss": 1.0})
+    rec.summary({"status": "completed"})
+    rec.finish()
+    failures = [w for w in recwarn.list if "W&B failed" in str(w.message)]
+    assert len(failures) == 1  # said once, then the run goes on without W&B
+    assert len(rows(tmp_path)) == 3 and json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"

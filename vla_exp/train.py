@@ -45,7 +45,8 @@ def run_name(cfg):
     return f"{c['recipe'] or 'custom'}-" + "-".join(c[g] for g in GROUPS) + f"-{c['head_loading']}-s{cfg.seed}"
 
 
-NOT_RESULTS = ("logger", "progress", "threads", "paths", "skip_finished", "checkpoint", "resume")  # where and how a run goes
+# where a run goes and how it reports and restarts: none of it changes its results
+NOT_RESULTS = ("logger", "progress", "threads", "paths", "skip_finished", "checkpoint", "resume")
 
 
 def config_hash(cfg):
@@ -103,7 +104,8 @@ def train(cfg, run_dir):
     ckpt = checkpoint.load(path) if (path := checkpoint.find(run_dir, cfg.resume)) else None
     if ckpt and ckpt["config_hash"] != digest:
         if cfg.resume:
-            raise UsageError(f"resume={cfg.resume}: that checkpoint was written by another config; resume needs the same")
+            raise UsageError(f"resume={cfg.resume}: that checkpoint was written by another config; resume needs "
+                             "the same one")
         print(f"{path}: written by another config; this run starts afresh")
         ckpt = None
 
@@ -289,8 +291,8 @@ def main(cfg):
         print(f"job {hc.job.num} failed; the sweep goes on", file=sys.stderr)
     else:
         if sweep:
-            print(f"job {hc.job.num} {run_name(cfg)}: {s['status']}, action error {s.get('val_action_error', float('nan')):.4g}"
-                  f" in {s.get('wall_time_s', 0):.0f} s")
+            error = s.get("val_action_error", float("nan"))
+            print(f"job {hc.job.num} {run_name(cfg)}: {s['status']}, action error {error:.4g}, {s['wall_time_s']:.0f} s")
 
 
 if __name__ == "__main__":
