@@ -48,6 +48,10 @@ RULES = [  # key, (test, what is allowed)
     ("model.head_loading", one_of(HEAD_LOADING)),
     ("model.stale_fraction", (lambda v: number(v) and 0 <= v <= 1, "must be a number in [0, 1]")),
     ("logger.kind", one_of(("wandb", "none"))),
+    ("diverge_after", (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")),
+    ("checkpoint.every", integer_from(0)),
+    ("checkpoint.keep", (lambda v: isinstance(v, bool), "must be true or false")),
+    ("skip_finished", (lambda v: isinstance(v, bool), "must be true or false")),
 ]
 OPTIONAL = [  # keys that only some options of a group have
     ("clipping.max_norm", POSITIVE),
