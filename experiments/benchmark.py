@@ -1,0 +1,258 @@
+"""Performance and scale of the training core on the embedded default (model=tiny, data=tint), measured in one run.
+
+    python experiments/benchmark.py                 # 3 repeats, the sweep once
+    python experiments/benchmark.py --repeats 5 --sweep-repeats 2 --out results/benchmark/benchmark.json
+    python experiments/benchmark.py --skip-sweep    # the sweep takes minutes
+
+Each repeat measures every figure once, in turn (the core and the raw loop swap places every other repeat), and the
+table shows medians over repeats; every repeat's figures go to the JSON. The budget is `recipe=fixed epochs=1
+data.episodes=40`, with torch's default thread count (the cores) for the core and the raw loop alike. The data and
+backbone are cached by one warm-up run of the CLI before anything is timed.
+"""
+import argparse
+import gc
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from torch.utils.flop_counter import FlopCounterMode
+
+from vla_exp import tasks
+from vla_exp.data import load_split
+from vla_exp.diffusion import noise_prediction, schedulers
+from vla_exp.model import load_policy
+from vla_exp.train import CONF_DIR, train
+
+BUDGET = ["recipe=fixed", "epochs=1", "data.episodes=40"]
+CLI = [sys.executable, "-m", "vla_exp.train"]
+HOW = {
+    "core": "train(cfg, run_dir) in this process, W&B offline, log_every=10: samples_per_s of its last metrics.jsonl "
+            "step row (samples since the epoch began / time since); the init report and evaluation fall outside it",
+    "raw": "load_policy, the same DataLoader, AdamW(fused), noise_prediction: forward, backward, step, nothing else; "
+           "the same steps and threads, timed from the loader's first batch",
+    "first_step": "Popen of the CLI (log_every=1) until its metrics.jsonl holds a row (end of step 1), then killed; "
+                  "one warm-up run filled the data and backbone cache first",
+    "loader": "the same DataLoader alone, whole epochs for at least 1 s, against the raw loop's samples/s",
+    "peak_rss": "core run's summary.json (this process, so it holds what the benchmark holds) / the largest of the "
+                "sequential sweep's jobs (one CLI process each)",
+    "flops": "FlopCounterMode over one forward+backward (matmul, conv, attention; no elementwise ops) x raw steps/s "
+             "at batch 8, against 20 timed torch.mm of 1024x1024 float32",
+    "sweep": "wall time of the 4-job CLI sweep: basic launcher, default threads / joblib n_jobs=2, 1 thread each",
+}
+
+
+def make_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", [*BUDGET, *overrides])
+
+
+def train_set(cfg):
+    """The training set, built as train() builds it."""
+    d, m = cfg.data, cfg.model.config
+    data_dir = tasks.cached(cfg.paths.cache_dir, task=d.task, episodes=d.episodes, seed=d.generator_seed,
+                            steps=d.steps, horizon=m.horizon, camera=d.camera)
+    return load_split(data_dir, d.camera, d.val_fraction, d.split_seed, m.horizon, m.vision_config.image_size,
+                      m.action_dim, m.state_dim)[0]
+
+
+def loader(cfg, data, batch_size):  # the core's loader for epoch 0
+    return torch.utils.data.DataLoader(data, batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(cfg.seed * 1000))
+
+
+def raw_loop(cfg, data, batch_size, steps):
+    """Samples/s and steps/s of forward, backward and optimizer step alone, over the first `steps` batches."""
+    policy, tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
+    policy.train()
+    scheduler, _ = schedulers(cfg.diffusion)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.adamw.betas),
+                                  weight_decay=cfg.adamw.weight_decay, fused=True)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    seen, done, tick = 0, 0, time.perf_counter()
+    for batch in itertools.islice(loader(cfg, data, batch_size), steps):
+        loss, pred = noise_prediction(policy, scheduler, batch, tokenizer, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen, done = seen + len(pred), done + 1
+    seconds = time.perf_counter() - tick
+    return {"samples_per_s": seen / seconds, "steps_per_s": done / seconds}
+
+
+def core_run(cfg, run_dir, steps):
+    train(cfg, run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["kind"] == "step"][-1]
+    assert last["step"] == steps, f"the core's last step row is step {last['step']}, not {steps}"
+    return {"samples_per_s": last["samples_per_s"],
+            "peak_rss_mb": json.loads((run_dir / "summary.json").read_text())["peak_rss_mb"]}
+
+
+def loader_rate(cfg, data, batch_size, min_s=1.0):
+    seen, tick = 0, time.perf_counter()
+    while time.perf_counter() - tick < min_s:  # one epoch takes a fraction of a second: too short to time alone
+        for batch in loader(cfg, data, batch_size):
+            seen += len(batch["actions"])
+    return seen / (time.perf_counter() - tick)
+
+
+def flops_per_step(cfg, data):
+    policy, tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
+    policy.train()
+    batch = next(iter(loader(cfg, data, cfg.optim.batch_size)))
+    with FlopCounterMode(display=False) as counter:
+        noise_prediction(policy, schedulers(cfg.diffusion)[0], batch, tokenizer)[0].backward()
+    return counter.get_total_flops()
+
+
+def matmul_flops(n=1024, reps=20):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        torch.mm(a, b)
+    tick = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    return 2 * n ** 3 * reps / (time.perf_counter() - tick)
+
+
+def first_step_s(run_dir, timeout_s=300):
+    """Seconds from starting the CLI to its first metrics.jsonl row; the process is then killed."""
+    run_dir.mkdir(parents=True)
+    metrics, log = run_dir / "metrics.jsonl", open(run_dir / "cli.log", "w")
+    tick = time.perf_counter()
+    proc = subprocess.Popen([*CLI, *BUDGET, "logger=none", "progress=false", "log_every=1",
+                             f"hydra.run.dir={run_dir}"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while not (metrics.exists() and metrics.stat().st_size):
+            if proc.poll() is not None or time.perf_counter() - tick > timeout_s:
+                raise RuntimeError(f"the CLI ended or hung before its first step:\n{(run_dir / 'cli.log').read_text()}")
+            time.sleep(0.02)
+        return time.perf_counter() - tick
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+
+
+def sweep(sweep_dir, parallel):
+    """Wall seconds of the 4-cell sweep as one CLI process, and the largest peak RSS among its jobs."""
+    launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if parallel else []
+    tick = time.perf_counter()
+    out = subprocess.run([*CLI, "-m", "init=xavier,none", "clipping=none,grad_norm", *BUDGET, "logger=none",
+                          "progress=false", f"hydra.sweep.dir={sweep_dir}", *launcher], capture_output=True, text=True)
+    seconds = time.perf_counter() - tick
+    summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
+    if out.returncode or len(summaries) != 4:
+        raise RuntimeError(f"sweep into {sweep_dir} failed ({len(summaries)}/4 summaries):\n{out.stderr[-3000:]}")
+    return seconds, max(s["peak_rss_mb"] for s in summaries)
+
+
+def measure(args, tmp):
+    threads = torch.get_num_threads()
+    warmup_s = first_step_s(tmp / "warmup")  # fills the data and backbone cache: not counted
+    cfg = make_cfg(f"threads={threads}", "log_every=10", "logger=wandb", "progress=false")
+    data, batch = train_set(cfg), cfg.optim.batch_size
+    steps = len(loader(cfg, data, batch)) // cfg.log_every * cfg.log_every  # the core's last step row
+    flops, repeats = flops_per_step(cfg, data), []
+    for i in range(args.repeats):
+        gc.collect()
+        order = ["raw", "core"] if i % 2 else ["core", "raw"]
+        r = {}
+        for part in order:
+            if part == "core":
+                core = core_run(cfg, tmp / f"core{i}", steps)
+                r.update(core_samples_per_s=core["samples_per_s"], peak_rss_mb=core["peak_rss_mb"])
+            else:
+                raw = raw_loop(cfg, data, batch, steps)
+                r.update(raw_samples_per_s=raw["samples_per_s"], steps_per_s_batch8=raw["steps_per_s"])
+            gc.collect()
+        r["steps_per_s_batch16"] = raw_loop(cfg, data, 16, steps)["steps_per_s"]
+        r["loader_samples_per_s"] = loader_rate(cfg, data, batch)
+        r["matmul_flops"] = matmul_flops()
+        r["first_step_s"] = first_step_s(tmp / f"startup{i}")
+        r.update(core_over_raw=r["core_samples_per_s"] / r["raw_samples_per_s"],
+                 loader_over_raw=r["loader_samples_per_s"] / r["raw_samples_per_s"],
+                 utilisation=flops * r["steps_per_s_batch8"] / r["matmul_flops"])
+        repeats.append(r)
+        print(f"repeat {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()), flush=True)
+    sweeps, sweep_error = [], None
+    for i in range(0 if args.skip_sweep else args.sweep_repeats):
+        try:  # minutes of figures 1-5 must not be lost to a failed sweep
+            sequential, peak = sweep(tmp / f"sweep_seq{i}", parallel=False)
+            parallel, _ = sweep(tmp / f"sweep_par{i}", parallel=True)
+        except RuntimeError as e:
+            print(sweep_error := str(e), file=sys.stderr)
+            break
+        sweeps.append({"sequential_s": sequential, "parallel_s": parallel, "ratio": sequential / parallel,
+                       "sweep_peak_rss_mb": peak})
+        print(f"sweep {i + 1}/{args.sweep_repeats}: " + ", ".join(f"{k} {v:.4g}" for k, v in sweeps[-1].items()),
+              flush=True)
+    return {"threads": threads, "batch_size": batch, "steps_timed": steps, "train_samples": len(data),
+            "warmup_first_step_s": warmup_s, "flops_per_step": flops, "repeats": repeats, "sweeps": sweeps,
+            "sweep_error": sweep_error}
+
+
+def median(rows, key):
+    return statistics.median(r[key] for r in rows) if rows else None
+
+
+def table(res):
+    """(figure, measured, target, holds) rows from the medians."""
+    m = {k: median(res["repeats"], k) for k in res["repeats"][0]}
+    s = {k: median(res["sweeps"], k) for k in ("sequential_s", "parallel_s", "ratio", "sweep_peak_rss_mb")}
+    rows = [
+        ("1. core / raw samples/s", f"{m['core_over_raw']:.3f} ({m['core_samples_per_s']:.1f} / "
+                                    f"{m['raw_samples_per_s']:.1f}, {res['threads']} threads)", ">= 0.95",
+         m["core_over_raw"] >= 0.95),
+        ("2. start to first step", f"{m['first_step_s']:.2f} s", "<= 5 s", m["first_step_s"] <= 5),
+        ("3. loader / model samples/s", f"{m['loader_over_raw']:.1f}x ({m['loader_samples_per_s']:.0f} / "
+                                        f"{m['raw_samples_per_s']:.1f})", ">= 5x", m["loader_over_raw"] >= 5),
+        ("4. steps/s at batch 8 / 16", f"{m['steps_per_s_batch8']:.2f} / {m['steps_per_s_batch16']:.2f}", "", None),
+        ("4. peak RSS (core run / CLI job)", f"{m['peak_rss_mb']:.0f} / " +
+         (f"{s['sweep_peak_rss_mb']:.0f} MB" if res["sweeps"] else "n/a (no sweep)"), "", None),
+        ("5. FLOPs per step, matmul rate", f"{res['flops_per_step'] / 1e9:.2f} GFLOP, "
+                                           f"{m['matmul_flops'] / 1e9:.1f} GFLOP/s", "", None),
+        ("5. utilisation", f"{m['utilisation']:.1%}", "", None),
+    ]
+    if res["sweeps"]:
+        rows.append(("6. sweep sequential / parallel", f"{s['ratio']:.2f}x ({s['sequential_s']:.0f} s / "
+                                                       f"{s['parallel_s']:.0f} s)", ">= 1.6x", s["ratio"] >= 1.6))
+    elif res["sweep_error"]:
+        rows.append(("6. sweep sequential / parallel", "failed (sweep_error in the JSON)", ">= 1.6x", False))
+    return rows, m, s
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/benchmark/benchmark.json", help="the JSON file to write")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of figures 1-5 (medians are reported)")
+    p.add_argument("--sweep-repeats", type=int, default=1, help="repeats of the sweep pair (minutes each)")
+    p.add_argument("--skip-sweep", action="store_true", help="leave out figure 6")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
+        res = measure(args, Path(tmp))
+    rows, m, s = table(res)
+    width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    print(f"\n{'figure':<{width[0]}}  {'measured (median of ' + str(args.repeats) + ')':<{width[1]}}  target  holds")
+    for name, value, target, holds in rows:
+        print(f"{name:<{width[0]}}  {value:<{width[1]}}  {target or '-':<6}  "
+              f"{'-' if holds is None else 'yes' if holds else 'NO'}")
+    print("\nHow each figure is measured:\n" + "\n".join(f"- {k}: {v}" for k, v in HOW.items()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**res, "median": m, "sweep_median": s, "how": HOW, "budget": BUDGET,
+                               "table": [dict(zip(("figure", "measured", "target", "holds"), r)) for r in rows]},
+                              indent=2) + "\n")
+    print(f"\nWritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
