@@ -5,14 +5,15 @@
     python experiments/benchmark.py --skip-sweep    # the sweep takes minutes
 
 Each repeat measures every figure once, in turn (the core and the raw loop swap places every other repeat), and the
-table shows medians over repeats; every repeat's figures go to the JSON. The budget is `recipe=fixed epochs=1
-data.episodes=40`, with torch's default thread count (the cores) for the core and the raw loop alike. The data and
-backbone are cached by one warm-up run of the CLI before anything is timed.
+table shows medians over repeats; every repeat's figures go to the JSON, rewritten after each repeat. The budget
+is `recipe=fixed epochs=1 data.episodes=40`, with torch's default thread count (the cores) for the core and the
+raw loop alike. The data and backbone are cached by one warm-up run of the CLI before anything is timed.
 """
 import argparse
 import gc
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -155,49 +156,58 @@ def sweep(sweep_dir, parallel):
     return seconds, max(s["peak_rss_mb"] for s in summaries)
 
 
+def save(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def measure(args, tmp):
+    """Every figure, repeat by repeat; the JSON is rewritten after each, so a run cut short keeps what it measured."""
     threads = torch.get_num_threads()
     warmup_s = first_step_s(tmp / "warmup")  # fills the data and backbone cache: not counted
     cfg = make_cfg(f"threads={threads}", "log_every=10", "logger=wandb", "progress=false")
     data, batch = train_set(cfg), cfg.optim.batch_size
     steps = len(loader(cfg, data, batch)) // cfg.log_every * cfg.log_every  # the core's last step row
-    flops, repeats = flops_per_step(cfg, data), []
+    res = {"threads": threads, "batch_size": batch, "steps_timed": steps, "train_samples": len(data),
+           "warmup_first_step_s": warmup_s, "flops_per_step": flops_per_step(cfg, data), "how": HOW,
+           "budget": BUDGET, "repeats": [], "sweeps": [], "sweep_error": None}
     for i in range(args.repeats):
         gc.collect()
-        order = ["raw", "core"] if i % 2 else ["core", "raw"]
-        r = {}
-        for part in order:
+        # a shared machine: a repeat taken while another job runs reads several times slower, and this says so
+        r = {"load_1min": os.getloadavg()[0]}
+        for part in ["raw", "core"] if i % 2 else ["core", "raw"]:
             if part == "core":
                 core = core_run(cfg, tmp / f"core{i}", steps)
                 r.update(core_samples_per_s=core["samples_per_s"], peak_rss_mb=core["peak_rss_mb"])
-            else:
+            else:  # the matmul rate right after the loop it is compared with, so that both see the same load
                 raw = raw_loop(cfg, data, batch, steps)
-                r.update(raw_samples_per_s=raw["samples_per_s"], steps_per_s_batch8=raw["steps_per_s"])
+                r.update(raw_samples_per_s=raw["samples_per_s"], steps_per_s_batch8=raw["steps_per_s"],
+                         matmul_flops=matmul_flops())
             gc.collect()
         r["steps_per_s_batch16"] = raw_loop(cfg, data, 16, steps)["steps_per_s"]
         r["loader_samples_per_s"] = loader_rate(cfg, data, batch)
-        r["matmul_flops"] = matmul_flops()
         r["first_step_s"] = first_step_s(tmp / f"startup{i}")
         r.update(core_over_raw=r["core_samples_per_s"] / r["raw_samples_per_s"],
                  loader_over_raw=r["loader_samples_per_s"] / r["raw_samples_per_s"],
-                 utilisation=flops * r["steps_per_s_batch8"] / r["matmul_flops"])
-        repeats.append(r)
+                 utilisation=res["flops_per_step"] * r["steps_per_s_batch8"] / r["matmul_flops"])
+        res["repeats"].append(r)
+        save(args.out, res)
         print(f"repeat {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()), flush=True)
-    sweeps, sweep_error = [], None
     for i in range(0 if args.skip_sweep else args.sweep_repeats):
         try:  # minutes of figures 1-5 must not be lost to a failed sweep
             sequential, peak = sweep(tmp / f"sweep_seq{i}", parallel=False)
             parallel, _ = sweep(tmp / f"sweep_par{i}", parallel=True)
         except RuntimeError as e:
-            print(sweep_error := str(e), file=sys.stderr)
+            res["sweep_error"] = str(e)
+            print(e, file=sys.stderr)
             break
-        sweeps.append({"sequential_s": sequential, "parallel_s": parallel, "ratio": sequential / parallel,
-                       "sweep_peak_rss_mb": peak})
-        print(f"sweep {i + 1}/{args.sweep_repeats}: " + ", ".join(f"{k} {v:.4g}" for k, v in sweeps[-1].items()),
-              flush=True)
-    return {"threads": threads, "batch_size": batch, "steps_timed": steps, "train_samples": len(data),
-            "warmup_first_step_s": warmup_s, "flops_per_step": flops, "repeats": repeats, "sweeps": sweeps,
-            "sweep_error": sweep_error}
+        res["sweeps"].append({"sequential_s": sequential, "parallel_s": parallel, "ratio": sequential / parallel,
+                              "sweep_peak_rss_mb": peak})
+        save(args.out, res)
+        print(f"sweep {i + 1}/{args.sweep_repeats}: " +
+              ", ".join(f"{k} {v:.4g}" for k, v in res["sweeps"][-1].items()), flush=True)
+    return res
 
 
 def median(rows, key):
@@ -246,12 +256,9 @@ def main():
         print(f"{name:<{width[0]}}  {value:<{width[1]}}  {target or '-':<6}  "
               f"{'-' if holds is None else 'yes' if holds else 'NO'}")
     print("\nHow each figure is measured:\n" + "\n".join(f"- {k}: {v}" for k, v in HOW.items()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**res, "median": m, "sweep_median": s, "how": HOW, "budget": BUDGET,
-                               "table": [dict(zip(("figure", "measured", "target", "holds"), r)) for r in rows]},
-                              indent=2) + "\n")
-    print(f"\nWritten to {out}")
+    save(args.out, {**res, "median": m, "sweep_median": s,
+                    "table": [dict(zip(("figure", "measured", "target", "holds"), r)) for r in rows]})
+    print(f"\nWritten to {args.out}")
 
 
 if __name__ == "__main__":
