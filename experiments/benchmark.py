@@ -57,9 +57,7 @@ def make_cfg(*overrides):
 def train_set(cfg):
     """The training set, built as train() builds it."""
     d, m = cfg.data, cfg.model.config
-    data_dir = tasks.cached(cfg.paths.cache_dir, task=d.task, episodes=d.episodes, seed=d.generator_seed,
-                            steps=d.steps, horizon=m.horizon, camera=d.camera)
-    return load_split(data_dir, d.camera, d.val_fraction, d.split_seed, m.horizon, m.vision_config.image_size,
+    return load_split(tasks.episodes_dir(cfg), d.camera, d.val_fraction, d.split_seed, m.horizon, m.vision_config.image_size,
                       m.action_dim, m.state_dim)[0]
 
 

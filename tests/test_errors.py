@@ -342,7 +342,8 @@ def test_a_bad_validation_file_stops_loading_too(episodes):
 
 
 def tiny(**changes):
-    cfg = OmegaConf.load(CONF_DIR / "model" / "tiny.yaml")
+    cfg = OmegaConf.create({"model": OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"),
+                            "data": OmegaConf.load(CONF_DIR / "data" / "tint.yaml")}).model
     for k, v in changes.items():
         OmegaConf.update(cfg, k, v)
     return cfg

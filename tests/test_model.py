@@ -20,7 +20,9 @@ INITIALISED = (nn.Linear, nn.LayerNorm)  # the ones GPTNeoX's _init_weights knew
 
 
 def tiny_cfg(**changes):
-    cfg = OmegaConf.load(CONF / "tiny.yaml")
+    # the model's dims follow the data's: the node keeps its parent so that they resolve
+    cfg = OmegaConf.create({"model": OmegaConf.load(CONF / "tiny.yaml"),
+                            "data": OmegaConf.load(CONF.parent / "data" / "tint.yaml")}).model
     for k, v in changes.items():
         cfg[k] = v
     return cfg

@@ -116,7 +116,7 @@ def backbone_path(cfg, cache_dir):
             raise UsageError(f"model.path={path}: config.json is a {model_type!r} checkpoint, not a TinyVLA backbone "
                              f"({VLAConfig.model_type!r})")
         return path
-    arch = OmegaConf.to_container(cfg.config)
+    arch = OmegaConf.to_container(cfg.config, resolve=True)
     key = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir).expanduser() / "backbones" / f"{cfg.name}-{key}"
     if not path.is_dir():
@@ -131,7 +131,7 @@ def load_policy(cfg, cache_dir, seed):
     """
     path = backbone_path(cfg, cache_dir)
     # the backbone comes from the checkpoint's config; the head's shape and the pooling from ours (they fit the data)
-    head = {k: v for k, v in OmegaConf.to_container(cfg.config).items() if k not in VLAConfig.sub_configs}
+    head = {k: v for k, v in OmegaConf.to_container(cfg.config, resolve=True).items() if k not in VLAConfig.sub_configs}
     torch.manual_seed(seed)  # what the loader draws for the missing head depends on the run's seed
     try:  # ignore_mismatched_sizes: instead of raising with "see the log", list them for check_compatible to name
         policy, info = TinyVLAPolicy.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from vla_exp import UsageError
@@ -116,6 +117,18 @@ def expert_episode(task, rng, steps, horizon, speed, image_size):
     baselines = {name: np.mean([expert_chunk(qpos, g, horizon, speed) for g in goals], axis=0).astype(np.float32)
                  for name, goals in alternatives.items()}
     return np.stack([render(p) for p in qpos]), qpos, np.array(path[1:], np.float32), instruction, baselines
+
+
+NOT_GENERATOR = ("dir", "generator_seed", "val_fraction", "split_seed", "action_dim", "state_dim")
+
+
+def episodes_dir(cfg):
+    """The folder of episodes a run trains on: `data.dir`, or `data.task` generated into the cache on first use."""
+    d = cfg.data
+    if d.dir:
+        return d.dir
+    kwargs = {k: v for k, v in OmegaConf.to_container(d, resolve=True).items() if k not in NOT_GENERATOR}
+    return cached(cfg.paths.cache_dir, seed=d.generator_seed, horizon=cfg.model.config.horizon, **kwargs)
 
 
 def cached(cache_dir, **kwargs):

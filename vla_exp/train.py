@@ -122,8 +122,7 @@ def train(cfg, run_dir):
                "threads": torch.get_num_threads(), "versions": versions()}
     try:
         d = cfg.data
-        data_dir = d.dir or tasks.cached(cfg.paths.cache_dir, task=d.task, episodes=d.episodes, seed=d.generator_seed,
-                                         steps=d.steps, horizon=cfg.model.config.horizon, camera=d.camera)
+        data_dir = tasks.episodes_dir(cfg)
         m = cfg.model.config
         train_set, val_set = load_split(data_dir, d.camera, d.val_fraction, d.split_seed, m.horizon,
                                         m.vision_config.image_size, m.action_dim, m.state_dim)
