@@ -62,6 +62,8 @@ BAD_VALUES = [  # overrides, the exact message
     (["checkpoint.every=-1"], "checkpoint.every=-1: must be an integer >= 0"),
     (["checkpoint.keep=maybe"], "checkpoint.keep='maybe': must be true or false"),
     (["converge_loss=true"], "converge_loss=true: must be a number"),
+    (["device=gpu"], "device='gpu': must be one of auto, cpu, cuda"),
+    (["precision=fp16"], "precision='fp16': must be one of auto, fp32, bf16"),
     (["threads=0"], "threads=0: must be null or an integer >= 1"),
     (["threads=1.5"], "threads=1.5: must be null or an integer >= 1"),
     (["diffusion.train_steps=0"], "diffusion.train_steps=0: must be an integer >= 1"),

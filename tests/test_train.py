@@ -122,3 +122,19 @@ def test_wandb_run_is_finished_when_the_job_fails(make_cfg, tmp_path, wandb_reco
         train(make_cfg("debug=smoke", "progress=false", f"model.path={tmp_path / 'no_checkpoint'}"), tmp_path)
     exit_record = next(r for r in wandb_records(tmp_path) if r["type"] == "exit")
     assert exit_record["exit"].get("exit_code") == 1
+
+
+def test_device_and_precision(make_cfg, tmp_path):
+    """`auto` trains on the CPU in float32 where torch sees no GPU; bf16 autocast runs on the CPU when asked for."""
+    fp32 = train(make_cfg(*FAST, "recipe=fixed"), tmp_path / "auto")
+    bf16 = train(make_cfg(*FAST, "recipe=fixed", "precision=bf16", "device=cpu"), tmp_path / "bf16")
+    if torch.cuda.is_available():  # a GPU machine: auto takes the GPU, and bf16 where the GPU has it
+        assert fp32["device"] == "cuda:0" and fp32["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    else:
+        assert fp32["device"] == "cpu" and fp32["precision"] == "fp32"
+        with pytest.raises(UsageError, match=r"^device=cuda: torch sees no CUDA GPU here; use device=auto or device=cpu$"):
+            train(make_cfg(*FAST, "device=cuda"), tmp_path / "cuda")
+    assert bf16["device"] == "cpu" and bf16["precision"] == "bf16" and bf16["status"] == "completed"
+    a, b = rows(tmp_path / "auto"), rows(tmp_path / "bf16")
+    assert all(math.isfinite(r["loss"]) for r in b)
+    assert a[0]["loss"] != b[0]["loss"] and b[0]["loss"] == pytest.approx(a[0]["loss"], rel=0.05)  # bf16 rounding

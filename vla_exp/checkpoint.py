@@ -38,7 +38,7 @@ def find(run_dir, resume):
 
 def load(path):
     try:
-        return {**torch.load(path, weights_only=False), "path": str(path)}
+        return {**torch.load(path, map_location="cpu", weights_only=False), "path": str(path)}
     except Exception as e:
         raise UsageError(f"resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
 

@@ -10,30 +10,39 @@ def schedulers(cfg):
     return DDPMScheduler(**kwargs), DDIMScheduler(**kwargs)
 
 
-def model_inputs(batch, tokenizer):
+def device_of(module):
+    return next(module.parameters()).device
+
+
+def model_inputs(batch, tokenizer, device="cpu"):
     text = tokenizer(list(batch["instruction"]), padding=True, return_tensors="pt")
-    images = batch["image"].float() / 127.5 - 1
-    return images, text.input_ids, text.attention_mask, batch["state"]
+    images = batch["image"].to(device).float() / 127.5 - 1
+    return images, text.input_ids.to(device), text.attention_mask.to(device), batch["state"].to(device)
 
 
-def noise_prediction(policy, train_scheduler, batch, tokenizer, generator=None):
-    """Loss (MSE against the added noise) and the predicted noise for one batch."""
-    actions = batch["actions"]
-    noise = torch.randn(actions.shape, generator=generator)
-    t = torch.randint(0, train_scheduler.config.num_train_timesteps, (len(actions),), generator=generator)
-    noisy = train_scheduler.add_noise(actions, noise, t)
-    pred = policy(*model_inputs(batch, tokenizer), noisy, t)
-    return F.mse_loss(pred, noise), pred
+def noise_prediction(policy, train_scheduler, batch, tokenizer, generator=None, share=slice(None)):
+    """Loss (MSE against the added noise) and the predicted noise for one batch. Noise and timesteps are drawn on
+    the CPU for the whole batch, so every device and every process count draws the same; `share` is the part of the
+    batch this process trains on (distributed training)."""
+    noise = torch.randn(batch["actions"].shape, generator=generator)[share]
+    t = torch.randint(0, train_scheduler.config.num_train_timesteps, (len(batch["actions"]),), generator=generator)[share]
+    batch = {k: v[share] for k, v in batch.items()}
+    device = device_of(policy)
+    noise, t = noise.to(device), t.to(device)
+    noisy = train_scheduler.add_noise(batch["actions"].to(device), noise, t)
+    pred = policy(*model_inputs(batch, tokenizer, device), noisy, t)
+    return F.mse_loss(pred.float(), noise), pred
 
 
 @torch.no_grad()
 def sample_actions(policy, ddim, batch, tokenizer, steps, generator):
     """Action chunks drawn with `steps` DDIM steps; the VLM runs once, the head once per step."""
-    images, ids, mask, state = model_inputs(batch, tokenizer)
+    device = device_of(policy)
+    images, ids, mask, state = model_inputs(batch, tokenizer, device)
     cond = policy.encode(images, ids, mask)
-    x = torch.randn(batch["actions"].shape, generator=generator)
+    x = torch.randn(batch["actions"].shape, generator=generator).to(device)
     ddim.set_timesteps(steps)
     for t in ddim.timesteps:
-        eps = policy.embed_out(x, t.expand(len(x)), cond, state)
-        x = ddim.step(eps, t, x).prev_sample
-    return x
+        eps = policy.embed_out(x, t.expand(len(x)).to(device), cond, state)
+        x = ddim.step(eps.float(), t, x).prev_sample
+    return x.cpu()

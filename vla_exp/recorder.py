@@ -3,6 +3,7 @@
 W&B degrades to a stub (logger=none, or when it fails to start), so the training loop never asks whether it is on.
 """
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -44,8 +45,11 @@ class WandbTracker:
 class Recorder:
     """A resumed run passes its checkpoint: it keeps the rows written before the checkpoint (from the folder that
     holds it) and drops those after (they are about to be written again), and goes on in the same W&B run."""
-    def __init__(self, run_dir, logger_cfg, config, name, checkpoint=None):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir, logger_cfg, config, name, checkpoint=None, write=True):
+        self.run_dir, self.write = Path(run_dir), write
+        if not write:  # a process of distributed training other than rank 0: rank 0 records for all
+            self.metrics, self.rows, self.tracker = open(os.devnull, "w"), 0, NoTracker()
+            return
         path, wandb_id, kept = self.run_dir / "metrics.jsonl", None, []
         if checkpoint:
             source = Path(checkpoint["path"]).parent / "metrics.jsonl"
@@ -68,7 +72,8 @@ class Recorder:
         self.mirror("log", {f"{prefix}/{k}": v for k, v in row.items() if k not in ("kind", "step")}, step=row["step"])
 
     def summary(self, summary):
-        write_json(self.run_dir / "summary.json", summary)
+        if self.write:
+            write_json(self.run_dir / "summary.json", summary)
         self.mirror("summary", summary)
 
     def finish(self, exit_code=0):

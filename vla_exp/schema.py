@@ -37,6 +37,8 @@ RULES = [  # key, (test, what is allowed)
     ("epochs", integer_from(1)),
     ("log_every", integer_from(1)),
     ("converge_loss", (number, "must be a number")),
+    ("device", one_of(("auto", "cpu", "cuda"))),
+    ("precision", one_of(("auto", "fp32", "bf16"))),
     ("threads", (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")),
     ("optim.lr", POSITIVE),
     ("optim.batch_size", integer_from(1)),

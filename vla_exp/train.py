@@ -1,4 +1,5 @@
 """One training core for every recipe: `python -m vla_exp.train recipe=fixed init=none`."""
+import functools
 import hashlib
 import itertools
 import json
@@ -80,6 +81,19 @@ def peak_memory_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def device_and_precision(cfg, local_rank):
+    """The device (`auto`: this process's GPU if torch sees one, else the CPU) and whether to autocast to bfloat16
+    (`auto`: on a GPU that supports it)."""
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise UsageError("device=cuda: torch sees no CUDA GPU here; use device=auto or device=cpu")
+    device = torch.device(f"cuda:{local_rank}" if cuda and cfg.device != "cpu" else "cpu")
+    bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
+    if cfg.precision == "bf16" and not bf16_ok:
+        raise UsageError(f"precision=bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use auto or fp32")
+    return device, cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda" and bf16_ok)
+
+
 def build(node):
     """Instantiate a fix from its config group, whose `name` is a label, not an argument."""
     return instantiate(OmegaConf.masked_copy(node, [k for k in node if k != "name"]))
@@ -87,7 +101,7 @@ def build(node):
 
 def train(cfg, run_dir):
     """Train one run into `run_dir` and return its summary (also written to `run_dir/summary.json`)."""
-    from vla_exp import checkpoint, tasks
+    from vla_exp import checkpoint, ddp, tasks
     from vla_exp.data import load_split
     from vla_exp.diagnostics import evaluate, init_report
     from vla_exp.diffusion import noise_prediction, schedulers
@@ -96,6 +110,11 @@ def train(cfg, run_dir):
     from vla_exp.schema import validate
 
     validate(cfg)
+    rank, world, local_rank = ddp.setup()
+    main = rank == 0  # under distributed training only rank 0 writes files, logs to W&B and prints
+    if world > 1:
+        run_dir = ddp.same_dir(run_dir, world, cfg.optim.batch_size)
+    device, bf16 = device_and_precision(cfg, local_rank)
     digest = config_hash(cfg)
     if cfg.skip_finished and (done := finished(run_dir, digest)):
         print(f"{run_dir}: finished before with the same config; skipped (skip_finished=false reruns it)")
@@ -117,19 +136,23 @@ def train(cfg, run_dir):
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {**OmegaConf.to_container(cfg, resolve=True), "choices": choices(cfg)}
-    rec = Recorder(run_dir, cfg.logger, config, run_name(cfg), ckpt)
+    rec = Recorder(run_dir, cfg.logger, config, run_name(cfg), ckpt, write=main)
     summary = {"choices": choices(cfg), "seed": cfg.seed, "status": "running", "config_hash": digest,
-               "threads": torch.get_num_threads(), "versions": versions()}
+               "threads": torch.get_num_threads(), "device": str(device), "precision": "bf16" if bf16 else "fp32",
+               "processes": world, "versions": versions()}
     try:
         d = cfg.data
         data_dir = tasks.episodes_dir(cfg)
         m = cfg.model.config
         train_set, val_set = load_split(data_dir, d.camera, d.val_fraction, d.split_seed, m.horizon,
                                         m.vision_config.image_size, m.action_dim, m.state_dim)
-        write_json(run_dir / "normalization.json", train_set.norm.state_dict())
+        if main:
+            write_json(run_dir / "normalization.json", train_set.norm.state_dict())
         policy, tokenizer, missing = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
         build(cfg.init)(policy.embed_out)
-        policy.train()
+        policy.to(device).train()
+        model = ddp.wrap(policy) if world > 1 else policy  # each process trains on its share of every global batch
+        autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
         train_scheduler, ddim = schedulers(cfg.diffusion)
         params = [p for p in policy.parameters() if p.requires_grad]
         # fused: one kernel for all parameters; the per-tensor loop was a third of a CPU step (66 -> 49 ms at batch 8)
@@ -144,9 +167,10 @@ def train(cfg, run_dir):
         # ---------------------------------------------------------------------------- init report
         first = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, eval_idx), 64)))
         report = init_report(policy, train_scheduler, first, tokenizer, cfg.seed)
-        write_json(run_dir / "init_report.json", report)
-        for w in report["warnings"]:
-            print(f"init report: WARNING {w}")
+        if main:
+            write_json(run_dir / "init_report.json", report)
+            for w in report["warnings"]:
+                print(f"init report: WARNING {w}")
         summary.update(initial_output_std=report["initial_output_std"], initial_loss=report["initial_loss"],
                        init_warnings=report["warnings"], nonfinite_head_params=report["nonfinite_params"])
 
@@ -163,11 +187,13 @@ def train(cfg, run_dir):
             summary["resumed_at_step"] = st["step"]
 
         def save():
-            checkpoint.save(run_dir, policy, optimizer, gen, {**st, "elapsed_s": time.time() - start}, rec.rows,
-                            digest, rec.tracker.id)
+            if main:
+                checkpoint.save(run_dir, policy, optimizer, gen, {**st, "elapsed_s": time.time() - start}, rec.rows,
+                                digest, rec.tracker.id)
 
         per_epoch = math.ceil(len(train_set) / cfg.optim.batch_size)
-        bar = tqdm(total=cfg.epochs * per_epoch, initial=st["step"], desc=run_name(cfg), disable=not cfg.progress)
+        bar = tqdm(total=cfg.epochs * per_epoch, initial=st["step"], desc=run_name(cfg),
+                   disable=not (cfg.progress and main))
         while st["epoch"] < cfg.epochs and not st["diverged"]:
             epoch = st["epoch"]
             lr = lr_at(cfg.optim.lr, epoch, cfg.epochs)
@@ -177,7 +203,13 @@ def train(cfg, run_dir):
                                                  generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
             tick, seen = time.time(), 0
             for batch in itertools.islice(loader, st["batch"], None):  # the order is the seed's: skip what was done
-                loss, pred = noise_prediction(policy, train_scheduler, batch, tokenizer, gen)
+                n = len(batch["actions"])
+                lo, hi = n * rank // world, n * (rank + 1) // world  # this process's part of the global batch
+                share = slice(lo, max(hi, lo + 1))  # left without samples by a short last batch: one, at weight 0
+                with autocast():
+                    loss, pred = noise_prediction(model, train_scheduler, batch, tokenizer, gen, share)
+                if world > 1:
+                    loss = ddp.whole_batch_loss(loss, hi - lo, n, world)
                 raw_loss = loss.item()
                 loss, event = handle_loss(loss)
                 if event:
@@ -194,11 +226,11 @@ def train(cfg, run_dir):
                 st["batch"] += 1
                 st["nonfinite_streak"] = 0 if math.isfinite(raw_loss) and math.isfinite(grad_norm) else \
                     st["nonfinite_streak"] + 1
-                seen += len(pred)
+                seen += n
                 bar.update()
                 if st["step"] % cfg.log_every == 0:
                     rec.log({"kind": "step", "step": st["step"], "epoch": epoch, "loss": raw_loss,
-                             "output_std": pred.std().item(), "grad_norm": grad_norm, "lr": lr,
+                             "output_std": ddp.output_std(pred, world), "grad_norm": grad_norm, "lr": lr,
                              "skipped_batches": st["skipped"], "scaled_loss_steps": st["scaled"],
                              "samples_per_s": seen / (time.time() - tick)})
                     bar.set_postfix(loss=f"{raw_loss:.4g}")
@@ -235,8 +267,9 @@ def train(cfg, run_dir):
             val_action_error=held_out["val_action_error"], baseline_action_errors=held_out["baseline_action_errors"],
             beats_baselines=all(held_out["val_action_error"] < b for b in held_out["baseline_action_errors"].values()),
             wall_time_s=time.time() - start, peak_rss_mb=peak_memory_mb())
-        torch.save(policy.state_dict(), run_dir / "policy.pt")
-        if not cfg.checkpoint.keep:
+        if main:
+            torch.save({k: v.cpu() for k, v in policy.state_dict().items()}, run_dir / "policy.pt")
+        if main and not cfg.checkpoint.keep:
             (run_dir / checkpoint.NAME).unlink(missing_ok=True)
         return summary
     except BaseException as e:  # the summary says why; rows already in metrics.jsonl stay
@@ -245,6 +278,8 @@ def train(cfg, run_dir):
     finally:
         rec.summary(summary)
         rec.finish(exit_code=int(summary["status"] == "failed"))
+        if world > 1:
+            ddp.finish()
 
 
 def sweep_settings(cfg, hc):

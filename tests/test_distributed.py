@@ -1,0 +1,72 @@
+"""Distributed training: two CPU processes under torchrun (gloo) train the model one process trains on the same
+global batch; only rank 0 writes and logs; a killed distributed run resumes from its checkpoint."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_resume import RUN, rows
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def command(launcher, run_dir, *extra):
+    return [*launcher, "-m", "vla_exp.train", *RUN, *extra, f"hydra.run.dir={run_dir}"]
+
+
+def assert_same_training(one, two, rel=1e-4):
+    """Every logged figure of two runs equal within `rel`: the sums of a split batch round differently."""
+    a, b = rows(one), rows(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # rank 0 alone wrote: no row twice
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x.keys() - {"kind", "step", "epoch", "lr"}:
+            assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-6), (x["step"], k)
+    p, q = torch.load(one / "policy.pt"), torch.load(two / "policy.pt")
+    assert max((p[k] - q[k]).abs().max().item() for k in p) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    subprocess.run(command([sys.executable], run_dir, "logger=none"), cwd=ROOT, check=True, capture_output=True)
+    return run_dir
+
+
+def test_two_processes_train_the_model_one_process_trains(one_process, tmp_path):
+    run_dir = tmp_path / "two"
+    out = subprocess.run(command(TORCHRUN, run_dir), cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_training(one_process, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["processes"] == 2 and summary["device"] == "cpu"
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # only rank 0 logged to W&B
+    assert not (run_dir / "checkpoint.pt").exists()  # removed when the run finished, as with one process
+
+
+def test_a_killed_distributed_run_resumes_from_its_checkpoint(one_process, tmp_path):
+    run_dir = tmp_path / "cut"
+    proc = subprocess.Popen(command(TORCHRUN, run_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").is_file() and len(rows(run_dir)) >= 40):
+        time.sleep(0.02)  # row 40 is step 39, past the checkpoint at step 36
+    # torchrun and both workers (each in a session of its own), with no chance to clean up
+    subprocess.run(["pkill", "-9", "-f", f"hydra.run.dir={run_dir}"])
+    proc.wait()
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "summary.json").exists()
+    written = len(rows(run_dir))
+
+    out = subprocess.run(command(TORCHRUN, run_dir), cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and 36 <= summary["resumed_at_step"] < written - 1 < 54
+    assert_same_training(one_process, run_dir)
+    ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1  # on in rank 0's W&B run
