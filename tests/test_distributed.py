@@ -70,3 +70,15 @@ def test_a_killed_distributed_run_resumes_from_its_checkpoint(one_process, tmp_p
     assert_same_training(one_process, run_dir)
     ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1  # on in rank 0's W&B run
+
+
+def test_submitit_tasks_train_as_one_distributed_run(one_process, tmp_path):
+    """The cluster path: the submitit launcher's tasks_per_node=2 (here submitit_local; submitit_slurm on a cluster)
+    starts 2 tasks of one job, which join one process group as torchrun's processes do."""
+    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *RUN, "logger=none",
+                          "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                          f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = [p.parent for p in tmp_path.glob("*/summary.json")]
+    assert json.loads((run_dir / "summary.json").read_text())["processes"] == 2
+    assert_same_training(one_process, run_dir)

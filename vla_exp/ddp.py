@@ -13,12 +13,14 @@ from vla_exp import UsageError
 
 
 def setup():
-    """(rank, world size, local rank). Several processes come from torchrun, or from a SLURM job with several tasks
-    (srun, or the submitit launcher's tasks_per_node), whose variables submitit turns into torchrun's; the process
-    group is joined here (NCCL on GPUs, gloo on CPUs). One process: (0, 1, 0)."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+    """(rank, world size, local rank). Several processes come from torchrun, or from a submitit job with several
+    tasks (hydra/launcher=submitit_slurm or submitit_local with tasks_per_node > 1), whose variables submitit turns
+    into torchrun's; the process group is joined here (NCCL on GPUs, gloo on CPUs). One process: (0, 1, 0)."""
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR"):
         from submitit.helpers import TorchDistributedEnvironment
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        env = TorchDistributedEnvironment()
+        if env.world_size > 1:
+            env.export(set_cuda_visible_devices=False)
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1, 0
     if not dist.is_initialized():
