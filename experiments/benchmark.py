@@ -3,10 +3,12 @@
     python experiments/benchmark.py                 # 3 repeats, the sweep once
     python experiments/benchmark.py --repeats 5 --sweep-repeats 2 --out results/benchmark/benchmark.json
     python experiments/benchmark.py --skip-sweep    # the sweep takes minutes
+    python experiments/benchmark.py --profile       # also: the top costs of one training step (torch.profiler)
 
 Each repeat measures every figure once, in turn (the core and the raw loop swap places every other repeat), and the
 table shows medians over repeats; every repeat's figures go to the JSON, rewritten after each repeat. The budget
-is `recipe=fixed epochs=1 data.episodes=40`, with torch's default thread count (the cores) for the core and the
+is `recipe=fixed clipping=none epochs=1 data.episodes=40` (so the core and the raw loop do the same arithmetic:
+clipping is part of a recipe, not overhead; --profile prices it), with torch's default thread count (the cores) for the core and the
 raw loop alike. The data and backbone are cached by one warm-up run of the CLI before anything is timed.
 """
 import argparse
@@ -31,10 +33,10 @@ from vla_exp.diffusion import noise_prediction, schedulers
 from vla_exp.model import load_policy
 from vla_exp.train import CONF_DIR, train
 
-BUDGET = ["recipe=fixed", "epochs=1", "data.episodes=40"]
+BUDGET = ["recipe=fixed", "clipping=none", "epochs=1", "data.episodes=40"]
 CLI = [sys.executable, "-m", "vla_exp.train"]
 HOW = {
-    "core": "train(cfg, run_dir) in this process, W&B offline, log_every=10: samples_per_s of its last metrics.jsonl "
+    "core": "train(cfg, run_dir) in this process (lean: clipping.every_step=false), W&B offline, log_every=10: samples_per_s of its last metrics.jsonl "
             "step row (samples since the epoch began / time since); the init report and evaluation fall outside it",
     "raw": "load_policy, the same DataLoader, AdamW(fused), noise_prediction: forward, backward, step, nothing else; "
            "the same steps and threads, timed from the loader's first batch",
@@ -154,6 +156,50 @@ def sweep(sweep_dir, parallel):
     return seconds, max(s["peak_rss_mb"] for s in summaries)
 
 
+def profile(cfg, data, steps=30, top=10):
+    """Self CPU time of the ops of `steps` training steps (the core's arithmetic, with its per-step gradient norm and
+    the fixed recipe's clipping), top `top`, and each part of a step timed alone, in ms."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    policy, tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
+    policy.train()
+    scheduler, _ = schedulers(cfg.diffusion)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, fused=True)
+    batches = list(itertools.islice(loader(cfg, data, cfg.optim.batch_size), steps))
+    parts = {"forward+backward+step": [], "+ gradient norm (clipping=none)": [], "+ clip_grad_norm_ (grad_norm)": [],
+             "tokenizer": [], "loader (per batch)": []}
+
+    def step(batch, extra=None):
+        loss, _ = noise_prediction(policy, scheduler, batch, tokenizer)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if extra:
+            extra()
+        optimizer.step()
+        return loss.item()
+
+    norm = lambda: torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
+    clip = lambda: torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+    for batch in batches:  # interleaved, so that all parts see the same load
+        for name, fn in [("forward+backward+step", lambda: step(batch)),
+                         ("+ gradient norm (clipping=none)", lambda: step(batch, norm)),
+                         ("+ clip_grad_norm_ (grad_norm)", lambda: step(batch, clip)),
+                         ("tokenizer", lambda: tokenizer(list(batch["instruction"]), padding=True, return_tensors="pt")),
+                         ("loader (per batch)", lambda: next(iter(loader(cfg, data, cfg.optim.batch_size))))]:
+            tick = time.perf_counter()
+            fn()
+            parts[name].append(1000 * (time.perf_counter() - tick))
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches:
+            step(batch, norm)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    return {"step_parts_ms": {k: statistics.median(v) for k, v in parts.items()},
+            "top_ops": [{"op": e.key, "share": e.self_cpu_time_total / total,
+                         "ms_per_step": e.self_cpu_time_total / 1000 / steps} for e in ops[:top]]}
+
+
 def save(path, data):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +211,7 @@ def measure(args, tmp):
     threads = torch.get_num_threads()
     warmup_s = first_step_s(tmp / "warmup")  # fills the data and backbone cache: not counted
     cfg = make_cfg(f"threads={threads}", "log_every=10", "logger=wandb", "progress=false")
+    lean = make_cfg(f"threads={threads}", "log_every=10", "logger=wandb", "progress=false", "clipping.every_step=false")
     data, batch = train_set(cfg), cfg.optim.batch_size
     steps = len(loader(cfg, data, batch)) // cfg.log_every * cfg.log_every  # the core's last step row
     res = {"threads": threads, "batch_size": batch, "steps_timed": steps, "train_samples": len(data),
@@ -174,10 +221,12 @@ def measure(args, tmp):
         gc.collect()
         # a shared machine: a repeat taken while another job runs reads several times slower, and this says so
         r = {"load_1min": os.getloadavg()[0]}
-        for part in ["raw", "core"] if i % 2 else ["core", "raw"]:
+        for part in ["raw", "core", "lean"] if i % 2 else ["core", "lean", "raw"]:
             if part == "core":
                 core = core_run(cfg, tmp / f"core{i}", steps)
                 r.update(core_samples_per_s=core["samples_per_s"], peak_rss_mb=core["peak_rss_mb"])
+            elif part == "lean":  # the gradient norm measured on logged steps only
+                r["lean_samples_per_s"] = core_run(lean, tmp / f"lean{i}", steps)["samples_per_s"]
             else:  # the matmul rate right after the loop it is compared with, so that both see the same load
                 raw = raw_loop(cfg, data, batch, steps)
                 r.update(raw_samples_per_s=raw["samples_per_s"], steps_per_s_batch8=raw["steps_per_s"],
@@ -187,11 +236,15 @@ def measure(args, tmp):
         r["loader_samples_per_s"] = loader_rate(cfg, data, batch)
         r["first_step_s"] = first_step_s(tmp / f"startup{i}")
         r.update(core_over_raw=r["core_samples_per_s"] / r["raw_samples_per_s"],
+                 lean_over_raw=r["lean_samples_per_s"] / r["raw_samples_per_s"],
                  loader_over_raw=r["loader_samples_per_s"] / r["raw_samples_per_s"],
                  utilisation=res["flops_per_step"] * r["steps_per_s_batch8"] / r["matmul_flops"])
         res["repeats"].append(r)
         save(args.out, res)
         print(f"repeat {i + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()), flush=True)
+    if args.profile:
+        res["profile"] = profile(cfg, data)
+        save(args.out, res)
     for i in range(0 if args.skip_sweep else args.sweep_repeats):
         try:  # minutes of figures 1-5 must not be lost to a failed sweep
             sequential, peak = sweep(tmp / f"sweep_seq{i}", parallel=False)
@@ -220,6 +273,8 @@ def table(res):
         ("1. core / raw samples/s", f"{m['core_over_raw']:.3f} ({m['core_samples_per_s']:.1f} / "
                                     f"{m['raw_samples_per_s']:.1f}, {res['threads']} threads)", ">= 0.95",
          m["core_over_raw"] >= 0.95),
+        ("1. same, norm on logged steps only", f"{m['lean_over_raw']:.3f} ({m['lean_samples_per_s']:.1f} / "
+                                               f"{m['raw_samples_per_s']:.1f})", ">= 0.95", m["lean_over_raw"] >= 0.95),
         ("2. start to first step", f"{m['first_step_s']:.2f} s", "<= 5 s", m["first_step_s"] <= 5),
         ("3. loader / model samples/s", f"{m['loader_over_raw']:.1f}x ({m['loader_samples_per_s']:.0f} / "
                                         f"{m['raw_samples_per_s']:.1f})", ">= 5x", m["loader_over_raw"] >= 5),
@@ -244,6 +299,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="repeats of figures 1-5 (medians are reported)")
     p.add_argument("--sweep-repeats", type=int, default=1, help="repeats of the sweep pair (minutes each)")
     p.add_argument("--skip-sweep", action="store_true", help="leave out figure 6")
+    p.add_argument("--profile", action="store_true", help="also profile one training step (top ops, parts)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
         res = measure(args, Path(tmp))
@@ -253,6 +309,12 @@ def main():
     for name, value, target, holds in rows:
         print(f"{name:<{width[0]}}  {value:<{width[1]}}  {target or '-':<6}  "
               f"{'-' if holds is None else 'yes' if holds else 'NO'}")
+    if "profile" in res:
+        parts = res["profile"]["step_parts_ms"]
+        print("\nOne step at batch 8, median ms: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+        print("Top ops by self CPU time (forward, backward, gradient norm, step):")
+        for e in res["profile"]["top_ops"]:
+            print(f"  {e['op']:<40} {e['share']:6.1%}  {e['ms_per_step']:.2f} ms/step")
     print("\nHow each figure is measured:\n" + "\n".join(f"- {k}: {v}" for k, v in HOW.items()))
     save(args.out, {**res, "median": m, "sweep_median": s,
                     "table": [dict(zip(("figure", "measured", "target", "holds"), r)) for r in rows]})

@@ -372,6 +372,14 @@ def test_no_clip_ignores_parameters_without_gradient():
     assert NoClip()([*model.parameters(), extra]) == pytest.approx(pre, rel=1e-6)
 
 
+def test_no_clip_can_measure_on_logged_steps_only():
+    model = model_with_large_gradients()
+    pre = total_norm(grads(model))
+    assert NoClip(every_step=False)(list(model.parameters()), logged=False) is None
+    assert NoClip(every_step=False)(list(model.parameters()), logged=True) == pytest.approx(pre, rel=1e-6)
+    assert NoClip()(list(model.parameters()), logged=False) == pytest.approx(pre, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the config groups build these fixes with these parameters
 

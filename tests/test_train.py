@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,12 @@ def test_device_and_precision(make_cfg, tmp_path):
     a, b = rows(tmp_path / "auto"), rows(tmp_path / "bf16")
     assert all(math.isfinite(r["loss"]) for r in b)
     assert a[0]["loss"] != b[0]["loss"] and b[0]["loss"] == pytest.approx(a[0]["loss"], rel=0.05)  # bf16 rounding
+
+
+def test_gradient_norm_on_logged_steps_only_changes_no_result(make_cfg, tmp_path):
+    every = train(make_cfg(*FAST, "clipping=none", "log_every=3"), tmp_path / "every")
+    logged = train(make_cfg(*FAST, "clipping=none", "log_every=3", "clipping.every_step=false"), tmp_path / "logged")
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rs]
+    assert strip(rows(tmp_path / "every")) == strip(rows(tmp_path / "logged"))  # every logged row has its norm
+    assert logged["val_action_error"] == every["val_action_error"] and logged["updates"] == every["updates"]
+    assert logged["grad_norm_median"] == pytest.approx(np.median([r["grad_norm"] for r in rows(tmp_path / "logged")]))

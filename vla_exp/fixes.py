@@ -117,7 +117,15 @@ class CosineLR:
 
 
 class NoClip:
-    def __call__(self, params):
+    """Measure the norm only. `every_step=False` measures it on logged steps alone (None on the others): reading
+    every gradient costs about 5% of a CPU step at model=tiny."""
+
+    def __init__(self, every_step=True):
+        self.every_step = every_step
+
+    def __call__(self, params, logged=True):
+        if not (self.every_step or logged):
+            return None
         grads = [p.grad for p in params if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads).item()
 
@@ -126,5 +134,5 @@ class GradNormClip:
     def __init__(self, max_norm=1.0):
         self.max_norm = max_norm
 
-    def __call__(self, params):
+    def __call__(self, params, logged=True):
         return torch.nn.utils.clip_grad_norm_(params, self.max_norm).item()

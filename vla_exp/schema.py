@@ -57,6 +57,7 @@ RULES = [  # key, (test, what is allowed)
 ]
 OPTIONAL = [  # keys that only some options of a group have
     ("clipping.max_norm", POSITIVE),
+    ("clipping.every_step", (lambda v: isinstance(v, bool), "must be true or false")),
     ("loss_handling.threshold", POSITIVE),
     ("loss_handling.factor", (lambda v: number(v) and 0 < v <= 1, "must be a number in (0, 1]")),
 ]

@@ -218,14 +218,15 @@ def train(cfg, run_dir):
                 if loss is not None:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    grad_norm = clip(params)
+                    grad_norm = clip(params, logged=(st["step"] + 1) % cfg.log_every == 0)  # None: not measured
                     optimizer.step()
                     st["epoch_losses"].append(raw_loss)
-                    st["grad_norms"].append(grad_norm)
+                    if grad_norm is not None:
+                        st["grad_norms"].append(grad_norm)
                 st["step"] += 1
                 st["batch"] += 1
-                st["nonfinite_streak"] = 0 if math.isfinite(raw_loss) and math.isfinite(grad_norm) else \
-                    st["nonfinite_streak"] + 1
+                finite = math.isfinite(raw_loss) and (grad_norm is None or math.isfinite(grad_norm))
+                st["nonfinite_streak"] = 0 if finite else st["nonfinite_streak"] + 1
                 seen += n
                 bar.update()
                 if st["step"] % cfg.log_every == 0:
@@ -262,7 +263,7 @@ def train(cfg, run_dir):
             epochs_to_converge=st["converged_epoch"], time_to_converge_s=st["converged_at"],
             converge_loss=cfg.converge_loss, skipped_batches=st["skipped"], scaled_loss_steps=st["scaled"],
             steps=st["step"], epochs=cfg.epochs, diverged_at_step=st["step"] if st["diverged"] else None,
-            updates=len(grad_norms), grad_norm_median=float(np.median(grad_norms)) if grad_norms else None,
+            updates=st["step"] - st["skipped"], grad_norm_median=float(np.median(grad_norms)) if grad_norms else None,
             nonfinite_grad_steps=int(sum(not math.isfinite(g) for g in grad_norms)),
             val_action_error=held_out["val_action_error"], baseline_action_errors=held_out["baseline_action_errors"],
             beats_baselines=all(held_out["val_action_error"] < b for b in held_out["baseline_action_errors"].values()),
