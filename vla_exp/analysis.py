@@ -28,7 +28,7 @@ GROUPS = ("init", "loss_handling", "optim", "clipping")  # the four fixes (vla_e
 CELL = (*GROUPS, "head_loading")                         # a cell: one combination of the choices
 METRICS = ("val_action_error", "final_loss", "final_output_std", "initial_output_std")
 TABLE_METRICS = ("final_loss", "final_output_std", "initial_output_std", "epochs_to_converge", "time_to_converge_s",
-                 "skipped_batches", "scaled_loss_steps", "val_action_error")
+                 "skipped_batches", "scaled_loss_steps", "val_action_error", "success_rate")
 ALPHA = 0.05
 SIZES = ((0.14, "large"), (0.06, "medium"), (0.01, "small"), (0.0, "negligible"))  # partial eta², Cohen (1988)
 
@@ -166,6 +166,7 @@ def format_table(table, runs):
             "held-out action error": mean_std(g.val_action_error, failed),
             "best baseline": f"{best[len('baseline_'):-len('_mean')]} {num(t[best])}" if best else "n/a",
             "beats every baseline": "failed" if failed else f"{t.beats_baselines} ({t.n_beat_baselines}/{n_ran})",
+            **({"closed-loop success": mean_std(g.success_rate, failed)} if table.success_rate_n.any() else {}),
         })
     return pd.DataFrame(out)
 

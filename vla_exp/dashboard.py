@@ -74,36 +74,35 @@ def curves_figure(curves, column, cells, ylabel, title):
     return fig
 
 
-def epoch_error_figure(curves, runs, cells):
-    """Held-out sampled-action error per epoch (mean ± std over seeds) with the baselines as grey lines."""
+def epoch_figure(curves, cells, column, references, ylabel, title, what):
+    """`column` of the epoch rows per epoch (mean ± std over seeds), with `references` ({label: value}) as grey
+    lines."""
     fig, ax = plt.subplots(figsize=(12, 4.8))
     epochs = curves[curves.kind == "epoch"] if "kind" in curves else curves
-    if "val_action_error" not in epochs or epochs.val_action_error.notna().sum() == 0:
-        empty(ax, "no held-out action error in the runs' metrics.jsonl")
+    if column not in epochs or epochs[column].notna().sum() == 0:
+        empty(ax, f"no {what} in the runs' metrics.jsonl")
         return fig
     for i, cell in enumerate(cells):
         g = epochs[epochs.cell == cell]
-        agg = g.groupby("epoch").val_action_error.agg(["mean", "std"])
+        agg = g.groupby("epoch")[column].agg(["mean", "std"])
         color, ls = style(i)
         if agg["mean"].notna().sum() == 0:
-            ax.plot([], [], color=color, ls=ls, marker="o", label=f"{cell}: no finite action error")
+            ax.plot([], [], color=color, ls=ls, marker="o", label=f"{cell}: no finite {what}")
             continue
         offset = (i - (len(cells) - 1) / 2) * 0.015  # side by side, so the error bars of one epoch do not overlap
         ax.errorbar(agg.index + offset, agg["mean"], yerr=agg["std"].fillna(0), color=color, ls=ls, marker="o",
                     ms=4, capsize=3, label=f"{cell} (n={g.run_dir.nunique()})")
-    for j, b in enumerate(c for c in runs.columns if c.startswith("baseline_")):
-        value = runs[b].astype(float).mean()
+    for j, (label, value) in enumerate(references.items()):
         ax.axhline(value, color="0.45", ls=BASELINE_STYLES[j % len(BASELINE_STYLES)], lw=1,
-                   label=f"baseline: {b[len('baseline_'):]} ({value:.3g})")
+                   label=f"{label} ({value:.3g})")
     ticks = sorted(epochs.epoch.dropna().unique())
     ax.set_xlim(ticks[0] - 0.5, ticks[-1] + 0.5)  # a one-epoch run still gets a readable axis
     if len(ticks) <= 20:
         ax.set_xticks(ticks)
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(bottom=0)  # an error is never negative; the lowest baseline stays off the frame
-    ax.set(xlabel="epoch", ylabel="held-out sampled-action error", title="Held-out action error per epoch, "
-           "beside the trivial baselines (a policy must be below every grey line)")
+    ax.set_ylim(bottom=0)  # neither an error nor a rate is negative; the lowest reference stays off the frame
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     legend_outside(ax)
     return fig
@@ -143,15 +142,26 @@ def effects_figure(results):
 
 
 def figures(curves, runs, results, cells):
-    """{file stem: figure} for every plot of the report."""
-    return {
+    """{file stem: figure} for every plot of the report (closed-loop success only where runs measured it)."""
+    baselines = {f"baseline: {c.removeprefix('baseline_')}": runs[c].astype(float).mean()
+                 for c in runs.columns if c.startswith("baseline_")}
+    figs = {
         "loss_curves": curves_figure(curves, "loss", cells, "train loss (per step)",
                                      "Training loss per cell: mean over seeds, band ± one std"),
         "output_std_curves": curves_figure(curves, "output_std", cells, "output std (per step)",
                                            "Model output std per cell: mean over seeds, band ± one std"),
-        "action_error": epoch_error_figure(curves, runs, cells),
+        "action_error": epoch_figure(curves, cells, "val_action_error", baselines, "held-out sampled-action error",
+                                     "Held-out action error per epoch, beside the trivial baselines (a policy must "
+                                     "be below every grey line)", "held-out action error"),
         "effects": effects_figure(results),
     }
+    if "success_rate" in curves and curves.success_rate.notna().any():
+        references = {f"{c.removeprefix('success_rate_')} policy": runs[c].astype(float).mean()
+                      for c in runs.columns if c.startswith("success_rate_")}
+        figs["success_rate"] = epoch_figure(curves, cells, "success_rate", references, "closed-loop success rate",
+                                            "Closed-loop success rate per epoch (MetaWorld), beside the reference "
+                                            "policies", "success rate")
+    return figs
 
 
 # ------------------------------------------------------------------------------------------------ the page

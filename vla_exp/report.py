@@ -82,6 +82,11 @@ def load_runs(run_dirs, levels):
         row = {"run_dir": str(d), **{c: str(choices.get(c) or "?") for c in CELL}, "recipe": choices.get("recipe")}
         row.update({k: v for k, v in s.items() if isinstance(v, (str, int, float, bool, type(None))) and k not in row})
         row.update({f"baseline_{k}": v for k, v in (s.get("baseline_action_errors") or {}).items()})
+        for name, cl in s.items():  # closed-loop success (data=metaworld): the run's policy, and reference policies
+            if name.startswith("closed_loop") and isinstance(cl, dict):
+                suffix = name.removeprefix("closed_loop")  # "" or "_expert", "_mean_chunk", "_random"
+                row[f"success_rate{suffix}"] = cl.get("success_rate")
+                row.update({f"success{suffix}_{t}": r.get("success_rate") for t, r in cl.get("tasks", {}).items()})
         rows.append(row)
     runs = pd.DataFrame(rows)
     runs.insert(1, "cell", [analysis.cell_label(r, levels) for r in rows])
