@@ -3,26 +3,40 @@
     python experiments/study.py factorial          # all 16 mixes of the four fixes x 3 seeds
     python experiments/study.py leave_one_out      # the fixed recipe, and the fixed recipe minus each fix
     python experiments/study.py add_one            # the original recipe, and the original recipe plus each fix
+    python experiments/study.py metaworld          # original vs fixed on MetaWorld: closed-loop success per epoch
     python experiments/study.py factorial --seeds 0,1 --jobs 1 --out DIR epochs=4   # trailing Hydra overrides
 
 Runs go to --out (default results/<study>), the report to <out>/report (dashboard.html, table.md, analysis.md).
 Re-running a study skips its finished runs, so an interrupted one goes on where it stopped. Jobs run side by side
 with Hydra's joblib launcher (`pip install -e ".[sweeps]"`), the cores divided between them.
+
+The metaworld study (`pip install -e ".[metaworld]"`) generates the demonstrations first, rolls each run's policy
+out after every epoch, rolls out the reference policies (the scripted expert, the mean action chunk, random actions)
+from the first run's folder, and prints the success rates side by side (also in <out>/success.md).
 """
 import argparse
 import importlib.util
+import json
 import subprocess
 import sys
+from pathlib import Path
 
-from vla_exp.analysis import recipe_levels
+import pandas as pd
+
+from vla_exp.analysis import markdown, recipe_levels
+from vla_exp.files import write_text
 from vla_exp.report import main as report
 from vla_exp.train import GROUPS
 
 # Sized so that the 48-run factorial fits in 30 minutes on 2 CPU cores; the recipes' own default is 4 epochs of 200.
 BUDGET = ["epochs=3", "data.episodes=100"]
+METAWORLD_BUDGET = ["data=metaworld", "epochs=6", "eval.rollouts=10", "eval.rollout_every=2"]
+REFERENCES = ("expert", "mean_chunk", "random")
 
 
 def cells(study):
+    if study == "metaworld":
+        return ["recipe=original,fixed"]
     original, fixed = recipe_levels("original"), recipe_levels("fixed")
     if study == "factorial":
         return [f"{g}={original[g]},{fixed[g]}" for g in GROUPS]
@@ -33,7 +47,7 @@ def cells(study):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("study", choices=("factorial", "leave_one_out", "add_one"))
+    p.add_argument("study", choices=("factorial", "leave_one_out", "add_one", "metaworld"))
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2; 1 needs no launcher plugin)")
     p.add_argument("--out", help="sweep folder (default results/<study>)")
@@ -45,10 +59,66 @@ def main(argv=None):
         p.error('--jobs above 1 needs the joblib launcher: pip install -e ".[sweeps]" (or use --jobs 1)')
     out = args.out or f"results/{args.study}"
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"] if args.jobs > 1 else []
+    budget = METAWORLD_BUDGET if args.study == "metaworld" else BUDGET
+    if args.study == "metaworld":
+        prepare(*budget, *args.overrides)
     sweep = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *cells(args.study), f"seed={args.seeds}",
-                            *BUDGET, *launcher, f"hydra.sweep.dir={out}", "progress=false", *args.overrides])
+                            *budget, *launcher, f"hydra.sweep.dir={out}", "progress=false", *args.overrides])
+    if args.study == "metaworld":
+        references(Path(out), int(next(o for o in budget if o.startswith("eval.rollouts=")).split("=")[1]))
     report([out])
+    if args.study == "metaworld":
+        success_table(Path(out))
     return sweep.returncode  # non-zero when a run failed: the report marks its cell
+
+
+def prepare(*overrides):
+    """Generate the demonstrations once, before parallel jobs would each start on them."""
+    from hydra import compose, initialize_config_dir
+
+    from vla_exp.schema import validate
+    from vla_exp.tasks import episodes_dir
+    from vla_exp.train import CONF_DIR
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", list(overrides))
+    validate(cfg)  # MetaWorld missing, or a bad override: one line before anything runs
+    print(f"demonstrations: {episodes_dir(cfg)}")
+
+
+def references(out, episodes):
+    """The reference policies' success, rolled out from the first finished run's folder (its tasks and data)."""
+    from vla_exp.evaluate import evaluate_run
+    done = [p.parent for p in sorted(out.glob("*/summary.json"))
+            if json.loads(p.read_text()).get("status") == "completed"]
+    for name in REFERENCES if done else ():
+        evaluate_run(done[0], episodes=episodes, policy=name)
+
+
+def success_table(out):
+    """Success rate (mean over seeds) per recipe and epoch, per task at the end, and the reference policies."""
+    rows, refs = [], {}
+    for path in sorted(out.glob("*/summary.json")):
+        s = json.loads(path.read_text())
+        refs.update({k.removeprefix("closed_loop_"): v for k, v in s.items() if k.startswith("closed_loop_")})
+        for line in (path.parent / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r["kind"] == "epoch" and "success_rate" in r:
+                rows.append({"recipe": s["choices"]["recipe"], "seed": s["seed"], "epoch": r["epoch"],
+                             **{k.removeprefix("success_"): v for k, v in r.items() if k.startswith("success_")}})
+    if not rows:
+        print(f"{out}: no run measured closed-loop success")
+        return
+    df = pd.DataFrame(rows).rename(columns={"rate": "all tasks"})
+    table = df.drop(columns="seed").groupby(["recipe", "epoch"]).mean().round(2)
+    table["seeds"] = df.groupby(["recipe", "epoch"]).seed.count()
+    ref = pd.DataFrame({name: {"all tasks": r["success_rate"], **{t: v["success_rate"] for t, v in r["tasks"].items()}}
+                        for name, r in refs.items()}).T.round(2)
+    episodes = next(iter(refs.values()), {}).get("episodes_per_task", "?")
+    text = (f"# Closed-loop success rate, {out}\n\nMean over seeds, by recipe and epoch ({episodes} episodes per "
+            f"task):\n\n{markdown(table.reset_index())}\n\nReference policies:\n\n"
+            f"{markdown(ref.reset_index(names='policy'))}\n")
+    write_text(out / "success.md", text)
+    print(text)
 
 
 if __name__ == "__main__":

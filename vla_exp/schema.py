@@ -43,6 +43,8 @@ RULES = [  # key, (test, what is allowed)
     ("optim.lr", POSITIVE),
     ("optim.batch_size", integer_from(1)),
     ("eval.samples", integer_from(1)),
+    ("eval.rollouts", integer_from(0)),
+    ("eval.rollout_every", integer_from(1)),
     ("diffusion.train_steps", integer_from(1)),
     ("data.episodes", integer_from(2)),  # one for training, one for validation
     ("data.steps", integer_from(1)),
@@ -94,5 +96,15 @@ def validate(cfg):
           (lambda v: integer(v) and 1 <= v <= steps, f"must be an integer from 1 to diffusion.train_steps={steps}"))
     if cfg.logger.kind == "wandb":
         check(cfg, "logger.mode", one_of(("offline", "online", "disabled")))
+    if cfg.eval.rollouts and cfg.data.task != "metaworld":
+        raise UsageError(f"eval.rollouts={cfg.eval.rollouts}: closed-loop rollouts need a simulator, data=metaworld "
+                         f"(here data.task={cfg.data.task}); set eval.rollouts=0")
     if cfg.data.dir is None:  # the episodes are generated
-        check(cfg, "data.task", one_of(tuple(TASKS)))
+        check(cfg, "data.task", one_of((*TASKS, "metaworld")))
+        if cfg.data.task == "metaworld":  # an optional extra: its task names come from MetaWorld itself
+            from vla_exp.metaworld import CAMERAS, task_names
+            names = task_names()  # one line naming the install command where MetaWorld cannot be imported
+            check(cfg, "data.tasks", (lambda v: OmegaConf.is_list(v) and all(t in names for t in v)
+                                      and 0 < len(v) == len(set(v)),
+                                      f"must be a non-empty list of distinct MetaWorld tasks from: {', '.join(names)}"))
+            check(cfg, "data.camera", one_of(CAMERAS))

@@ -133,6 +133,10 @@ def episodes_dir(cfg):
 
 def cached(cache_dir, **kwargs):
     """The folder of generated episodes for these arguments, generating it on first use."""
-    key = hashlib.sha256(json.dumps({**kwargs, "version": VERSION}, sort_keys=True).encode()).hexdigest()[:12]
+    make, version = generate, VERSION
+    if kwargs["task"] == "metaworld":  # an optional extra: imported only when its episodes are asked for
+        from vla_exp import metaworld
+        make, version = metaworld.generate, metaworld.cache_key()
+    key = hashlib.sha256(json.dumps({**kwargs, "version": version}, sort_keys=True).encode()).hexdigest()[:12]
     out_dir = Path(cache_dir).expanduser() / "data" / f"{kwargs['task']}-{key}"
-    return out_dir if out_dir.is_dir() else generate(out_dir=out_dir, **kwargs)
+    return out_dir if out_dir.is_dir() else make(out_dir=out_dir, **kwargs)

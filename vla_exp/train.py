@@ -180,7 +180,7 @@ def train(cfg, run_dir):
         # all the loop's state, so that a checkpoint holds it and a resumed run goes on bit for bit
         st = {"epoch": 0, "batch": 0, "step": 0, "skipped": 0, "scaled": 0, "grad_norms": [], "epoch_losses": [],
               "nonfinite_streak": 0, "diverged": False, "converged_epoch": None, "converged_at": None,
-              "epoch_row": {}, "held_out": {}}
+              "epoch_row": {}, "held_out": {}, "closed_loop": None}
         if ckpt:
             st = checkpoint.restore(ckpt, policy, optimizer, gen)
             print(f"{path}: resuming at epoch {st['epoch']}, step {st['step']}")
@@ -246,6 +246,13 @@ def train(cfg, run_dir):
             st["epoch_row"] = {"kind": "epoch", "step": st["step"], "epoch": epoch + 1,
                                "train_loss": float(np.mean(losses)) if losses else float("nan"),
                                **{k: v for k, v in held_out.items() if k != "baseline_action_errors"}}
+            last = epoch + 1 == cfg.epochs or st["diverged"]
+            if main and cfg.eval.rollouts and ((epoch + 1) % cfg.eval.rollout_every == 0 or last):
+                from vla_exp.evaluate import closed_loop  # the simulator: imported only for data=metaworld
+                st["closed_loop"] = cl = closed_loop(policy, tokenizer, train_set.norm, cfg, cfg.eval.rollouts,
+                                                     seed=0, out_dir=run_dir if last else None)
+                st["epoch_row"].update(success_rate=cl["success_rate"],
+                                       **{f"success_{t}": r["success_rate"] for t, r in cl["tasks"].items()})
             rec.log(st["epoch_row"])
             if st["converged_epoch"] is None and held_out["val_loss"] <= cfg.converge_loss:
                 st["converged_epoch"], st["converged_at"] = epoch + 1, time.time() - start
@@ -268,6 +275,8 @@ def train(cfg, run_dir):
             val_action_error=held_out["val_action_error"], baseline_action_errors=held_out["baseline_action_errors"],
             beats_baselines=all(held_out["val_action_error"] < b for b in held_out["baseline_action_errors"].values()),
             wall_time_s=time.time() - start, peak_rss_mb=peak_memory_mb())
+        if st["closed_loop"]:
+            summary["closed_loop"] = st["closed_loop"]
         if main:
             torch.save({k: v.cpu() for k, v in policy.state_dict().items()}, run_dir / "policy.pt")
         if main and not cfg.checkpoint.keep:

@@ -1,0 +1,227 @@
+"""MetaWorld for real: expert demonstrations written as training episodes, and closed-loop rollouts of a policy in
+the simulator (vla_exp/metaworld.py, vla_exp/evaluate.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from vla_exp import UsageError
+from vla_exp import metaworld as mw
+from vla_exp.data import load_split, read_episode
+from vla_exp.evaluate import build_policy, closed_loop, evaluate_run, load_run, run
+from vla_exp.schema import validate
+from vla_exp.tasks import cached, episodes_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ["reach-v3", "push-v3", "button-press-topdown-v3"]
+SMALL = ("data=metaworld", "data.episodes=2", "data.steps=60", "data.tasks=[reach-v3,push-v3]")
+
+
+def no_time(result):
+    return {k: v for k, v in result.items() if k != "wall_time_s"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# demonstrations
+
+
+def test_generated_episodes_are_valid_reproducible_and_held_out_from_evaluation(make_cfg, tmp_path):
+    cfg = make_cfg(*SMALL)
+    validate(cfg)
+    data_dir = Path(episodes_dir(cfg))
+    m = cfg.model.config
+    train_set, val_set = load_split(data_dir, "corner4", 0.5, 0, m.horizon, 64, 4, 10)  # the training loop's checks
+    files = sorted(data_dir.glob("*.hdf5"))
+    assert [f.name for f in files] == ["push-v3_00000.hdf5", "push-v3_00001.hdf5", "reach-v3_00000.hdf5",
+                                       "reach-v3_00001.hdf5"]
+    ended = {"reach-v3": 0, "push-v3": 0}
+    for f in files:
+        ep = read_episode(f, "corner4")
+        task = f.name.split("_")[0]
+        assert ep["instruction"] == {"reach-v3": "reach the goal", "push-v3": "push the puck to the goal"}[task]
+        assert ep["images"].shape[1:] == (64, 64, 3) and ep["qpos"].shape[1] == 10 and ep["action"].shape[1] == 4
+        assert 1 < len(ep["action"]) <= 60 and np.abs(ep["action"]).max() <= 1
+        ended[task] += len(ep["action"]) < 60  # an episode ends early only at the expert's success
+        goal = ep["qpos"][:, 7:]
+        assert np.abs(goal).sum() > 0 and (goal == goal[0]).all()  # the goal is in the state, fixed per episode
+        # upright: the black background above the table is at the top, the table (bright) below
+        assert ep["images"][0, :8].mean() < ep["images"][0, -8:].mean()
+    assert json.loads((data_dir / "generation.json").read_text())["expert_successes"] == ended
+    assert ended["reach-v3"] == 2  # the expert reaches in about 45 steps
+
+    # same config, another cache: the same bytes; another generator seed: other starts
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k in
+              ("task", "tasks", "episodes", "steps", "camera", "image_size")}
+    again = cached(tmp_path, seed=0, horizon=16, **kwargs)
+    for f in files:
+        a, b = read_episode(f, "corner4"), read_episode(again / f.name, "corner4")
+        assert all(np.array_equal(a[k], b[k]) for k in ("images", "qpos", "action"))
+    (f,) = cached(tmp_path, seed=1, horizon=16, **{**kwargs, "episodes": 1, "tasks": ["reach-v3"]}).glob("*.hdf5")
+    assert not np.array_equal(read_episode(f, "corner4")["qpos"][0], read_episode(files[2], "corner4")["qpos"][0])
+
+    # the evaluation's episode i starts elsewhere than the training data's episode i
+    env = mw.make_env("reach-v3", 60)
+    try:
+        first = mw.state(mw.reset(env, mw.DATA, 0, "reach-v3", 0))
+        assert np.array_equal(first, read_episode(files[2], "corner4")["qpos"][0])
+        assert not np.allclose(first, mw.state(mw.reset(env, mw.EVALUATION, 0, "reach-v3", 0)))
+    finally:
+        env.close()
+
+
+def test_bad_task_names_and_camera_are_named_with_what_is_allowed(make_cfg):
+    for tasks in ("[rech-v3]", "[reach-v3,reach-v3]", "[]"):
+        with pytest.raises(UsageError, match=r"^data\.tasks=\[.*\]: must be a non-empty list of distinct MetaWorld "
+                                             r"tasks from: assembly-v3, .*reach-v3"):
+            validate(make_cfg("data=metaworld", f"data.tasks={tasks}"))
+    with pytest.raises(UsageError, match=r"^data\.camera='top': must be one of corner, corner2"):
+        validate(make_cfg("data=metaworld", "data.camera=top"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the harness with reference policies
+
+
+def test_expert_succeeds_random_fails_and_results_repeat_for_a_seed(make_cfg):
+    cfg = make_cfg("data=metaworld")
+    expert = run(mw.Expert(), "expert", cfg, 4, 0, tasks=TASKS)
+    assert all(r["success_rate"] == 1 and r["mean_length"] < cfg.data.steps for r in expert["tasks"].values())
+    assert expert["success_rate"] == 1 and expert["ci_low"] > 0.7  # Wilson, 12 of 12
+    random = run(mw.RandomPolicy(0), "random", cfg, 4, 0, tasks=TASKS)
+    assert random["success_rate"] == 0 and random["ci_high"] < 0.3
+    assert all(r["mean_length"] == cfg.data.steps for r in random["tasks"].values())
+    assert no_time(run(mw.RandomPolicy(0), "random", cfg, 4, 0, tasks=TASKS)) == no_time(random)
+    other = run(mw.RandomPolicy(1), "random", cfg, 4, 1, tasks=TASKS)
+    assert other["tasks"]["reach-v3"]["mean_return"] != random["tasks"]["reach-v3"]["mean_return"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a trained run, through the command lines
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("metaworld") / "run"
+    subprocess.run([sys.executable, "-m", "vla_exp.train", *SMALL, "recipe=fixed", "epochs=1", "threads=1",
+                    "logger.mode=offline", "progress=false", "eval.samples=8", f"hydra.run.dir={run_dir}"],
+                   cwd=ROOT, check=True, capture_output=True)
+    return run_dir
+
+
+def evaluate_cli(*args):
+    return subprocess.run([sys.executable, "-m", "vla_exp.evaluate", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True)
+
+
+@pytest.mark.slow
+def test_evaluate_writes_closed_loop_into_the_run_and_repeats_in_process(trained_run):
+    before = json.loads((trained_run / "summary.json").read_text())
+    out = evaluate_cli(trained_run, "--episodes", 2, "--seed", 3, "--threads", 1)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert {k: v for k, v in summary.items() if k != "closed_loop"} == before  # the training's keys kept
+    result = summary["closed_loop"]
+    assert {k: result[k] for k in ("policy", "episodes_per_task", "seed", "execute")} == \
+        {"policy": "trained", "episodes_per_task": 2, "seed": 3, "execute": 8}
+    assert list(result["tasks"]) == ["reach-v3", "push-v3"]
+    for r in [result, *result["tasks"].values()]:
+        assert r["ci_low"] <= r["success_rate"] <= r["ci_high"] and 0 < r["mean_length"] <= 60
+    assert (trained_run / "closed_loop.png").stat().st_size and (trained_run / "closed_loop.gif").stat().st_size
+    assert "overall" in out.stdout
+
+    # the library call the training loop makes gives the same figures for the same seed
+    cfg = load_run(trained_run)
+    trained = build_policy("trained", trained_run, cfg, 3)
+    assert no_time(closed_loop(trained.policy, trained.tokenizer, trained.norm, cfg, 2, 3)) == no_time(result)
+
+    # a reference policy goes beside it, under its own key
+    mean = evaluate_run(trained_run, episodes=2, seed=3, tasks=["reach-v3"], policy="mean_chunk")
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["closed_loop"] == result and no_time(summary["closed_loop_mean_chunk"]) == no_time(mean)
+    train_set, _ = load_split(episodes_dir(cfg), "corner4", cfg.data.val_fraction, 0, 16)
+    chunk = build_policy("mean_chunk", trained_run, cfg, 3).chunk
+    assert np.allclose(trained.norm.actions(chunk), train_set.mean_chunk(), atol=1e-5)
+
+    # and W&B got the evaluation as a run of its own
+    offline = sorted((trained_run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 3  # training, then the two evaluations
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline[1])],
+                         capture_output=True, text=True, check=True).stdout
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    (config,) = [r["run"] for r in records if r.get("type") == "run"]
+    assert config["job_type"] == "evaluate"
+    summary = {k: v for r in records if r.get("type") == "summary" for k, v in r["summary"]["update"].items()}
+    assert summary["closed_loop/success_rate"] == result["success_rate"]
+    assert summary["closed_loop/reach-v3/mean_length"] == result["tasks"]["reach-v3"]["mean_length"]
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_line(trained_run, make_cfg, tmp_path):
+    out = evaluate_cli(tmp_path / "nowhere")
+    assert out.returncode == 1 and out.stderr.splitlines() == [f"error: {tmp_path / 'nowhere'}: no such run folder"]
+    tint = tmp_path / "tint"
+    (tint / ".hydra").mkdir(parents=True)
+    OmegaConf.save(make_cfg(), tint / ".hydra" / "config.yaml")
+    with pytest.raises(UsageError, match="trained on data.task=tint, not on MetaWorld"):
+        evaluate_run(tint)
+    unfinished = tmp_path / "unfinished"
+    (unfinished / ".hydra").mkdir(parents=True)
+    for name in (".hydra/config.yaml", "normalization.json"):
+        (unfinished / name).write_bytes((trained_run / name).read_bytes())
+    with pytest.raises(UsageError, match="no policy.pt there"):
+        evaluate_run(unfinished)
+    with pytest.raises(UsageError, match="--tasks door-v3: not MetaWorld tasks"):
+        evaluate_run(trained_run, tasks=["door-v3"])
+
+
+@pytest.mark.slow
+def test_without_metaworld_data_metaworld_says_how_to_install_it(tmp_path):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "metaworld.py").write_text('raise ImportError("No module named \'metaworld\'")\n')
+    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "data=metaworld", "logger=none",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(hide)})
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == ['error: data.task=metaworld needs MetaWorld, which cannot be imported (No module '
+                                       'named \'metaworld\'): pip install -e ".[metaworld]" (or pip install '
+                                       '"vla-exp[metaworld]")']
+    assert {p.name for p in (tmp_path / "run").iterdir()} <= {".hydra", "train.log"}
+
+
+@pytest.mark.slow
+def test_training_rolls_out_during_training_and_the_report_shows_success(make_cfg, tmp_path):
+    from vla_exp.report import report
+    from vla_exp.train import train
+    run_dir = tmp_path / "runs" / "run"
+    summary = train(make_cfg(*SMALL, "recipe=fixed", "epochs=3", "eval.rollouts=1", "eval.rollout_every=2",
+                             "logger=none", "progress=false", "eval.samples=8", "threads=1"), run_dir)
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["kind"] == "epoch"]
+    # rolled out after epoch 2 (every 2) and after the last, epoch 3
+    assert ["success_rate" in r for r in epochs] == [False, True, True]
+    final = summary["closed_loop"]
+    assert final["episodes_per_task"] == 1 and list(final["tasks"]) == ["reach-v3", "push-v3"]
+    assert epochs[-1]["success_rate"] == final["success_rate"]
+    assert epochs[-1]["success_reach-v3"] == final["tasks"]["reach-v3"]["success_rate"]
+    assert json.loads((run_dir / "summary.json").read_text())["closed_loop"] == final
+    assert (run_dir / "closed_loop.png").is_file()  # the strip of the last evaluation
+
+    report([tmp_path / "runs"], out=tmp_path / "report")
+    runs = (tmp_path / "report" / "runs.csv").read_text().splitlines()
+    header = runs[0].split(",")
+    assert "success_rate" in header and "success_reach-v3" in header
+    assert float(runs[1].split(",")[header.index("success_rate")]) == final["success_rate"]
+    assert (tmp_path / "report" / "success_rate.png").is_file()
+    assert "closed-loop success" in (tmp_path / "report" / "table.md").read_text()
