@@ -30,7 +30,7 @@ from vla_exp.train import GROUPS
 
 # Sized so that the 48-run factorial fits in 30 minutes on 2 CPU cores; the recipes' own default is 4 epochs of 200.
 BUDGET = ["epochs=3", "data.episodes=100"]
-METAWORLD_BUDGET = ["data=metaworld", "epochs=6", "eval.rollouts=10", "eval.rollout_every=2"]
+METAWORLD_BUDGET = ["data=metaworld", "epochs=12", "eval.rollouts=20", "eval.rollout_every=4"]
 REFERENCES = ("expert", "mean_chunk", "random")
 
 

@@ -84,7 +84,7 @@ def epoch_figure(curves, cells, column, references, ylabel, title, what):
         return fig
     for i, cell in enumerate(cells):
         g = epochs[epochs.cell == cell]
-        agg = g.groupby("epoch")[column].agg(["mean", "std"])
+        agg = g.groupby("epoch")[column].agg(["mean", "std"]).dropna(subset=["mean"])  # epochs that measured it
         color, ls = style(i)
         if agg["mean"].notna().sum() == 0:
             ax.plot([], [], color=color, ls=ls, marker="o", label=f"{cell}: no finite {what}")
