@@ -1,6 +1,7 @@
 """Distributed training: two CPU processes under torchrun (gloo) train the model one process trains on the same
 global batch; only rank 0 writes and logs; a killed distributed run resumes from its checkpoint."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -41,7 +42,9 @@ def one_process(tmp_path_factory):
 
 def test_two_processes_train_the_model_one_process_trains(one_process, tmp_path):
     run_dir = tmp_path / "two"
-    out = subprocess.run(command(TORCHRUN, run_dir), cwd=ROOT, capture_output=True, text=True)
+    # an empty cache: the processes must not race to write the data and the backbone
+    env = {**os.environ, "VLA_EXP_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run(command(TORCHRUN, run_dir), cwd=ROOT, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert_same_training(one_process, run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())

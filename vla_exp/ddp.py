@@ -38,6 +38,10 @@ def same_dir(run_dir, world, batch_size):
     return box[0]
 
 
+def barrier():
+    dist.barrier()
+
+
 def wrap(policy):
     """The policy under DDP; some backbone outputs (CLIP's pooler) take no part in the loss."""
     return torch.nn.parallel.DistributedDataParallel(policy, find_unused_parameters=True)

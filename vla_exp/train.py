@@ -142,6 +142,8 @@ def train(cfg, run_dir):
                "processes": world, "versions": versions()}
     try:
         d = cfg.data
+        if world > 1 and not main:  # rank 0 fills the cache first: transformers saves a backbone on rank 0 only
+            ddp.barrier()
         data_dir = tasks.episodes_dir(cfg)
         m = cfg.model.config
         train_set, val_set = load_split(data_dir, d.camera, d.val_fraction, d.split_seed, m.horizon,
@@ -149,6 +151,8 @@ def train(cfg, run_dir):
         if main:
             write_json(run_dir / "normalization.json", train_set.norm.state_dict())
         policy, tokenizer, missing = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
+        if world > 1 and main:
+            ddp.barrier()
         build(cfg.init)(policy.embed_out)
         policy.to(device).train()
         model = ddp.wrap(policy) if world > 1 else policy  # each process trains on its share of every global batch
