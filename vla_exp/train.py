@@ -187,7 +187,8 @@ def train(cfg, run_dir):
               "epoch_row": {}, "held_out": {}, "closed_loop": None}
         if ckpt:
             st = checkpoint.restore(ckpt, policy, optimizer, gen)
-            print(f"{path}: resuming at epoch {st['epoch']}, step {st['step']}")
+            if main:
+                print(f"{path}: resuming at epoch {st['epoch']}, step {st['step']}")
             summary["resumed_at_step"] = st["step"]
 
         def save():
