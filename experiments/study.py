@@ -65,7 +65,7 @@ def main(argv=None):
     sweep = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *cells(args.study), f"seed={args.seeds}",
                             *budget, *launcher, f"hydra.sweep.dir={out}", "progress=false", *args.overrides])
     if args.study == "metaworld":
-        references(Path(out), int(next(o for o in budget if o.startswith("eval.rollouts=")).split("=")[1]))
+        references(Path(out))
     report([out])
     if args.study == "metaworld":
         success_table(Path(out))
@@ -85,13 +85,14 @@ def prepare(*overrides):
     print(f"demonstrations: {episodes_dir(cfg)}")
 
 
-def references(out, episodes):
-    """The reference policies' success, rolled out from the first finished run's folder (its tasks and data)."""
+def references(out):
+    """The reference policies' success, rolled out from the first finished run's folder (its tasks and data) with
+    as many episodes per task as the runs had."""
     from vla_exp.evaluate import evaluate_run
-    done = [p.parent for p in sorted(out.glob("*/summary.json"))
-            if json.loads(p.read_text()).get("status") == "completed"]
+    done = [(p.parent, s["closed_loop"]) for p in sorted(out.glob("*/summary.json"))
+            if "closed_loop" in (s := json.loads(p.read_text()))]
     for name in REFERENCES if done else ():
-        evaluate_run(done[0], episodes=episodes, policy=name)
+        evaluate_run(done[0][0], episodes=done[0][1]["episodes_per_task"], policy=name)
 
 
 def success_table(out):

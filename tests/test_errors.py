@@ -299,10 +299,13 @@ def test_nan_or_inf(episodes, key, value, step):
     assert load_error(episodes) == f"{bad}: /{key} holds NaN or inf (first at step {step})"
 
 
+PER_STEP = ("observations/images/top", "observations/qpos", "action", "baselines/ignore_image",
+            "baselines/ignore_instruction")  # every array with one entry per time step
+
+
 def test_episode_without_time_steps(episodes):
     bad = episodes / "episode_00001.hdf5"
-    for key in ("observations/images/top", "observations/qpos", "action", "baselines/ignore_image",
-                "baselines/ignore_instruction"):
+    for key in PER_STEP:
         rewrite(bad, key, lambda a: a[:0])
     assert load_error(episodes) == f"{bad}: no time steps"
 
@@ -310,8 +313,7 @@ def test_episode_without_time_steps(episodes):
 def test_episode_shorter_than_the_horizon_is_fine(episodes):
     """Chunks past an episode's end repeat its last action (data.ChunkDataset), so one step is enough."""
     bad = episodes / "episode_00001.hdf5"
-    for key in ("observations/images/top", "observations/qpos", "action", "baselines/ignore_image",
-                "baselines/ignore_instruction"):
+    for key in PER_STEP:
         rewrite(bad, key, lambda a: a[:1])
     train, val = load(episodes)
     assert len(train) + len(val) == 2 * STEPS + 1

@@ -225,3 +225,24 @@ def test_training_rolls_out_during_training_and_the_report_shows_success(make_cf
     assert float(runs[1].split(",")[header.index("success_rate")]) == final["success_rate"]
     assert (tmp_path / "report" / "success_rate.png").is_file()
     assert "closed-loop success" in (tmp_path / "report" / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_metaworld_study_reports_recipes_and_references_side_by_side(tmp_path):
+    out = tmp_path / "study"
+    run = subprocess.run([sys.executable, "experiments/study.py", "metaworld", "--seeds", "0", "--jobs", "1",
+                          "--out", str(out), *SMALL, "data.tasks=[reach-v3]", "epochs=1", "eval.rollouts=2",
+                          "eval.samples=8", "logger=none"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*/summary.json"))]
+    assert sorted(s["choices"]["recipe"] for s in summaries) == ["fixed", "original"]
+    first = summaries[0]  # the references were rolled out from the first run, as many episodes as the runs had
+    assert {k for k in first if k.startswith("closed_loop")} == \
+        {"closed_loop", "closed_loop_expert", "closed_loop_mean_chunk", "closed_loop_random"}
+    assert all(first[f"closed_loop_{r}"]["episodes_per_task"] == 2 for r in ("expert", "mean_chunk", "random"))
+    table = (out / "success.md").read_text()
+    for s in summaries:
+        rate = s["closed_loop"]["success_rate"]
+        assert f"| {s['choices']['recipe']} | 1 | {round(rate, 2)} |" in table
+    assert "| expert |" in table and "| random | 0.0 |" in table
+    assert (out / "report" / "success_rate.png").is_file()
