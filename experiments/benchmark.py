@@ -24,14 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
-from vla_exp import tasks
-from vla_exp.data import load_split
+from vla_exp.config import compose, datasets
 from vla_exp.diffusion import noise_prediction, schedulers
 from vla_exp.model import load_policy
-from vla_exp.train import CONF_DIR, train
+from vla_exp.train import train
 
 BUDGET = ["recipe=fixed", "clipping=none", "epochs=1", "data.episodes=40"]
 # the sweep's jobs train 4x longer than figures 1-5 take, so start-up (paid once by the basic launcher, per worker
@@ -58,15 +56,7 @@ HOW = {
 
 
 def make_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", [*BUDGET, *overrides])
-
-
-def train_set(cfg):
-    """The training set, built as train() builds it."""
-    d, m = cfg.data, cfg.model.config
-    return load_split(tasks.episodes_dir(cfg), d.camera, d.val_fraction, d.split_seed, m.horizon, m.vision_config.image_size,
-                      m.action_dim, m.state_dim)[0]
+    return compose(*BUDGET, *overrides)
 
 
 def loader(cfg, data, batch_size):  # the core's loader for epoch 0
@@ -218,7 +208,7 @@ def measure(args, tmp):
     warmup_s = first_step_s(tmp / "warmup")  # fills the data and backbone cache: not counted
     cfg = make_cfg(f"threads={threads}", "log_every=10", "logger=wandb", "progress=false")
     lean = make_cfg(f"threads={threads}", "log_every=10", "logger=wandb", "progress=false", "clipping.every_step=false")
-    data, batch = train_set(cfg), cfg.optim.batch_size
+    data, batch = datasets(cfg)[0], cfg.optim.batch_size
     steps = len(loader(cfg, data, batch)) // cfg.log_every * cfg.log_every  # the core's last step row
     res = {"threads": threads, "batch_size": batch, "steps_timed": steps, "train_samples": len(data),
            "warmup_first_step_s": warmup_s, "flops_per_step": flops_per_step(cfg, data), "how": HOW,

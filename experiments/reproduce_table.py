@@ -1,26 +1,27 @@
-"""Reproduce the seed's broken-vs-fixed table on the embedded default, measured, beside the reported figures.
+"""Reproduce the reported broken-vs-fixed table on the embedded default, measured, beside the reported figures.
 
     python experiments/reproduce_table.py                 # 4 runs: original/fixed x today's/legacy loader
     python experiments/reproduce_table.py --out DIR seed=1 # any Hydra override applies to every run
 
 Each run writes its own folder (summary.json, metrics.jsonl, W&B offline files) under --out; the table goes to
-<out>/table.md. Nothing here is scaled or tuned towards the seed: the measured columns are the runs' summaries.
+<out>/table.md. Nothing here is scaled or tuned towards the reported figures: the measured columns are the runs'
+summaries.
 """
 import argparse
 import json
 import math
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from tqdm import tqdm
 
-from vla_exp.train import CONF_DIR, train
+from vla_exp.config import compose
+from vla_exp.train import train
 
 RECIPES = ("original", "fixed")
 LOADERS = {"current": "today's loader", "legacy_stale": "legacy loader, stale memory",
            "legacy_zeros": "legacy loader, zeroed memory"}
 
-REPORTED = json.loads((Path(__file__).parent / "seed_reported.json").read_text())  # quoted, never computed
+REPORTED = json.loads((Path(__file__).parent / "reported.json").read_text())  # quoted, never computed
 
 
 def fmt(x, digits=3):
@@ -32,7 +33,7 @@ def fmt(x, digits=3):
 
 
 def measured(s):
-    """The seed's five rows, in words, from one run's summary."""
+    """The report's five rows, in words, from one run's summary."""
     if s["status"] == "failed":
         return {k: f"failed: {s.get('error', '')}" for k in ("loss", "training", "time", "scale", "grad")}
     conv = s["epochs_to_converge"]
@@ -83,15 +84,15 @@ def notes(summaries):
         " It fits a loss summed over an ALOHA-style chunk of 100 x 14 actions (about 1460-1620 for such a prediction).",
         f"Output scale: the reported {REPORTED['original']['scale']} fits the per-sample L2 norm of unit noise over a "
         "100 x 14 chunk (about 37), not the per-element std logged here.",
-        "Init: the seed's 'fixed' init is mis-scaled. Kaiming fan_out on the final 1x1 conv (fan_out = action dim) "
+        "Init: the reported 'fixed' init is mis-scaled. Kaiming fan_out on the final 1x1 conv (fan_out = action dim) "
         f"raises the output std at init to {fmt(fixed.get('initial_output_std'))} (today's loader; "
         f"{fmt(original.get('initial_output_std'))} without it), and it never touches ConvTranspose1d or GroupNorm.",
-        "Loader: the seed ran transformers 4.52, which left the head's Conv1d/ConvTranspose1d/GroupNorm weights as "
+        "Loader: the reported run used transformers 4.52, which left the head's Conv1d/ConvTranspose1d/GroupNorm weights as "
         "uninitialised memory (transformers issues #28298, #35437). Today's transformers initialises them, so the "
         "original recipe no longer starts broken. The legacy columns redo the old behaviour (model.head_loading): "
         + "; ".join(f"{h}: {s.get('nonfinite_head_params')} non-finite head weights and output std "
                     f"{fmt(s.get('initial_output_std'))} at start" for h, s in stale.items()) + ".",
-        f"Time: the reported {REPORTED['fixed']['time']} was TinyVLA on the seed's hardware; here a tiny model on the "
+        f"Time: the reported {REPORTED['fixed']['time']} was TinyVLA on the reported run's hardware; here a tiny model on the "
         "CPU, so only the epoch counts compare, and the convergence threshold (converge_loss) is this project's.",
         "Action error: mean squared error of DDIM-sampled action chunks on held-out episodes (normalised to [-1, 1]); "
         "a loss that falls is no proof the policy uses its inputs, the baselines are.",
@@ -110,17 +111,16 @@ def main():
         parser.error(f"--loaders: unknown {sorted(unknown)}; choose from {', '.join(LOADERS)}")
     out = Path(args.out)
     summaries = {}
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cells = [(r, h) for h in loaders for r in RECIPES]
-        for recipe, loading in tqdm(cells, desc="reproduce_table runs"):
-            cfg = compose("train", [f"recipe={recipe}", f"model.head_loading={loading}", *args.overrides])
-            run_dir = out / f"{recipe}-{loading}"
-            try:
-                summaries[(recipe, loading)] = train(cfg, run_dir)
-            except Exception as e:  # one failed run must not lose the others: its cell says why
-                tqdm.write(f"{recipe}/{loading} failed: {type(e).__name__}: {e}")
-                summaries[(recipe, loading)] = json.loads((run_dir / "summary.json").read_text())
-    text = "\n".join(["# Broken vs fixed: reported by the seed, measured here", "", table(summaries, loaders), "",
+    cells = [(r, h) for h in loaders for r in RECIPES]
+    for recipe, loading in tqdm(cells, desc="reproduce_table runs"):
+        cfg = compose(f"recipe={recipe}", f"model.head_loading={loading}", *args.overrides)
+        run_dir = out / f"{recipe}-{loading}"
+        try:
+            summaries[(recipe, loading)] = train(cfg, run_dir)
+        except Exception as e:  # one failed run must not lose the others: its cell says why
+            tqdm.write(f"{recipe}/{loading} failed: {type(e).__name__}: {e}")
+            summaries[(recipe, loading)] = json.loads((run_dir / "summary.json").read_text())
+    text = "\n".join(["# Broken vs fixed: reported, and measured here", "", table(summaries, loaders), "",
                       "Notes:", *(f"- {n}" for n in notes(summaries)), ""])
     (out / "table.md").write_text(text)
     print(text)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from vla_exp.analysis import markdown, recipe_levels
+from vla_exp.analysis import markdown
+from vla_exp.config import GROUPS, compose, recipe_levels
 from vla_exp.files import write_text
 from vla_exp.report import main as report
-from vla_exp.train import GROUPS
 
 # Sized so that the 48-run factorial fits in 30 minutes on 2 CPU cores; the recipes' own default is 4 epochs of 200.
 BUDGET = ["epochs=3", "data.episodes=100"]
@@ -74,13 +74,9 @@ def main(argv=None):
 
 def prepare(*overrides):
     """Generate the demonstrations once, before parallel jobs would each start on them."""
-    from hydra import compose, initialize_config_dir
-
+    from vla_exp.episodes import episodes_dir
     from vla_exp.schema import validate
-    from vla_exp.tasks import episodes_dir
-    from vla_exp.train import CONF_DIR
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", list(overrides))
+    cfg = compose(*overrides)
     validate(cfg)  # MetaWorld missing, or a bad override: one line before anything runs
     print(f"demonstrations: {episodes_dir(cfg)}")
 

@@ -4,9 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from vla_exp.train import CONF_DIR
+from vla_exp.config import compose
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -20,17 +19,14 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture
 def make_cfg():
     """Compose the real config, as the CLI would, from a list of overrides."""
-    def make(*overrides):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
-    return make
+    return compose
 
 
 @pytest.fixture
 def wandb_records():
-    """The records of a run's offline W&B file, read back by W&B's own tool."""
-    def read(run_dir):
-        (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    """The records of an offline W&B run (its folder, or the one in a run folder), read back by W&B's own tool."""
+    def read(path):
+        (offline,) = [path] if path.name.startswith("offline-run-") else (path / "wandb").glob("offline-run-*")
         out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline)],
                              capture_output=True, text=True, check=True).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]

@@ -35,7 +35,10 @@ def test_single_run_writes_into_the_hydra_run_dir(tmp_path):
     run("-m", "vla_exp.train", "recipe=fixed", "init=none", "debug=smoke", f"hydra.run.dir={tmp_path}")
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["status"] == "completed" and s["choices"]["init"] == "none" and s["choices"]["optim"] == "fixed"
-    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["kind"] == "step"] == list(range(1, s["steps"] + 1))
+    saved = (tmp_path / ".hydra" / "config.yaml").read_text()
+    assert "_target_: vla_exp.fixes.NoInit" in saved and "name: skip_nonfinite" in saved
 
 
 def test_multirun_one_job_per_choice(tmp_path):

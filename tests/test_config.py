@@ -1,7 +1,10 @@
 """Config composition: every group option and preset, and the precedence rule (command line beats preset)."""
+import subprocess
+import sys
+
 import pytest
 
-from vla_exp.train import CONF_DIR, GROUPS
+from vla_exp.config import CONF_DIR, GROUPS
 
 ORIGINAL = {"init": "none", "loss_handling": "scale_down", "optim": "original", "clipping": "none"}
 FIXED = {"init": "xavier", "loss_handling": "skip_nonfinite", "optim": "fixed", "clipping": "grad_norm"}
@@ -48,7 +51,7 @@ def test_command_line_beats_preset_in_either_order(make_cfg, order):
     assert {g: cfg[g].name for g in GROUPS} == {**FIXED, "init": "none"}
 
 
-def test_seed_values(make_cfg):
+def test_recipes_hold_the_reported_values(make_cfg):
     original, fixed = make_cfg("recipe=original"), make_cfg("recipe=fixed")
     assert (original.optim.lr, original.optim.batch_size) == (1e-3, 16)
     assert (fixed.optim.lr, fixed.optim.batch_size, fixed.optim.schedule.eta_min_ratio) == (1e-4, 8, 0.1)
@@ -69,3 +72,11 @@ def test_smoke_shrinks_any_run(make_cfg):
 def test_model_options(make_cfg, model):
     cfg = make_cfg(f"model={model}")
     assert cfg.model.name == model and cfg.model.head_loading == "current"
+
+
+def test_the_report_path_imports_neither_torch_nor_transformers():
+    """Reading runs, analysing and composing configs never load the training stack."""
+    code = ("import sys, vla_exp.report, vla_exp.analysis, vla_exp.dashboard, vla_exp.config, vla_exp.schema; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
-"""Task generators (vla_exp/tasks.py) and the episode data pipeline (vla_exp/data.py)."""
+"""Task generators (vla_exp/tasks.py), the episode format (vla_exp/episodes.py) and the data pipeline
+(vla_exp/data.py)."""
 import math
 import re
 
@@ -7,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from vla_exp import UsageError, data, tasks
+from vla_exp import UsageError, data, episodes, tasks
+from vla_exp.schema import validate
 
-STEPS, HORIZON, SPEED, SIZE = 24, 16, 0.12, 64  # generate()'s defaults
+STEPS, HORIZON, SPEED, SIZE = 24, 16, tasks.SPEED, 64  # data=tint, model=tiny
 N_EPISODES = 6
 
 
@@ -21,14 +23,20 @@ def arrays(path):
     return out
 
 
+def generate(out_dir, *overrides):
+    """Episodes as a run of these overrides would generate them."""
+    from vla_exp.config import compose
+    return tasks.generate(out_dir, **tasks.params(compose(f"data.episodes={N_EPISODES}", *overrides)))
+
+
 @pytest.fixture(scope="module")
 def tint_dir(tmp_path_factory):
-    return tasks.generate("tint", tmp_path_factory.mktemp("gen") / "tint", episodes=N_EPISODES, seed=0)
+    return generate(tmp_path_factory.mktemp("gen") / "tint")
 
 
 @pytest.fixture(scope="module")
 def tint_episodes(tint_dir):
-    return [data.read_episode(f, "top") for f in sorted(tint_dir.glob("*.hdf5"))]
+    return [episodes.read_episode(f, "top") for f in sorted(tint_dir.glob("*.hdf5"))]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +68,8 @@ def test_generate_tint_writes_the_episode_files(tint_dir):
 
 
 def test_generate_is_deterministic_for_a_seed(tint_dir, tmp_path):
-    again = tasks.generate("tint", tmp_path / "again", episodes=N_EPISODES, seed=0)
-    other = tasks.generate("tint", tmp_path / "other", episodes=N_EPISODES, seed=1)
+    again = generate(tmp_path / "again")
+    other = generate(tmp_path / "other", "data.generator_seed=1")
     assert again == tmp_path / "again"
     for f in sorted(tint_dir.glob("*.hdf5")):
         a, b, c = arrays(f), arrays(again / f.name), arrays(other / f.name)
@@ -73,11 +81,11 @@ def test_generate_is_deterministic_for_a_seed(tint_dir, tmp_path):
 
 
 def test_generate_blocks(tmp_path):
-    out = tasks.generate("blocks", tmp_path / "blocks", episodes=3, seed=0)
+    out = generate(tmp_path / "blocks", "data=blocks", "data.episodes=3")
     files = sorted(out.glob("*.hdf5"))
     assert len(files) == 3
     for f in files:
-        ep = data.read_episode(f, "top")
+        ep = episodes.read_episode(f, "top")
         assert ep["images"].shape == (STEPS, SIZE, SIZE, 3) and ep["images"].dtype == np.uint8
         assert ep["qpos"].shape == ep["action"].shape == (STEPS, 2)
         assert re.fullmatch(r"reach the (red|green|blue) block", ep["instruction"])
@@ -86,11 +94,9 @@ def test_generate_blocks(tmp_path):
             assert v.shape == (STEPS, HORIZON, 2)
 
 
-def test_generate_unknown_task_names_the_valid_ones(tmp_path):
-    with pytest.raises(ValueError, match=re.escape("['blocks', 'tint']")) as err:
-        tasks.generate("pick_place", tmp_path / "x", episodes=1, seed=0)
-    assert "pick_place" in str(err.value)
-    assert not (tmp_path / "x").exists()
+def test_unknown_task_names_the_valid_ones(make_cfg):
+    with pytest.raises(UsageError, match=r"^data\.task='pick_place': must be one of tint, blocks, metaworld$"):
+        validate(make_cfg("data.task=pick_place"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,8 +158,8 @@ def test_write_then_read_episode_round_trip(tmp_path, instruction):
     actions = rng.normal(size=(5, 2)).astype(np.float32)
     baselines = {"ignore_image": rng.normal(size=(5, 4, 2)).astype(np.float32)}
     path = tmp_path / "ep.hdf5"
-    tasks.write_episode(path, images, qpos, actions, instruction, baselines, camera="wrist")
-    ep = data.read_episode(path, "wrist")
+    episodes.write_episode(path, images, qpos, actions, instruction, baselines, camera="wrist")
+    ep = episodes.read_episode(path, "wrist")
     np.testing.assert_array_equal(ep["images"], images)
     assert ep["images"].dtype == np.uint8
     np.testing.assert_array_equal(ep["qpos"], qpos)
@@ -166,8 +172,8 @@ def test_write_then_read_episode_round_trip(tmp_path, instruction):
 
 def test_read_episode_without_baselines(tmp_path):
     path = tmp_path / "ep.hdf5"
-    tasks.write_episode(path, np.zeros((2, 4, 4, 3), np.uint8), np.zeros((2, 2)), np.ones((2, 2)), "go", {}, "top")
-    ep = data.read_episode(path, "top")
+    episodes.write_episode(path, np.zeros((2, 4, 4, 3), np.uint8), np.zeros((2, 2)), np.ones((2, 2)), "go", {}, "top")
+    ep = episodes.read_episode(path, "top")
     assert ep["baselines"] == {} and ep["instruction"] == "go"
     assert ep["qpos"].dtype == np.float32  # float64 on disk, float32 in memory
 

@@ -1,6 +1,7 @@
-"""Bad input gets one clear line before any work: config values (vla_exp/schema.py), episode files (vla_exp/data.py)
-and checkpoints (vla_exp/model.py). Every broken file here is a real one, written by the project and then damaged."""
+"""Bad input gets one clear line before any work: config values (vla_exp/schema.py), episode files
+(vla_exp/episodes.py) and checkpoints (vla_exp/model.py). Every broken file here is a real one, written by the project and then damaged."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -10,12 +11,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
+import torch
 
 from vla_exp import UsageError, data, tasks
-from vla_exp.model import backbone_path, load_policy
+from vla_exp.config import CONF_DIR, compose
+from vla_exp.model import TinyVLAForCausalLM, backbone_path, load_policy
 from vla_exp.schema import validate
-from vla_exp.train import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 HORIZON, SIZE, STEPS = 16, 64, 8
@@ -161,7 +162,8 @@ def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path):
 
 @pytest.fixture(scope="module")
 def good_dir(tmp_path_factory):
-    return tasks.generate("tint", tmp_path_factory.mktemp("good") / "tint", episodes=3, seed=0, steps=STEPS)
+    cfg = compose("data.episodes=3", f"data.steps={STEPS}")
+    return tasks.generate(tmp_path_factory.mktemp("good") / "tint", **tasks.params(cfg))
 
 
 @pytest.fixture
@@ -349,12 +351,8 @@ def test_a_bad_validation_file_stops_loading_too(episodes):
 # model.path
 
 
-def tiny(**changes):
-    cfg = OmegaConf.create({"model": OmegaConf.load(CONF_DIR / "model" / "tiny.yaml"),
-                            "data": OmegaConf.load(CONF_DIR / "data" / "tint.yaml")}).model
-    for k, v in changes.items():
-        OmegaConf.update(cfg, k, v)
-    return cfg
+def tiny(*overrides):
+    return compose(*overrides).model
 
 
 @pytest.fixture(scope="module")
@@ -374,15 +372,20 @@ def checkpoint(good_checkpoint, tmp_path):
     return path, edit
 
 
-def model_error(path, cache_dir, **changes):
+def model_error(path, cache_dir, *overrides):
     with pytest.raises(UsageError) as e:
-        load_policy(tiny(path=str(path), **changes), cache_dir, 0)
+        load_policy(tiny(f"model.path={path}", *overrides), cache_dir, 0)
     return one_line_error(e)
 
 
-def test_copied_checkpoint_loads(checkpoint, cache_dir):
+def test_copied_checkpoint_loads_its_backbone_and_misses_only_the_head(checkpoint, good_checkpoint, cache_dir):
     path, _ = checkpoint
-    load_policy(tiny(path=str(path)), cache_dir, 0)
+    policy, _, missing = load_policy(tiny(f"model.path={path}"), cache_dir, 0)
+    assert missing and all(k.startswith("embed_out.") for k in missing)
+    saved = {n: p for n, p in TinyVLAForCausalLM.from_pretrained(good_checkpoint).named_parameters()
+             if not n.startswith("embed_out.")}
+    ours = {n: p for n, p in policy.named_parameters() if not n.startswith("embed_out.")}
+    assert ours.keys() == saved.keys() and all(torch.equal(ours[n], saved[n]) for n in ours)
 
 
 def test_model_path_that_does_not_exist(tmp_path, cache_dir):
@@ -395,7 +398,14 @@ def test_model_path_that_is_a_file(checkpoint, cache_dir):
 
 
 def test_model_path_without_checkpoint(tmp_path, cache_dir):
+    (tmp_path / "unrelated.txt").write_text("not a checkpoint")
     assert model_error(tmp_path, cache_dir).startswith(f"model.path={tmp_path}: no checkpoint there")
+
+
+def test_config_json_without_weights(checkpoint, cache_dir):
+    path, _ = checkpoint
+    (path / "model.safetensors").unlink()
+    assert model_error(path, cache_dir).startswith(f"model.path={path}: cannot load a TinyVLA backbone from it (")
 
 
 def test_config_json_that_is_not_json(checkpoint, cache_dir):
@@ -437,5 +447,20 @@ def test_truncated_weights(checkpoint, cache_dir):
 
 def test_checkpoint_image_size_differs_from_the_config(checkpoint, cache_dir):
     path, _ = checkpoint
-    assert model_error(path, cache_dir, **{"config.vision_config.image_size": 32}) == (
+    assert model_error(path, cache_dir, "model.config.vision_config.image_size=32") == (
         f"model.path={path}: the checkpoint takes 64x64 images, model.config.vision_config.image_size=32")
+
+
+@pytest.mark.slow
+def test_without_metaworld_data_metaworld_says_how_to_install_it(tmp_path):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "metaworld.py").write_text('raise ImportError("No module named \'metaworld\'")\n')
+    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "data=metaworld", "logger=none",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(hide)})
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == ['error: data.task=metaworld needs MetaWorld, which cannot be imported (No module '
+                                       'named \'metaworld\'): pip install -e ".[metaworld]" (or pip install '
+                                       '"vla-exp[metaworld]")']
+    assert {p.name for p in (tmp_path / "run").iterdir()} <= {".hydra", "train.log"}

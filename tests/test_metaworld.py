@@ -1,7 +1,7 @@
 """MetaWorld for real: expert demonstrations written as training episodes, and closed-loop rollouts of a policy in
 the simulator (vla_exp/metaworld.py, vla_exp/evaluate.py)."""
+import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +13,14 @@ from omegaconf import OmegaConf
 
 from vla_exp import UsageError
 from vla_exp import metaworld as mw
-from vla_exp.data import load_split, read_episode
+from vla_exp.config import datasets
+from vla_exp.data import load_split
+from vla_exp.episodes import episodes_dir, read_episode
 from vla_exp.evaluate import build_policy, closed_loop, evaluate_run, load_run, run
 from vla_exp.schema import validate
-from vla_exp.tasks import cached, episodes_dir
 
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None,
+                                reason='MetaWorld is an optional extra: pip install -e ".[metaworld]"')
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["reach-v3", "push-v3", "button-press-topdown-v3"]
 SMALL = ("data=metaworld", "data.episodes=2", "data.steps=60", "data.tasks=[reach-v3,push-v3]")
@@ -36,6 +39,7 @@ def one_thread():
 # demonstrations
 
 
+@pytest.mark.slow
 def test_generated_episodes_are_valid_reproducible_and_held_out_from_evaluation(make_cfg, tmp_path):
     cfg = make_cfg(*SMALL)
     validate(cfg)
@@ -61,13 +65,14 @@ def test_generated_episodes_are_valid_reproducible_and_held_out_from_evaluation(
     assert ended["reach-v3"] == 2  # the expert reaches in about 45 steps
 
     # same config, another cache: the same bytes; another generator seed: other starts
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k in
-              ("task", "tasks", "episodes", "steps", "camera", "image_size")}
-    again = cached(tmp_path, seed=0, horizon=16, **kwargs)
+    again = episodes_dir(make_cfg(*SMALL, f"paths.cache_dir={tmp_path}"))
+    assert again != data_dir
     for f in files:
         a, b = read_episode(f, "corner4"), read_episode(again / f.name, "corner4")
         assert all(np.array_equal(a[k], b[k]) for k in ("images", "qpos", "action"))
-    (f,) = cached(tmp_path, seed=1, horizon=16, **{**kwargs, "episodes": 1, "tasks": ["reach-v3"]}).glob("*.hdf5")
+    other = make_cfg(*SMALL, f"paths.cache_dir={tmp_path}", "data.generator_seed=1", "data.episodes=1",
+                     "data.tasks=[reach-v3]")
+    (f,) = episodes_dir(other).glob("*.hdf5")
     assert not np.array_equal(read_episode(f, "corner4")["qpos"][0], read_episode(files[2], "corner4")["qpos"][0])
 
     # the evaluation's episode i starts elsewhere than the training data's episode i
@@ -93,6 +98,7 @@ def test_bad_task_names_and_camera_are_named_with_what_is_allowed(make_cfg):
 # the harness with reference policies
 
 
+@pytest.mark.slow
 def test_expert_succeeds_random_fails_and_results_repeat_for_a_seed(make_cfg):
     cfg = make_cfg("data=metaworld")
     expert = run(mw.Expert(), "expert", cfg, 4, 0, tasks=TASKS)
@@ -112,10 +118,12 @@ def test_expert_succeeds_random_fails_and_results_repeat_for_a_seed(make_cfg):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, cache_dir):
-    run_dir = tmp_path_factory.mktemp("metaworld") / "run"
-    subprocess.run([sys.executable, "-m", "vla_exp.train", *SMALL, "recipe=fixed", "epochs=1", "threads=1",
-                    "logger.mode=offline", "progress=false", "eval.samples=8", f"hydra.run.dir={run_dir}"],
+    """A sweep of one job, so its W&B group is the sweep's."""
+    sweep_dir = tmp_path_factory.mktemp("metaworld") / "sweep"
+    subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *SMALL, "recipe=fixed", "epochs=1", "threads=1",
+                    "logger.mode=offline", "progress=false", "eval.samples=8", f"hydra.sweep.dir={sweep_dir}"],
                    cwd=ROOT, check=True, capture_output=True)
+    (run_dir,) = sweep_dir.glob("0_*")
     return run_dir
 
 
@@ -125,7 +133,7 @@ def evaluate_cli(*args):
 
 
 @pytest.mark.slow
-def test_evaluate_writes_closed_loop_into_the_run_and_repeats_in_process(trained_run):
+def test_evaluate_writes_closed_loop_into_the_run_and_repeats_in_process(trained_run, wandb_records):
     before = json.loads((trained_run / "summary.json").read_text())
     out = evaluate_cli(trained_run, "--episodes", 2, "--seed", 3, "--threads", 1)
     assert out.returncode == 0, out.stderr
@@ -149,18 +157,18 @@ def test_evaluate_writes_closed_loop_into_the_run_and_repeats_in_process(trained
     mean = evaluate_run(trained_run, episodes=2, seed=3, tasks=["reach-v3"], policy="mean_chunk")
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["closed_loop"] == result and no_time(summary["closed_loop_mean_chunk"]) == no_time(mean)
-    train_set, _ = load_split(episodes_dir(cfg), "corner4", cfg.data.val_fraction, 0, 16)
+    train_set, _ = datasets(cfg)
     chunk = build_policy("mean_chunk", trained_run, cfg, 3).chunk
     assert np.allclose(trained.norm.actions(chunk), train_set.mean_chunk(), atol=1e-5)
 
-    # and W&B got the evaluation as a run of its own
+    # and W&B got the evaluation as a run of its own, in the training's group: the sweep's
     offline = sorted((trained_run / "wandb").glob("offline-run-*"))
     assert len(offline) == 3  # training, then the two evaluations
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline[1])],
-                         capture_output=True, text=True, check=True).stdout
-    records = [json.loads(line) for line in out.splitlines() if line.strip()]
-    (config,) = [r["run"] for r in records if r.get("type") == "run"]
-    assert config["job_type"] == "evaluate"
+    records = [wandb_records(path) for path in offline[:2]]
+    train_run, (config,) = ([r["run"] for r in recs if r.get("type") == "run"] for recs in records)
+    assert config["job_type"] == "evaluate" and train_run[0]["job_type"] == "train"
+    assert config["run_group"] == train_run[0]["run_group"] == str(trained_run.parent)
+    records = records[1]
     summary = {k: v for r in records if r.get("type") == "summary" for k, v in r["summary"]["update"].items()}
     assert summary["closed_loop/success_rate"] == result["success_rate"]
     assert summary["closed_loop/reach-v3/mean_length"] == result["tasks"]["reach-v3"]["mean_length"]
@@ -183,21 +191,6 @@ def test_bad_input_is_one_line(trained_run, make_cfg, tmp_path):
         evaluate_run(unfinished)
     with pytest.raises(UsageError, match="--tasks door-v3: not MetaWorld tasks"):
         evaluate_run(trained_run, tasks=["door-v3"])
-
-
-@pytest.mark.slow
-def test_without_metaworld_data_metaworld_says_how_to_install_it(tmp_path):
-    hide = tmp_path / "hide"
-    hide.mkdir()
-    (hide / "metaworld.py").write_text('raise ImportError("No module named \'metaworld\'")\n')
-    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "data=metaworld", "logger=none",
-                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(hide)})
-    assert out.returncode == 1
-    assert out.stderr.splitlines() == ['error: data.task=metaworld needs MetaWorld, which cannot be imported (No module '
-                                       'named \'metaworld\'): pip install -e ".[metaworld]" (or pip install '
-                                       '"vla-exp[metaworld]")']
-    assert {p.name for p in (tmp_path / "run").iterdir()} <= {".hydra", "train.log"}
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """The TinyVLA policy and the loader modes of vla_exp/model.py (model.head_loading), on the tiny config."""
 import os
-import re
 import socket
 from pathlib import Path
 
@@ -250,25 +249,7 @@ def test_legacy_stale_backbone_equals_current(loaded):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# model.path
-
-
-def test_missing_path_raises_file_not_found_naming_it(tmp_path, cache):
-    path = tmp_path / "no_such_checkpoint"
-    with pytest.raises(UsageError, match=re.escape(str(path))):
-        load_policy(tiny_cfg(path=str(path)), cache, 0)
-
-
-def test_folder_without_checkpoint_raises_clear_error(tmp_path, cache):
-    (tmp_path / "unrelated.txt").write_text("not a checkpoint")
-    with pytest.raises(UsageError, match=re.escape(str(tmp_path)) + ".*no checkpoint there"):
-        load_policy(tiny_cfg(path=str(tmp_path)), cache, 0)
-
-
-def test_folder_with_config_but_no_weights_raises_value_error(tmp_path, cache):
-    (tmp_path / "config.json").write_text((backbone_path(tiny_cfg(), cache) / "config.json").read_text())
-    with pytest.raises(UsageError, match=re.escape(str(tmp_path)) + ".*cannot load a TinyVLA backbone"):
-        load_policy(tiny_cfg(path=str(tmp_path)), cache, 0)
+# model.path (its bad values: tests/test_errors.py)
 
 
 def test_explicit_path_to_a_checkpoint_loads_it(loaded, cache):

@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 
 from vla_exp import analysis
-from vla_exp.report import main, reference_levels, sweep_group
-from vla_exp.train import GROUPS, train
+from vla_exp.config import recipe_levels, reference_levels
+from vla_exp.report import main, sweep_group
+from vla_exp.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXED = {"init": "xavier", "loss_handling": "skip_nonfinite", "optim": "fixed", "clipping": "grad_norm",
@@ -39,14 +40,13 @@ def factorial_runs(effect, seeds=3, noise=0.02, rng_seed=0, **levels):
 
 def test_recipe_levels_come_from_the_presets(tmp_path):
     levels = reference_levels()
-    assert analysis.GROUPS == GROUPS  # analysis keeps its own copy: it must not import torch with the training loop
     assert levels["fixed"] == {k: v for k, v in FIXED.items() if k != "recipe"}
     assert levels["original"] == {k: v for k, v in ORIGINAL.items() if k != "recipe"}
     # a preset built on another one: its own overrides win
     (tmp_path / "recipe").mkdir()
     (tmp_path / "recipe" / "base.yaml").write_text("defaults:\n  - override /init: xavier\n  - override /optim: fixed\n")
     (tmp_path / "recipe" / "child.yaml").write_text("defaults:\n  - base\n  - override /init: none\n")
-    assert analysis.recipe_levels("child", tmp_path) == {"init": "none", "optim": "fixed"}
+    assert recipe_levels("child", tmp_path) == {"init": "none", "optim": "fixed"}
 
 
 def test_wandb_group_is_the_sweeps(tmp_path):
@@ -210,12 +210,14 @@ def test_report_cli_on_real_runs_with_wandb(make_cfg, wandb_records, tmp_path):
     records = wandb_records(out)  # W&B wrote its offline run into the report folder
     (run,) = (r["run"] for r in records if r["type"] == "run")
     assert run["job_type"] == "report" and run["run_group"] == "sweep" and run["project"] == "vla-exp"
-    assert run["config"]["update"]["job_type"] == "report" and run["config"]["update"]["runs"] == 4
+    assert run["config"]["update"]["runs"] == 4
     logged = {k[:-len("._type")]: v for r in records if r["type"] == "history" for k, v in r["history"]["item"].items()
               if k.endswith("._type")}
     assert logged == {"runs": "table-file", "table": "table-file", **{f"plots/{p}": "image-file" for p in
                       ("loss_curves", "output_std_curves", "action_error", "effects")}}
-    assert (out / "dashboard.html").exists() and (out / "table.md").exists()
+    html, table = (out / "dashboard.html").read_text(), (out / "table.md").read_text()
+    assert "| original with init=xavier |" in table and table in done.stdout
+    assert "original with init=xavier" in html and html.count("data:image/png;base64,") == 4
 
 
 @pytest.mark.slow

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
-from vla_exp.train import config_hash, train
+from vla_exp.config import config_hash
+from vla_exp.train import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +38,8 @@ def test_joblib_sweep_divides_the_cores_groups_runs_and_reports(tmp_path, wandb_
         config = run["config"]["update"]
         assert run["run_group"] == str(tmp_path) and run["job_type"] == "train"
         assert config["seed"] == 0 and config["choices"]["init"] == runs[name]["choices"]["init"]
+        saved = OmegaConf.load(tmp_path / name / ".hydra" / "config.yaml")  # what the job ran with, as Hydra keeps it
+        assert saved.threads == runs[name]["threads"] and saved.logger.group == str(tmp_path)
     assert f"{tmp_path}: 2 runs, 0 failed" in out.stdout
 
     report = cli("-m", "vla_exp.report", str(tmp_path))
@@ -79,7 +83,8 @@ def test_submitit_local_launcher_runs_the_jobs(tmp_path):
     runs = summaries(tmp_path)
     assert sorted(s["choices"]["init"] for s in runs.values()) == ["none", "xavier"]
     assert all(s["status"] == "completed" for s in runs.values())
-    assert list(tmp_path.glob(".submitit/*/*_log.out"))  # submitit ran them as its own jobs
+    logs = sorted(tmp_path.glob(".submitit/*/*_log.out"))  # submitit ran them as its own jobs
+    assert len(logs) == 2 and all("completed" in log.read_text() for log in logs)
 
 
 def test_add_one_study_runs_its_cells_and_writes_its_report(tmp_path):
@@ -89,8 +94,11 @@ def test_add_one_study_runs_its_cells_and_writes_its_report(tmp_path):
     recipes = sorted(s["choices"]["recipe"] for s in summaries(tmp_path).values())
     assert recipes == ["original", "original_with_clipping", "original_with_init", "original_with_loss_handling",
                        "original_with_optim"]
-    assert (tmp_path / "report" / "dashboard.html").is_file()
-    assert "add-one" in (tmp_path / "report" / "analysis.md").read_text().lower()
+    html = (tmp_path / "report" / "dashboard.html").read_text()
+    assert all(f"original with {fix}" in html for fix in ("init=xavier", "loss_handling=skip_nonfinite",
+                                                          "optim=fixed", "clipping=grad_norm"))
+    analysis = (tmp_path / "report" / "analysis.md").read_text()
+    assert "## Add-one: the original recipe plus each fix" in analysis and "init: none → xavier" in analysis
 
 
 def test_study_rejects_bad_arguments():

@@ -15,36 +15,21 @@ How the factorial analysis decides (see `factorial` and `verdicts`):
 """
 import itertools
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import statsmodels.formula.api as smf
-from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 from statsmodels.stats.anova import anova_lm
 
-GROUPS = ("init", "loss_handling", "optim", "clipping")  # the four fixes (vla_exp.train.GROUPS)
-CELL = (*GROUPS, "head_loading")                         # a cell: one combination of the choices
+from vla_exp.config import GROUPS
+
+CELL = (*GROUPS, "head_loading")  # a cell: one combination of the choices
 METRICS = ("val_action_error", "final_loss", "final_output_std", "initial_output_std")
 TABLE_METRICS = ("final_loss", "final_output_std", "initial_output_std", "epochs_to_converge", "time_to_converge_s",
                  "skipped_batches", "scaled_loss_steps", "val_action_error", "success_rate")
 ALPHA = 0.05
 SIZES = ((0.14, "large"), (0.06, "medium"), (0.01, "small"), (0.0, "negligible"))  # partial eta², Cohen (1988)
-
-
-def recipe_levels(recipe, conf_dir=None):
-    """{group: level} that a preset in conf/recipe selects: the preset it builds on (`- fixed`), then its own
-    `override /group: level` entries. Read from the configs, so a changed recipe changes the report with it."""
-    if conf_dir is None:
-        from vla_exp.train import CONF_DIR as conf_dir
-    levels = {}
-    for entry in OmegaConf.load(Path(conf_dir) / "recipe" / f"{recipe}.yaml").get("defaults", []):
-        if isinstance(entry, str) and entry != "_self_":
-            levels.update(recipe_levels(entry, conf_dir))
-        elif isinstance(entry, DictConfig):
-            levels.update({key.split("/")[-1]: level for key, level in entry.items()})
-    return levels
 
 
 # ------------------------------------------------------------------------------------------------ formatting

@@ -1,7 +1,8 @@
 """Checkpoints: everything a run needs to go on exactly where it stopped, written atomically.
 
 Data order depends only on seed and epoch and the learning rate only on the epoch, so the model, the optimizer, the
-RNG states and the position (epoch, batch, step) are all the state there is; the loop's own tallies ride along.
+RNG states and the position (epoch, batch, step) are all the state there is; the loop's own tallies ride along
+(`progress`: the fields of vla_exp.train.LoopState, and the seconds the run had taken).
 """
 import random
 from pathlib import Path
@@ -36,6 +37,19 @@ def find(run_dir, resume):
     return path if path.is_file() else None
 
 
+def find_and_load(run_dir, resume, config_hash):
+    """The checkpoint a run of this config goes on from, or None. One in the run folder written by another config
+    is left alone (the run starts afresh); an explicit `resume` of another config is refused."""
+    ckpt = load(path) if (path := find(run_dir, resume)) else None
+    if ckpt and ckpt["config_hash"] != config_hash:
+        if resume:
+            raise UsageError(f"resume={resume}: that checkpoint was written by another config; resume needs the "
+                             "same one")
+        print(f"{path}: written by another config; this run starts afresh")
+        return None
+    return ckpt
+
+
 def load(path):
     try:
         return {**torch.load(path, map_location="cpu", weights_only=False), "path": str(path)}
@@ -51,4 +65,4 @@ def restore(ckpt, policy, optimizer, gen):
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     gen.set_state(rng["noise"])
-    return ckpt["progress"]
+    return {k: v for k, v in ckpt["progress"].items() if k != "elapsed_s"}

@@ -1,62 +1,12 @@
-"""Episodes from a folder of ACT/TinyVLA-style HDF5 files, split by episode, normalised with training statistics."""
+"""Training and validation sets from a folder of episodes: split by episode, normalised with training statistics,
+one sample per time step with its action chunk."""
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from vla_exp import UsageError
-
-
-def read_episode(path, camera):
-    """One episode file as arrays. A file that is not a readable episode raises UsageError naming it."""
-    keys = (f"observations/images/{camera}", "observations/qpos", "action", "language_raw")
-    try:
-        with h5py.File(path, "r") as f:
-            if missing := [k for k in keys if k not in f]:
-                cameras = list(f["observations/images"]) if "observations/images" in f else []
-                hint = f" (cameras there: {', '.join(cameras)})" if missing[0] == keys[0] and cameras else ""
-                raise UsageError(f"{path}: no /{missing[0]}{hint}")
-            images, qpos, action, instruction = (f[k][()] for k in keys)
-            baselines = {k: v[()] for k, v in f["baselines"].items()} if "baselines" in f else {}
-    except OSError as e:  # not HDF5, truncated, or a chunk that no longer decompresses
-        raise UsageError(f"{path}: not a readable HDF5 file ({' '.join(str(e).split())})") from None
-    if isinstance(instruction, bytes):
-        instruction = instruction.decode()
-    return {"images": images, "qpos": qpos.astype(np.float32), "action": action.astype(np.float32),
-            "instruction": instruction, "baselines": baselines}
-
-
-def check_episode(path, ep, horizon, expected):
-    """Raise UsageError naming `path` if the episode cannot be trained on. `expected` maps what every episode must
-    share (image size, dims, baseline names) to (value, where it comes from); what it lacks is taken from this
-    episode, and later ones must match it."""
-    images, qpos, action = ep["images"], ep["qpos"], ep["action"]
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise UsageError(f"{path}: images are {images.dtype} {images.shape}, not uint8 (T, H, W, 3)")
-    if qpos.ndim != 2 or action.ndim != 2:
-        raise UsageError(f"{path}: qpos {qpos.shape} and action {action.shape} must both be (T, dim)")
-    if len(set(lengths := (len(images), len(qpos), len(action)))) > 1:
-        raise UsageError(f"{path}: lengths differ: {lengths[0]} images, {lengths[1]} qpos, {lengths[2]} actions")
-    if not len(action):
-        raise UsageError(f"{path}: no time steps")
-    if not isinstance(ep["instruction"], str):
-        raise UsageError(f"{path}: /language_raw is not a string")
-    found = {"image size": "x".join(map(str, images.shape[1:3])), "action dim": action.shape[1],
-             "state dim": qpos.shape[1], "baselines": sorted(ep["baselines"])}
-    for what, value in found.items():
-        want, source = expected.setdefault(what, (value, path.name))
-        if value != want:
-            raise UsageError(f"{path}: {what} {value} does not match {want} ({source})")
-    steps, dim = action.shape
-    for name, chunks in ep["baselines"].items():  # one stored chunk per step, at least a horizon long
-        if chunks.ndim != 3 or len(chunks) != steps or chunks.shape[1] < horizon or chunks.shape[2] != dim:
-            raise UsageError(f"{path}: /baselines/{name} is {chunks.shape}, not ({steps}, >= {horizon}, {dim})")
-    arrays = {"observations/qpos": qpos, "action": action, **{f"baselines/{k}": v for k, v in ep["baselines"].items()}}
-    for name, a in arrays.items():
-        if not np.isfinite(a).all():
-            step = np.argwhere(~np.isfinite(a))[0][0]
-            raise UsageError(f"{path}: /{name} holds NaN or inf (first at step {step})")
+from vla_exp.episodes import check_episode, episode_files, read_episode
 
 
 def split_episodes(files, val_fraction, seed):
@@ -135,11 +85,7 @@ def load_split(data_dir, camera, val_fraction, seed, horizon, image_size=None, a
     """Train and validation sets. Every file is read and checked first, so bad data stops a run before it trains;
     the model's image size and dims, where given, are what the episodes must have."""
     data_dir = Path(data_dir).expanduser()
-    if not data_dir.is_dir():
-        raise UsageError(f"data.dir={data_dir}: no such folder")
-    files = sorted(data_dir.glob("*.hdf5"))
-    if not files:
-        raise UsageError(f"data.dir={data_dir}: no *.hdf5 episode files there")
+    files = episode_files(data_dir)
     try:
         train_files, val_files = split_episodes(files, val_fraction, seed)
     except UsageError as e:

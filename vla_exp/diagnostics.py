@@ -51,9 +51,9 @@ def init_report(policy, scheduler, batch, tokenizer, seed):
 
 
 @torch.no_grad()
-def evaluate(policy, train_scheduler, ddim, dataset, indices, tokenizer, steps, mean_chunk, batch_size=64):
-    """On held-out samples `indices`: loss and output std, and the mean squared error of DDIM-sampled action chunks
-    (normalised space) beside each baseline's. The same noise every call, so epochs and runs compare."""
+def held_out_metrics(policy, train_scheduler, ddim, dataset, indices, tokenizer, steps, mean_chunk, batch_size=64):
+    """Open loop, on held-out samples `indices`: loss and output std, and the mean squared error of DDIM-sampled
+    action chunks (normalised space) beside each baseline's. The same noise every call, so epochs and runs compare."""
     policy.eval()
     gen = torch.Generator().manual_seed(1)
     losses, stds, sq, targets = [], [], [], []

@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -154,11 +153,8 @@ def build_policy(kind, run_dir, cfg, seed):
             raise UsageError(f"{run_dir}: no {name} there (the run did not finish?)")
     norm = Normalizer(**json.loads((run_dir / "normalization.json").read_text()))
     if kind == "mean_chunk":
-        from vla_exp.data import load_split
-        from vla_exp.tasks import episodes_dir
-        d, m = cfg.data, cfg.model.config
-        train_set, _ = load_split(episodes_dir(cfg), d.camera, d.val_fraction, d.split_seed, m.horizon)
-        return mw.FixedChunk(denormalise(norm, train_set.mean_chunk()))
+        from vla_exp.config import datasets
+        return mw.FixedChunk(denormalise(norm, datasets(cfg)[0].mean_chunk()))
     from vla_exp.model import load_policy
     policy, tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
     policy.load_state_dict(torch.load(run_dir / "policy.pt", map_location="cpu"))
@@ -166,24 +162,17 @@ def build_policy(kind, run_dir, cfg, seed):
 
 
 def to_wandb(cfg, run_dir, result):
-    """The results as a W&B run beside the training's (same group, job type "evaluate"). W&B never stops the
-    evaluation: a failure warns once, and summary.json holds everything."""
-    if cfg.logger.kind != "wandb":
-        return
-    try:
-        import wandb
-        from vla_exp.recorder import WandbTracker
-        logger = OmegaConf.merge(cfg.logger, {"job_type": "evaluate"})
-        name = key(result["policy"])
-        config = OmegaConf.to_container(cfg, resolve=True)
-        tracker = WandbTracker(logger, str(run_dir), config, f"{run_dir.name}-{name}")
-        flat = {f"{name}/{k}": v for k, v in result.items() if k != "tasks"}
-        flat |= {f"{name}/{task}/{k}": v for task, r in result["tasks"].items() for k, v in r.items()}
-        tracker.log({**flat, f"{name}/rollouts": wandb.Image(str(run_dir / f"{name}.png"))})
-        tracker.summary(flat)
-        tracker.finish()
-    except Exception as e:
-        warnings.warn(f"W&B failed ({type(e).__name__}: {e}); the results are in summary.json")
+    """The results as a W&B run beside the training's (its logger config: same project and group, job type
+    "evaluate"). W&B never stops the evaluation: a failure warns once, and summary.json holds everything."""
+    from vla_exp.recorder import Tracker
+    name = key(result["policy"])
+    tracker = Tracker(cfg.logger, run_dir, f"{run_dir.name}-{name}", OmegaConf.to_container(cfg, resolve=True),
+                      job_type="evaluate")
+    flat = {f"{name}/{k}": v for k, v in result.items() if k != "tasks"}
+    flat |= {f"{name}/{task}/{k}": v for task, r in result["tasks"].items() for k, v in r.items()}
+    tracker.log(flat, images={f"{name}/rollouts": run_dir / f"{name}.png"})
+    tracker.summary(flat)
+    tracker.finish()
 
 
 def evaluate_run(run_dir, episodes=10, seed=0, tasks=None, policy="trained", execute=EXECUTE, threads=None):

@@ -1,7 +1,8 @@
-"""The four differences between the seed's original and fixed training scripts, one small piece each.
+"""The four differences between the reported original and fixed training scripts, one small piece each.
 
-The config picks them with `_target_` (conf/init, conf/loss_handling, conf/optim, conf/clipping); the training loop
-calls them and never asks which recipe it runs.
+The config picks them with `_target_` (conf/init, conf/loss_handling, conf/optim, conf/clipping) and holds their
+settings (no defaults here: the YAML is their one home); the training loop calls them and never asks which recipe it
+runs. A new variant is a class with the call signature of its section, and a YAML file naming it.
 """
 import math
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 # ---------------------------------------------------------------------------------------------------------------
-# init: applied to the diffusion head only, after loading
+# init: (head) -> None, applied to the diffusion head only, after loading
 
 
 class NoInit:
@@ -19,12 +20,13 @@ class NoInit:
         pass
 
 
-class SeedXavierInit:
-    """The seed's `proper_weight_init`, exactly: Linear xavier_uniform(gain), bias 0; Conv1d kaiming_normal(fan_out,
-    relu, a), bias 0. Nothing else: ConvTranspose1d is not a Conv1d subclass and GroupNorm is not touched. On a 1x1
-    output conv, fan_out is the action dimension, so its weights get std ~ sqrt(2 / action_dim): a large output."""
+class ReportedXavierInit:
+    """The reported fixed script's `proper_weight_init`, exactly: Linear xavier_uniform(gain), bias 0; Conv1d
+    kaiming_normal(fan_out, relu, a), bias 0. Nothing else: ConvTranspose1d is not a Conv1d subclass and GroupNorm
+    is not touched. On a 1x1 output conv, fan_out is the action dimension, so its weights get std
+    ~ sqrt(2 / action_dim): a large output."""
 
-    def __init__(self, gain=0.5, a=0.1):
+    def __init__(self, gain, a):
         self.gain, self.a = gain, a
 
     def __call__(self, head):
@@ -43,7 +45,7 @@ class XavierAllInit:
     """A corrected variant: xavier_uniform(gain) on every Linear, Conv1d and ConvTranspose1d (fan_in and fan_out
     averaged, so the 1x1 output conv stays small), biases 0, norms reset to 1/0."""
 
-    def __init__(self, gain=0.5):
+    def __init__(self, gain):
         self.gain = gain
 
     def __call__(self, head):
@@ -67,20 +69,20 @@ class TorchDefaultInit:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# loss handling: returns (loss to back-propagate or None to skip the batch, event name or None)
+# loss handling: (loss) -> (the loss to back-propagate, or None to skip the batch; whether it was scaled)
 
 
 class ScaleDown:
     """The original script: a loss above `threshold` is multiplied by `factor` before backward. NaN is not > 1000,
     so a NaN loss is back-propagated as it is."""
 
-    def __init__(self, threshold=1000.0, factor=0.1):
+    def __init__(self, threshold, factor):
         self.threshold, self.factor = threshold, factor
 
     def __call__(self, loss):
         if loss.item() > self.threshold:
-            return loss * self.factor, "scaled"
-        return loss, None
+            return loss * self.factor, True
+        return loss, False
 
 
 class SkipNonFinite:
@@ -88,12 +90,13 @@ class SkipNonFinite:
 
     def __call__(self, loss):
         if not math.isfinite(loss.item()):
-            return None, "skipped"
-        return loss, None
+            return None, False
+        return loss, False
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# optim: learning rate per epoch, a pure function of the epoch (so a resumed run needs no scheduler state)
+# optim: (lr, epoch, epochs) -> the epoch's learning rate, a pure function of the epoch (so a resumed run needs no
+# scheduler state)
 
 
 class ConstantLR:
@@ -104,7 +107,7 @@ class ConstantLR:
 class CosineLR:
     """torch's CosineAnnealingLR(T_max=epochs, eta_min=eta_min_ratio * lr) stepped once per epoch, in closed form."""
 
-    def __init__(self, eta_min_ratio=0.1):
+    def __init__(self, eta_min_ratio):
         self.eta_min_ratio = eta_min_ratio
 
     def __call__(self, lr, epoch, epochs):
@@ -113,17 +116,17 @@ class CosineLR:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# clipping: returns the gradient norm before clipping
+# clipping: (trainable parameters, logged) -> the gradient norm before clipping (None: not measured)
 
 
 class NoClip:
     """Measure the norm only. `every_step=False` measures it on logged steps alone (None on the others): reading
     every gradient costs about 5% of a CPU step at model=tiny."""
 
-    def __init__(self, every_step=True):
+    def __init__(self, every_step):
         self.every_step = every_step
 
-    def __call__(self, params, logged=True):
+    def __call__(self, params, logged):
         if not (self.every_step or logged):
             return None
         grads = [p.grad for p in params if p.grad is not None]
@@ -131,8 +134,8 @@ class NoClip:
 
 
 class GradNormClip:
-    def __init__(self, max_norm=1.0):
+    def __init__(self, max_norm):
         self.max_norm = max_norm
 
-    def __call__(self, params, logged=True):
+    def __call__(self, params, logged):
         return torch.nn.utils.clip_grad_norm_(params, self.max_norm).item()

@@ -1,8 +1,8 @@
 """MetaWorld (an optional extra: `pip install -e ".[metaworld]"`): demonstrations from its scripted experts, and the
 harness that rolls any policy out in its simulator.
 
-An episode is written in the embedded tasks' layout (vla_exp/tasks.py): `/observations/images/<camera>` (T, 64, 64, 3)
-uint8, `/observations/qpos` (T, 10), `/action` (T, 4), `language_raw`; no baselines.
+An episode is written in the format of vla_exp/episodes.py: images (T, 64, 64, 3) uint8, qpos (T, 10), action (T, 4),
+the instruction; no baselines.
 - state (`qpos`, 10): hand xyz, gripper opening (0 closed .. 1 open), object xyz, goal xyz. MetaWorld hides the goal
   unless `_partially_observable` is False; a policy whose tiny vision tower cannot yet localise a small goal marker
   has to read it here (a reaching task is learnt in CPU minutes with the goal in the state, not without it).
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from vla_exp import UsageError
 from vla_exp.files import atomic_dir, write_json
-from vla_exp.tasks import write_episode
+from vla_exp.episodes import write_episode
 
 VERSION = 1  # part of the cache key: bump it when what the generator writes changes (instructions included)
 INSTALL = 'pip install -e ".[metaworld]" (or pip install "vla-exp[metaworld]")'
@@ -61,10 +61,17 @@ def instruction(task):
     return INSTRUCTIONS.get(task, task.removesuffix("-v3").replace("-", " "))
 
 
-def cache_key():
-    """What, beside the data config, decides the generated files: this generator and the simulator's versions."""
+def version():
+    """What, beside `params`, decides the generated files: this generator and the simulator's versions."""
     task_names()
     return f"metaworld-{VERSION}, metaworld {metadata.version('metaworld')}, mujoco {metadata.version('mujoco')}"
+
+
+def params(cfg):
+    """Everything in the config that decides the files `generate` writes."""
+    d = cfg.data
+    return {"tasks": list(d.tasks), "episodes": d.episodes, "steps": d.steps, "camera": d.camera,
+            "image_size": d.image_size, "seed": d.generator_seed}
 
 
 def state(obs):
@@ -211,9 +218,9 @@ def close_task(envs, camera):
 # Demonstrations
 
 
-def generate(out_dir, tasks, episodes, steps, camera, image_size, seed, task="metaworld", horizon=None):
+def generate(out_dir, tasks, episodes, steps, camera, image_size, seed):
     """Write `episodes` expert demonstrations of each of `tasks` into `out_dir` (created atomically; same arguments
-    and versions, same files). `horizon` is unused: MetaWorld episodes carry no baselines."""
+    and versions, same files)."""
     expert, succeeded = Expert(), {}
     with atomic_dir(out_dir) as tmp, tqdm(total=episodes * len(tasks), desc="generating metaworld episodes",
                                            leave=False) as bar:
@@ -231,5 +238,5 @@ def generate(out_dir, tasks, episodes, steps, camera, image_size, seed, task="me
             finally:
                 close_task(envs, cam)
         write_json(tmp / "generation.json", {"tasks": list(tasks), "episodes_per_task": episodes,
-                                             "expert_successes": succeeded, "versions": cache_key()})
+                                             "expert_successes": succeeded, "versions": version()})
     return out_dir

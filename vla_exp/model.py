@@ -22,7 +22,6 @@ from vla_exp.head import ConditionalUnet1D
 
 logging.set_verbosity_error()  # the loader's report of missing head weights is expected; the init report covers it
 logging.disable_progress_bar()
-HEAD_LOADING = ("current", "legacy_zeros", "legacy_stale", "legacy_empty")
 
 
 class VLAConfig(PretrainedConfig):

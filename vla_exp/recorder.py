@@ -1,6 +1,8 @@
-"""Where a run's figures go: `metrics.jsonl` and `summary.json` in the run directory, mirrored to W&B.
+"""Where figures go: W&B through one `Tracker` (training runs, closed-loop evaluations and reports alike), and a
+training run's `metrics.jsonl` and `summary.json` in its folder, mirrored to W&B by the `Recorder`.
 
-W&B degrades to a stub (logger=none, or when it fails to start), so the training loop never asks whether it is on.
+W&B must never stop the work: a tracker that fails to start or to log warns once and does nothing from then on, as
+it does with logger=none, so no caller ever asks whether W&B is on. The local files hold everything.
 """
 import json
 import os
@@ -10,45 +12,67 @@ from pathlib import Path
 from vla_exp.files import write_json, write_text
 
 
-class NoTracker:
-    id = None
+class Tracker:
+    """One W&B run as the logger config says (`kind: none`: nothing), of `job_type` (default: the config's) in the
+    config's group; `run_id` goes on in an earlier run. No logger config: nothing."""
 
-    def log(self, row, step=None):
-        pass
+    def __init__(self, logger_cfg, run_dir, name, config, job_type=None, run_id=None):
+        self.run, self.id = None, None
+        if logger_cfg is None or logger_cfg.kind != "wandb":
+            return
+        try:
+            import wandb  # imported here: a run with logger=none never pays for it
+            self.run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, mode=logger_cfg.mode,
+                                  dir=str(run_dir), config=config, group=logger_cfg.group,
+                                  job_type=job_type or logger_cfg.job_type, name=name, tags=list(logger_cfg.tags),
+                                  id=run_id, resume="allow" if run_id else None,
+                                  settings=wandb.Settings(console="off", silent=True,
+                                                          x_disable_stats=not logger_cfg.system_stats))
+            self.id = self.run.id
+        except Exception as e:
+            warnings.warn(f"W&B did not start ({type(e).__name__}: {e}); the local files hold everything")
+
+    def log(self, row, step=None, images=None, tables=None):
+        """A row of figures, with images ({key: PNG path}) and tables ({key: DataFrame}) as W&B media."""
+        def log(run):
+            media = {}
+            if images or tables:
+                import wandb
+                media = {k: wandb.Image(str(path)) for k, path in (images or {}).items()}
+                media |= {k: wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
+                          for k, df in (tables or {}).items()}
+            run.log({**row, **media}, step=step)
+        self.call(log)
 
     def summary(self, summary):
-        pass
+        self.call(lambda run: run.summary.update(summary))
 
     def finish(self, exit_code=0):
-        pass
+        self.call(lambda run: run.finish(exit_code=exit_code))
 
-
-class WandbTracker:
-    def __init__(self, cfg, run_dir, config, name, run_id=None):
-        import wandb  # imported here: a run with logger=none never pays for it
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=run_dir, config=config,
-                              group=cfg.group, job_type=cfg.job_type, name=name, tags=list(cfg.tags),
-                              id=run_id, resume="allow" if run_id else None,
-                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=not cfg.system_stats))
-        self.id = self.run.id
-
-    def log(self, row, step=None):
-        self.run.log(row, step=step)
-
-    def summary(self, summary):
-        self.run.summary.update(summary)
-
-    def finish(self, exit_code=0):
-        self.run.finish(exit_code=exit_code)
+    def call(self, fn):
+        if self.run is None:
+            return
+        try:
+            fn(self.run)
+        except Exception as e:
+            warnings.warn(f"W&B failed ({type(e).__name__}: {e}); going on without it, the local files hold "
+                          "everything")
+            self.run = None
 
 
 class Recorder:
-    """A resumed run passes its checkpoint: it keeps the rows written before the checkpoint (from the folder that
-    holds it) and drops those after (they are about to be written again), and goes on in the same W&B run."""
+    """A training run's figures: rows of `metrics.jsonl`, the summary, and their mirror in W&B.
+
+    A resumed run passes its checkpoint: it keeps the rows written before the checkpoint (from the folder that holds
+    it) and drops those after (they are about to be written again), and goes on in the same W&B run. With
+    `write=False` (a process of distributed training other than rank 0) it records nothing: rank 0 records for all."""
+
     def __init__(self, run_dir, logger_cfg, config, name, checkpoint=None, write=True):
         self.run_dir, self.write = Path(run_dir), write
-        if not write:  # a process of distributed training other than rank 0: rank 0 records for all
-            self.metrics, self.rows, self.tracker = open(os.devnull, "w"), 0, NoTracker()
+        if not write:
+            self.metrics, self.rows = open(os.devnull, "w"), 0
+            self.tracker = Tracker(None, run_dir, name, config)
             return
         path, wandb_id, kept = self.run_dir / "metrics.jsonl", None, []
         if checkpoint:
@@ -57,33 +81,20 @@ class Recorder:
             wandb_id = checkpoint["wandb_id"]
         write_text(path, "".join(kept))  # a new run into an old folder starts afresh
         self.metrics, self.rows = open(path, "a"), len(kept)
-        self.tracker = NoTracker()
-        if logger_cfg.kind == "wandb":
-            try:
-                self.tracker = WandbTracker(logger_cfg, str(self.run_dir), config, name, wandb_id)
-            except Exception as e:  # W&B must never stop training: the local files hold everything
-                warnings.warn(f"W&B did not start ({e}); this run writes its local files only")
+        self.tracker = Tracker(logger_cfg, self.run_dir, name, config, run_id=wandb_id)
 
     def log(self, row):
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
         self.rows += 1
         prefix = "train" if row["kind"] == "step" else row["kind"]  # W&B merges rows logged at the same step
-        self.mirror("log", {f"{prefix}/{k}": v for k, v in row.items() if k not in ("kind", "step")}, step=row["step"])
+        self.tracker.log({f"{prefix}/{k}": v for k, v in row.items() if k not in ("kind", "step")}, step=row["step"])
 
     def summary(self, summary):
         if self.write:
             write_json(self.run_dir / "summary.json", summary)
-        self.mirror("summary", summary)
+        self.tracker.summary(summary)
 
     def finish(self, exit_code=0):
         self.metrics.close()
-        self.mirror("finish", exit_code)
-
-    def mirror(self, method, *args, **kwargs):
-        """W&B must never stop training: the first failure is reported once, and the run goes on without W&B."""
-        try:
-            getattr(self.tracker, method)(*args, **kwargs)
-        except Exception as e:
-            warnings.warn(f"W&B failed ({type(e).__name__}: {e}); this run goes on with its local files only")
-            self.tracker = NoTracker()
+        self.tracker.finish(exit_code)

@@ -13,17 +13,18 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from vla_exp import UsageError, analysis, dashboard
+from vla_exp.analysis import CELL
+from vla_exp.config import CONF_DIR, reference_levels
 from vla_exp.files import atomic, write_text
-from vla_exp.analysis import CELL, GROUPS
+from vla_exp.recorder import Tracker
 
 MANY = 20  # a progress bar from this many runs on
 METHOD = ("Effect = marginal mean of the level minus that of the reference level (the original recipe's), with a 95% "
@@ -33,18 +34,6 @@ METHOD = ("Effect = marginal mean of the level minus that of the reference level
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def reference_levels(conf_dir=None):
-    """{"original": {group: level}, "fixed": {...}} from the recipe presets; the head loading is the default
-    model's for both (the recipes do not choose it)."""
-    from vla_exp.train import CONF_DIR
-    conf_dir = Path(conf_dir or CONF_DIR)
-    model = next(e["model"] for e in OmegaConf.load(conf_dir / "train.yaml").defaults
-                 if isinstance(e, DictConfig) and "model" in e)
-    head = OmegaConf.load(conf_dir / "model" / f"{model}.yaml").head_loading
-    return {recipe: {**{g: analysis.recipe_levels(recipe, conf_dir)[g] for g in GROUPS}, "head_loading": head}
-            for recipe in ("original", "fixed")}
-
-
 def sweep_group(run_dirs):
     """The W&B group of the runs' sweep: its hydra.sweep.dir (what vla_exp.train groups a multirun by) when the
     sweep's multirun.yaml holds it literally, else the name of the runs' common parent folder."""
@@ -143,23 +132,23 @@ def analysis_markdown(title, results, loo, add):
     return "\n".join(lines)
 
 
-def log_wandb(out, runs, table, pngs, group, mode):
+def logger_config(run_dirs, mode, group):
+    """The W&B project and entity of the runs' own logger config (the first run's that has one, else the default),
+    with the report's mode and group."""
+    saved = (Path(d) / ".hydra" / "config.yaml" for d in run_dirs)
+    loggers = (OmegaConf.load(path).get("logger") for path in saved if path.is_file())
+    logger = next((lg for lg in loggers if lg is not None and lg.get("kind") == "wandb"),
+                  OmegaConf.load(CONF_DIR / "logger" / "wandb.yaml"))
+    return OmegaConf.merge(logger, {"mode": mode, "group": group})
+
+
+def log_wandb(out, runs, table, pngs, logger):
     """Mirror the table and the plots to W&B (job_type=report). The local files are already written: a failure here
     only warns."""
-    try:
-        import wandb
-        run = wandb.init(project="vla-exp", group=group, job_type="report", mode=mode, dir=str(out),
-                         name=f"report-{group}", config={"job_type": "report", "runs": len(runs), "cells": len(table),
-                                                          "run_dirs": list(runs.run_dir)},
-                         settings=wandb.Settings(console="off", silent=True))
-        try:
-            as_table = lambda df: wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
-            run.log({"runs": as_table(runs), "table": as_table(table),
-                     **{f"plots/{p.stem}": wandb.Image(str(p)) for p in pngs}})
-        finally:
-            run.finish()
-    except Exception as e:
-        warnings.warn(f"W&B logging failed ({type(e).__name__}: {e}); the local report in {out} is complete")
+    tracker = Tracker(logger, out, f"report-{logger.group}", {"runs": len(runs), "cells": len(table),
+                                                               "run_dirs": list(runs.run_dir)}, job_type="report")
+    tracker.log({}, images={f"plots/{p.stem}": p for p in pngs}, tables={"runs": runs, "table": table})
+    tracker.finish()
 
 
 def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
@@ -217,8 +206,7 @@ def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
     print(f"\nReport written to {out}/ (table.md, analysis.md, dashboard.html, runs.csv, runs.parquet, curves.csv, "
           "table.csv, *.png)")
     if use_wandb:  # after the local files, so a W&B failure never costs them
-        group = group or sweep_group(run_dirs)
-        log_wandb(out, runs, table, pngs, group, wandb_mode)
+        log_wandb(out, runs, table, pngs, logger_config(run_dirs, wandb_mode, group or sweep_group(run_dirs)))
     return out
 
 

@@ -8,8 +8,7 @@ import math
 from omegaconf import OmegaConf
 
 from vla_exp import UsageError
-from vla_exp.model import HEAD_LOADING
-from vla_exp.tasks import TASKS
+from vla_exp.episodes import GENERATORS
 
 ABSENT = object()
 
@@ -49,7 +48,7 @@ RULES = [  # key, (test, what is allowed)
     ("data.episodes", integer_from(2)),  # one for training, one for validation
     ("data.steps", integer_from(1)),
     ("data.val_fraction", (lambda v: number(v) and 0 < v < 1, "must be a number in (0, 1)")),
-    ("model.head_loading", one_of(HEAD_LOADING)),
+    ("model.head_loading", one_of(("current", "legacy_zeros", "legacy_stale", "legacy_empty"))),  # see model.py
     ("model.stale_fraction", (lambda v: number(v) and 0 <= v <= 1, "must be a number in [0, 1]")),
     ("logger.kind", one_of(("wandb", "none"))),
     ("diverge_after", (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")),
@@ -100,7 +99,7 @@ def validate(cfg):
         raise UsageError(f"eval.rollouts={cfg.eval.rollouts}: closed-loop rollouts need a simulator, data=metaworld "
                          f"(here data.task={cfg.data.task}); set eval.rollouts=0")
     if cfg.data.dir is None:  # the episodes are generated
-        check(cfg, "data.task", one_of((*TASKS, "metaworld")))
+        check(cfg, "data.task", one_of(tuple(GENERATORS)))
         if cfg.data.task == "metaworld":  # an optional extra: its task names come from MetaWorld itself
             from vla_exp.metaworld import CAMERAS, task_names
             names = task_names()  # one line naming the install command where MetaWorld cannot be imported

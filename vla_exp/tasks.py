@@ -1,24 +1,18 @@
-"""Built-in task generators: episodes written as ACT/TinyVLA-style HDF5 files.
-
-Each file holds `/observations/images/<camera>` (T, H, W, 3) uint8, `/observations/qpos` (T, 2), `/action` (T, 2)
-(the next gripper position), `language_raw` (the instruction), and `/baselines/<name>` (T, horizon, 2): the action
-chunk of the best predictor that does not see one input, so held-out evaluation can report it beside the policy.
+"""Built-in task generators, written in the episode format of vla_exp/episodes.py: qpos (T, 2) is the gripper's
+position, the action (T, 2) its next one, and `/baselines/<name>` (T, horizon, 2) the action chunk of the best
+predictor that does not see one input, so held-out evaluation can report it beside the policy.
 
 - `tint` (the embedded default): the background colour picks the row of the goal (red top, green middle, blue
   bottom) and the instruction picks the column ("left" / "right"). The policy must read both the image and the words.
 - `blocks` (harder, for longer runs): three coloured blocks at random places; the instruction names the block to
   reach, so the policy has to localise small objects.
 """
-import hashlib
-import json
 from pathlib import Path
 
-import h5py
 import numpy as np
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from vla_exp import UsageError
+from vla_exp.episodes import write_episode
 from vla_exp.files import atomic_dir
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (50, 70, 210)}
@@ -26,6 +20,7 @@ ROWS = {"red": 0.6, "green": 0.0, "blue": -0.6}
 COLUMNS = {"left": -0.6, "right": 0.6}
 PHRASES = {"left": ["go left", "move to the left", "reach the left goal"],
            "right": ["go right", "move to the right", "reach the right goal"]}
+SPEED = 0.12  # of the expert, per step
 
 
 def expert_chunk(pos, goal, horizon, speed):
@@ -45,7 +40,7 @@ def draw_square(img, xy, half, colour):
     img[max(r - half, 0):r + half + 1, max(c - half, 0):c + half + 1] = colour
 
 
-def tint_episode(rng, steps, horizon, speed, size):
+def tint_episode(rng, size):
     colour = rng.choice(list(ROWS))
     side = rng.choice(list(COLUMNS))
     goal = np.array([COLUMNS[side], ROWS[colour]])
@@ -65,7 +60,7 @@ def tint_episode(rng, steps, horizon, speed, size):
     return goal, render, rng.choice(PHRASES[side]), {"ignore_image": ignore_image, "ignore_instruction": ignore_words}
 
 
-def blocks_episode(rng, steps, horizon, speed, size):
+def blocks_episode(rng, size):
     places = rng.uniform(-0.8, 0.8, (3, 2))
     name = rng.choice(list(COLOURS))
     goal = places[list(COLOURS).index(name)]
@@ -82,61 +77,37 @@ def blocks_episode(rng, steps, horizon, speed, size):
 
 
 TASKS = {"tint": tint_episode, "blocks": blocks_episode}
-VERSION = 1  # part of the cache key: bump it when a generator changes what it writes
 
 
-def write_episode(path, images, qpos, actions, instruction, baselines, camera):
-    with h5py.File(path, "w") as f:
-        f.create_dataset(f"observations/images/{camera}", data=images, compression="lzf")
-        f["observations/qpos"] = qpos
-        f["action"] = actions
-        f["language_raw"] = str(instruction)
-        for name, chunks in baselines.items():
-            f[f"baselines/{name}"] = chunks
+def version():
+    """Part of the cache key: bump it when a generator changes what it writes."""
+    return "tasks-1"
 
 
-def generate(task, out_dir, episodes, seed, steps=24, horizon=16, speed=0.12, image_size=64, camera="top"):
+def params(cfg):
+    """Everything that decides the files `generate` writes for a run of `cfg`."""
+    d = cfg.data
+    return {"task": d.task, "episodes": d.episodes, "steps": d.steps, "image_size": d.image_size, "camera": d.camera,
+            "seed": d.generator_seed, "horizon": cfg.model.config.horizon}
+
+
+def generate(out_dir, task, episodes, steps, image_size, camera, seed, horizon):
     """Write `episodes` episodes of `task` into `out_dir` (created atomically; same arguments, same files)."""
-    if task not in TASKS:
-        raise UsageError(f"data.task={task!r} is not a built-in task; choose one of {sorted(TASKS)}")
     rng = np.random.default_rng(seed)
     with atomic_dir(out_dir) as tmp:
         for i in tqdm(range(episodes), desc=f"generating {task} episodes", leave=False):
-            write_episode(tmp / f"episode_{i:05d}.hdf5", *expert_episode(task, rng, steps, horizon, speed, image_size),
+            write_episode(tmp / f"episode_{i:05d}.hdf5", *expert_episode(task, rng, steps, horizon, image_size),
                           camera)
     return Path(out_dir)
 
 
-def expert_episode(task, rng, steps, horizon, speed, image_size):
+def expert_episode(task, rng, steps, horizon, image_size):
     """One episode of `task`: images, qpos, actions, instruction and the baselines' action chunks."""
-    goal, render, instruction, alternatives = TASKS[task](rng, steps, horizon, speed, image_size)
+    goal, render, instruction, alternatives = TASKS[task](rng, image_size)
     path = [rng.uniform(-0.9, 0.9, 2)]
     for _ in range(steps):
-        path.append(expert_chunk(path[-1], goal, 1, speed)[0])
+        path.append(expert_chunk(path[-1], goal, 1, SPEED)[0])
     qpos = np.array(path[:-1], np.float32)
-    baselines = {name: np.mean([expert_chunk(qpos, g, horizon, speed) for g in goals], axis=0).astype(np.float32)
+    baselines = {name: np.mean([expert_chunk(qpos, g, horizon, SPEED) for g in goals], axis=0).astype(np.float32)
                  for name, goals in alternatives.items()}
     return np.stack([render(p) for p in qpos]), qpos, np.array(path[1:], np.float32), instruction, baselines
-
-
-NOT_GENERATOR = ("dir", "generator_seed", "val_fraction", "split_seed", "action_dim", "state_dim")
-
-
-def episodes_dir(cfg):
-    """The folder of episodes a run trains on: `data.dir`, or `data.task` generated into the cache on first use."""
-    d = cfg.data
-    if d.dir:
-        return d.dir
-    kwargs = {k: v for k, v in OmegaConf.to_container(d, resolve=True).items() if k not in NOT_GENERATOR}
-    return cached(cfg.paths.cache_dir, seed=d.generator_seed, horizon=cfg.model.config.horizon, **kwargs)
-
-
-def cached(cache_dir, **kwargs):
-    """The folder of generated episodes for these arguments, generating it on first use."""
-    make, version = generate, VERSION
-    if kwargs["task"] == "metaworld":  # an optional extra: imported only when its episodes are asked for
-        from vla_exp import metaworld
-        make, version = metaworld.generate, metaworld.cache_key()
-    key = hashlib.sha256(json.dumps({**kwargs, "version": version}, sort_keys=True).encode()).hexdigest()[:12]
-    out_dir = Path(cache_dir).expanduser() / "data" / f"{kwargs['task']}-{key}"
-    return out_dir if out_dir.is_dir() else make(out_dir=out_dir, **kwargs)

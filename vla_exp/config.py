@@ -1,0 +1,69 @@
+"""The configs: where they live, composing one from overrides, and what a composed one says about its run.
+
+Torch-free, so the report and the analysis can read runs without loading the training stack.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = next(p for p in (Path(__file__).parent / "conf", Path(__file__).parent.parent / "conf") if p.is_dir())
+GROUPS = ("init", "loss_handling", "optim", "clipping")  # the four fixes, one config group each
+RECIPES = ("original", "fixed")
+# where a run goes and how it reports and restarts: none of it changes its results
+NOT_RESULTS = ("logger", "progress", "threads", "paths", "skip_finished", "checkpoint", "resume")
+
+
+def compose(*overrides):
+    """The config the CLI would run with these overrides (`"recipe=fixed", "init=none"`)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("train", list(overrides))
+
+
+def choices(cfg):
+    return {**{g: cfg[g].name for g in GROUPS}, "recipe": cfg.recipe, "head_loading": cfg.model.head_loading}
+
+
+def run_name(cfg):
+    c = choices(cfg)
+    return f"{c['recipe'] or 'custom'}-" + "-".join(c[g] for g in GROUPS) + f"-{c['head_loading']}-s{cfg.seed}"
+
+
+def config_hash(cfg):
+    """Fingerprint of everything that decides a run's results."""
+    c = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_RESULTS}
+    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recipe_levels(recipe, conf_dir=CONF_DIR):
+    """{group: level} that a preset in conf/recipe selects: the preset it builds on (`- fixed`), then its own
+    `override /group: level` entries. Read from the configs, so a changed recipe changes the report with it."""
+    levels = {}
+    for entry in OmegaConf.load(Path(conf_dir) / "recipe" / f"{recipe}.yaml").get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":
+            levels.update(recipe_levels(entry, conf_dir))
+        elif isinstance(entry, DictConfig):
+            levels.update({key.split("/")[-1]: level for key, level in entry.items()})
+    return levels
+
+
+def reference_levels(conf_dir=CONF_DIR):
+    """{"original": {group: level, "head_loading": ...}, "fixed": {...}} from the recipe presets; the head loading
+    is the default model's for both (the recipes do not choose it)."""
+    conf_dir = Path(conf_dir)
+    model = next(e["model"] for e in OmegaConf.load(conf_dir / "train.yaml").defaults
+                 if isinstance(e, DictConfig) and "model" in e)
+    head = OmegaConf.load(conf_dir / "model" / f"{model}.yaml").head_loading
+    return {recipe: {**{g: recipe_levels(recipe, conf_dir)[g] for g in GROUPS}, "head_loading": head}
+            for recipe in RECIPES}
+
+
+def datasets(cfg):
+    """The (train, validation) sets a run of `cfg` trains and evaluates on, checked against the model's sizes."""
+    from vla_exp.data import load_split
+    from vla_exp.episodes import episodes_dir
+    d, m = cfg.data, cfg.model.config
+    return load_split(episodes_dir(cfg), d.camera, d.val_fraction, d.split_seed, m.horizon,
+                      m.vision_config.image_size, m.action_dim, m.state_dim)
