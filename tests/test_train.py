@@ -54,12 +54,14 @@ def test_same_seed_same_metrics(make_cfg, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_a_new_run_into_an_old_folder_starts_afresh(make_cfg, tmp_path):
     for _ in range(2):
         s = train(make_cfg(*FAST, "recipe=fixed", "skip_finished=false"), tmp_path)
     assert [r["step"] for r in rows(tmp_path)] == list(range(1, s["steps"] + 1))
 
 
+@pytest.mark.slow
 def test_learning_rate_per_epoch(make_cfg, tmp_path):
     train(make_cfg(*FAST, "recipe=fixed", "epochs=3"), tmp_path)
     lrs = {r["epoch"]: r["lr"] for r in rows(tmp_path)}
@@ -144,6 +146,7 @@ def test_device_and_precision(make_cfg, tmp_path):
     assert a[0]["loss"] != b[0]["loss"] and b[0]["loss"] == pytest.approx(a[0]["loss"], rel=0.05)  # bf16 rounding
 
 
+@pytest.mark.slow
 def test_gradient_norm_on_logged_steps_only_changes_no_result(make_cfg, tmp_path):
     every = train(make_cfg(*FAST, "clipping=none", "log_every=3"), tmp_path / "every")
     logged = train(make_cfg(*FAST, "clipping=none", "log_every=3", "clipping.every_step=false"), tmp_path / "logged")
