@@ -44,9 +44,11 @@ BAD_VALUES = [  # overrides, the exact message
     (["optim.batch_size=true"], "optim.batch_size=true: must be an integer >= 1"),
     (["epochs=0"], "epochs=0: must be an integer >= 1"),
     (["epochs=2.0"], "epochs=2.0: must be an integer >= 1"),
-    (["seed=1.5"], "seed=1.5: must be an integer"),
-    (["seed=false"], "seed=false: must be an integer"),
-    (["seed=null"], "seed=null: must be an integer"),
+    (["seed=1.5"], "seed=1.5: must be an integer from 0 to 4294967295"),
+    (["seed=false"], "seed=false: must be an integer from 0 to 4294967295"),
+    (["seed=null"], "seed=null: must be an integer from 0 to 4294967295"),
+    (["seed=-3"], "seed=-3: must be an integer from 0 to 4294967295"),
+    (["seed=4294967296"], "seed=4294967296: must be an integer from 0 to 4294967295"),
     (["recipe=fixed", "clipping.max_norm=0"], "clipping.max_norm=0: must be a number > 0"),
     (["recipe=fixed", "clipping.max_norm=-1.0"], "clipping.max_norm=-1.0: must be a number > 0"),
     (["loss_handling.threshold=0"], "loss_handling.threshold=0: must be a number > 0"),
@@ -100,7 +102,7 @@ def test_bad_value_is_named_with_what_is_allowed(make_cfg, overrides, message):
 
 @pytest.mark.parametrize("overrides", [
     ["model.stale_fraction=0"], ["model.stale_fraction=1"], ["loss_handling.factor=1"], ["threads=1"],
-    ["diffusion.inference_steps=1"], ["diffusion.inference_steps=100"], ["logger.mode=disabled"], ["seed=-3"],
+    ["diffusion.inference_steps=1"], ["diffusion.inference_steps=100"], ["logger.mode=disabled"], ["seed=0"], ["seed=4294967295"],
     ["converge_loss=0"], ["optim.lr=1"],  # an integer is a number
     ["logger=none", "+logger.mode=anything"],  # the mode only matters to W&B
     ["data.dir=/some/folder", "data.task=cubes"],  # a folder of episodes: nothing is generated

@@ -226,3 +226,9 @@ def test_missing_folder_exits_1_with_one_line(tmp_path):
                           text=True, cwd=ROOT)
     assert done.returncode == 1
     assert done.stderr.strip() == f"error: {tmp_path / 'nope'} is not a directory"
+
+
+def test_a_run_beats_the_baselines_only_if_it_beats_every_one():
+    runs = pd.DataFrame({"val_action_error": [0.5, 0.5, 0.5, float("nan")], "baseline_mean_action": [0.4, 0.6, 0.55, 1.0],
+                         "baseline_hold_state": [0.6, 0.4, 0.6, 1.0]})
+    assert analysis.beats(runs).tolist() == [False, False, True, False]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vla_exp import UsageError
+from vla_exp import UsageError, checkpoint
 from vla_exp.recorder import Recorder
 from vla_exp.train import train
 
@@ -31,14 +31,34 @@ def rows(run_dir):
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_killed_run_resumes_bit_for_bit(tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    subprocess.run(command(full, "logger=none"), cwd=ROOT, check=True, capture_output=True)
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """The run never stopped, to compare the stopped and resumed ones with."""
+    path = tmp_path_factory.mktemp("full")
+    subprocess.run(command(path, "logger=none"), cwd=ROOT, check=True, capture_output=True)
+    return path
 
-    proc = subprocess.Popen(command(cut), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def wait_for_rows(run_dir, n, proc):
     deadline = time.time() + 120
-    while time.time() < deadline and not ((cut / "metrics.jsonl").is_file() and len(rows(cut)) >= 40):
-        time.sleep(0.02)  # row 40 is step 39, mid-way through the second epoch, past the checkpoint at step 36
+    while time.time() < deadline and proc.poll() is None and not (
+            (run_dir / "metrics.jsonl").is_file() and len(rows(run_dir)) >= n):
+        time.sleep(0.02)
+
+
+def same_run(a, b):
+    """The same rows, once each, the same weights and the same held-out error."""
+    assert rows(a) == rows(b)
+    wa, wb = torch.load(a / "policy.pt"), torch.load(b / "policy.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((a / "summary.json").read_text())["val_action_error"] == \
+        json.loads((b / "summary.json").read_text())["val_action_error"]
+
+
+def test_a_killed_run_resumes_bit_for_bit(full, tmp_path):
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(command(cut), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_rows(cut, 40, proc)  # row 40 is step 39, mid-way through the second epoch, past the checkpoint at step 36
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
@@ -48,19 +68,81 @@ def test_a_killed_run_resumes_bit_for_bit(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["status"] == "completed" and 36 <= summary["resumed_at_step"] < written - 1 < 54
-    assert rows(cut) == rows(full)  # every row once, the same values
-    a, b = torch.load(full / "policy.pt"), torch.load(cut / "policy.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert summary["val_action_error"] == json.loads((full / "summary.json").read_text())["val_action_error"]
+    same_run(cut, full)
     # the resumed run goes on in the same W&B run
     ids = {p.name.rsplit("-", 1)[1] for p in (cut / "wandb").glob("offline-run-*")}
     assert len(list((cut / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
     assert not (cut / "checkpoint.pt").exists()  # removed once finished (checkpoint.keep=false)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signalled_run_saves_says_interrupted_in_one_line_and_resumes_bit_for_bit(full, tmp_path, sig,
+                                                                                     wandb_records):
+    """Both signals take one path: SIGTERM's run is resumed and compared, SIGINT's stops there."""
+    cut = tmp_path / "cut"
+    # no checkpoint on schedule: the one there afterwards was written at the signal
+    proc = subprocess.Popen(command(cut, "checkpoint.every=0"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_rows(cut, 10, proc)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    s = json.loads((cut / "summary.json").read_text())
+    assert proc.returncode == 128 + sig and s["status"] == "interrupted" and s["signal"] == sig.name
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"{cut}: interrupted by {sig.name} at step {s['steps']} of 54, checkpoint saved; run the same command again "
+        "to resume")
+    ckpt = checkpoint.load(cut / "checkpoint.pt")
+    assert ckpt["progress"]["step"] == s["steps"] >= 10 and ckpt["metrics_rows"] == len(rows(cut))
+    exit_record = next(r for r in wandb_records(cut) if r["type"] == "exit")  # W&B was finished, as failed
+    assert exit_record["exit"].get("exit_code") == 1
+    if sig == signal.SIGINT:
+        return
+
+    out = subprocess.run(command(cut), cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = json.loads((cut / "summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["resumed_at_step"] == s["steps"]
+    same_run(cut, full)
+
+
+def submitit_job(sweep):
+    """The pid of the process in which submitit runs a job of `sweep` (python -m submitit.core._submit <folder>)."""
+    for p in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = p.read_bytes()
+        except OSError:  # a process that ended meanwhile
+            continue
+        if b"submitit.core._submit" in cmd and str(sweep).encode() in cmd:
+            return int(p.parent.name)
+    raise AssertionError(f"no submitit job process for {sweep}")
+
+
+def test_submitit_requeues_a_preempted_job_which_resumes_bit_for_bit(full, tmp_path):
+    """submitit_local, as on SLURM: the job gets submitit's preemption signal (USR2), checkpoints, and submitit's
+    handler requeues it; the requeued job resumes. (On a cluster, SLURM also sends it before a time limit, and the
+    requeued job may start on another node: what only a cluster can show.)"""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "vla_exp.train", "-m", *RUN, "logger=none",
+                             "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(sweep.glob("0_*/metrics.jsonl")):
+        time.sleep(0.05)
+    (job_dir,) = sweep.glob("0_*")
+    wait_for_rows(job_dir, 10, proc)
+    os.kill(submitit_job(sweep), signal.SIGUSR2)  # submitit's preemption signal, sent to the job's own process
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    s = json.loads((job_dir / "summary.json").read_text())
+    assert s["status"] == "completed" and s["resumed_at_step"] >= 10
+    same_run(job_dir, full)
+    log = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
+    assert "interrupted by SIGUSR2" in log and "Requeued job" in log
+
+
 def test_checkpoints_are_written_on_schedule(make_cfg, tmp_path):
     s = train(make_cfg(*RUN, "logger=none", "epochs=1", "checkpoint.keep=true"), tmp_path)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = checkpoint.load(tmp_path / "checkpoint.pt")
     assert ckpt["progress"]["step"] == s["steps"] and ckpt["progress"]["epoch"] == 1
     assert ckpt["metrics_rows"] == len(rows(tmp_path)) and ckpt["config_hash"] == s["config_hash"]
     assert set(ckpt["rng"]) == {"python", "numpy", "torch", "noise"}

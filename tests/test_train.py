@@ -1,4 +1,5 @@
 """The real training loop on the tiny model: what each run records, and each fix seen end to end."""
+import itertools
 import json
 import math
 from pathlib import Path
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from vla_exp import UsageError
-from vla_exp.train import train
+from vla_exp import UsageError, checkpoint, ddp
+from vla_exp.config import datasets
+from vla_exp.train import LoopState, build_parts, epoch_batches, optimisation_step, summarise, train
 
 FAST = ("logger=none", "progress=false", "debug=smoke")
 SUMMARY_KEYS = {"choices", "seed", "status", "initial_output_std", "initial_loss", "final_loss", "final_output_std",
@@ -62,9 +64,11 @@ def test_a_new_run_into_an_old_folder_starts_afresh(make_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_learning_rate_per_epoch(make_cfg, tmp_path):
-    train(make_cfg(*FAST, "recipe=fixed", "epochs=3"), tmp_path)
+def test_learning_rate_per_epoch_is_the_one_applied(make_cfg, tmp_path):
+    train(make_cfg(*FAST, "recipe=fixed", "epochs=3", "checkpoint.keep=true"), tmp_path)
     lrs = {r["epoch"]: r["lr"] for r in rows(tmp_path)}
+    applied = {g["lr"] for g in checkpoint.load(tmp_path / "checkpoint.pt")["optimizer"]["param_groups"]}
+    assert applied == {lrs[2]} and lrs[2] < lrs[0]  # the optimizer's own, after the last epoch
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3, eta_min=1e-5)
     for epoch in range(3):
@@ -182,3 +186,79 @@ def test_runs_repeat_the_recorded_rows_and_weights(make_cfg, tmp_path, name):
     for part, (total, squares) in recorded["weights"].items():
         assert weights[part][1] == pytest.approx(squares, rel=1e-5), part
         assert weights[part][0] == pytest.approx(total, rel=1e-4, abs=1e-3), part
+
+
+# ------------------------------------------------------------------------------------------------ small bugs that
+# leave every other test passing: each of these fails on one of them
+def test_a_skipped_batch_moves_no_weight_and_no_optimizer_state(make_cfg, tmp_path):
+    """Skip some batches, not all: right after a real step its gradients are still there, so a stray
+    optimizer.step() on a skipped batch would move the weights again."""
+    cfg, one = make_cfg(*FAST, "recipe=fixed"), ddp.OneProcess()
+    p = build_parts(cfg, one, torch.device("cpu"), False, tmp_path)
+    p.gen, state = torch.Generator().manual_seed(0), LoopState()
+    good, bad = itertools.islice(torch.utils.data.DataLoader(p.train_set, 4), 2)
+    bad["actions"] = torch.full_like(bad["actions"], float("nan"))  # a non-finite loss: the fixed recipe skips it
+
+    def weights():
+        return {k: v.clone() for k, v in p.policy.state_dict().items()}
+
+    def adam_steps():
+        return [s["step"].item() for s in p.optimizer.state.values()]
+
+    optimisation_step(p, good, state, one, cfg.log_every)
+    before, steps = weights(), adam_steps()
+    loss, grad_norm, _ = optimisation_step(p, bad, state, one, cfg.log_every)
+    assert math.isnan(loss) and math.isnan(grad_norm) and (state.step, state.skipped) == (2, 1)
+    assert all(torch.equal(before[k], v) for k, v in weights().items()) and adam_steps() == steps == [1] * len(steps)
+    optimisation_step(p, good, state, one, cfg.log_every)
+    assert not all(torch.equal(before[k], v) for k, v in weights().items()) and adam_steps() == [2] * len(steps)
+    assert len(state.epoch_losses) == 2  # the skipped batch's loss is no part of the epoch's
+
+
+def test_each_epoch_has_its_own_order_and_a_resume_the_same(make_cfg):
+    train_set, _ = datasets(make_cfg(*FAST))
+
+    def order(epoch, start=0, seed=0):
+        return [b["actions"] for b in epoch_batches(train_set, 4, seed, epoch, start)]
+
+    first = order(0)
+    assert len(first) == math.ceil(len(train_set) / 4)
+    assert all(torch.equal(a, b) for a, b in zip(order(0), first))  # the seed's and the epoch's: repeatable
+    for other in (order(1), order(0, seed=1)):
+        assert not torch.equal(torch.cat(other), torch.cat(first))
+        assert torch.equal(torch.cat(other).sort(0).values, torch.cat(first).sort(0).values)  # the same samples
+    assert all(torch.equal(a, b) for a, b in zip(order(0, start=2), first[2:])) and len(order(0, 2)) == len(first) - 2
+
+
+def test_each_epochs_training_loss_is_the_mean_of_its_own_steps(make_cfg, tmp_path):
+    train(make_cfg(*FAST, "recipe=fixed", "epochs=2"), tmp_path)
+    for row in rows(tmp_path, "epoch"):
+        losses = [r["loss"] for r in rows(tmp_path) if r["epoch"] == row["epoch"] - 1]
+        assert len(losses) == 5 and row["train_loss"] == pytest.approx(np.mean(losses), rel=1e-12)
+
+
+def test_beating_the_baselines_means_beating_every_one(make_cfg):
+    cfg = make_cfg(*FAST)
+    for baselines, beats in (({"mean_action": 0.4, "hold_state": 0.6}, False), ({"mean_action": 0.6}, True),
+                             ({"mean_action": 0.55, "hold_state": 0.6}, True), ({"mean_action": 0.5}, False)):
+        state = LoopState(epoch_row={"train_loss": 0.1, "val_loss": 0.1, "val_output_std": 1.0},
+                          held_out={"val_action_error": 0.5, "baseline_action_errors": baselines})
+        assert summarise(state, cfg)["beats_baselines"] is beats
+
+
+def test_the_mean_action_baseline_is_the_training_episodes_mean_chunk(make_cfg, tmp_path):
+    cfg = make_cfg(*FAST, "eval.samples=100000")  # every held-out sample
+    s = train(cfg, tmp_path)
+    train_set, val_set = datasets(cfg)
+    targets = np.stack([val_set[i]["actions"].numpy() for i in range(len(val_set))])
+    error = ((targets - train_set.mean_chunk()) ** 2).mean()
+    assert s["baseline_action_errors"]["mean_action"] == pytest.approx(error, rel=1e-6)
+    assert abs(((targets - val_set.mean_chunk()) ** 2).mean() - error) > 1e-3 * error  # the test can tell them apart
+
+
+def test_the_action_error_is_a_mean_over_samples_steps_and_dimensions(make_cfg, tmp_path, monkeypatch):
+    def off_by_half(policy, ddim, batch, *args):  # a policy whose every sampled action is 0.5 off
+        return batch["actions"] + 0.5
+    monkeypatch.setattr("vla_exp.diagnostics.sample_actions", off_by_half)
+    s = train(make_cfg(*FAST, "eval.samples=8"), tmp_path)
+    assert s["val_action_error"] == pytest.approx(0.25, rel=1e-6)

@@ -31,9 +31,10 @@ def run_name(cfg):
     return f"{c['recipe'] or 'custom'}-" + "-".join(c[g] for g in GROUPS) + f"-{c['head_loading']}-s{cfg.seed}"
 
 
-def config_hash(cfg):
-    """Fingerprint of everything that decides a run's results."""
-    c = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_RESULTS}
+def config_hash(cfg, ignore=()):
+    """Fingerprint of everything that decides a run's results (but the keys `ignore`: without the seed, runs that
+    share it are seed replicates of one config)."""
+    c = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in (*NOT_RESULTS, *ignore)}
     return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
 
 

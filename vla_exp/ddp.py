@@ -39,6 +39,10 @@ class OneProcess:
         """The std of the whole global batch's predicted noise."""
         return pred.std().item()
 
+    def any(self, flag):
+        """Whether `flag` holds in any process (a signal may reach some of them only)."""
+        return flag
+
     def finish(self):
         pass
 
@@ -90,6 +94,11 @@ class Processes(OneProcess):
         dist.all_reduce(sums)
         n, total, squares = sums.tolist()
         return math.sqrt(max(squares - total * total / n, 0) / (n - 1))
+
+    def any(self, flag):
+        box = torch.tensor(float(flag), device=f"cuda:{self.local_rank}" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return bool(box.item())
 
     def finish(self):
         dist.destroy_process_group()

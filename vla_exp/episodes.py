@@ -6,15 +6,13 @@ An episode file holds `/observations/images/<camera>` (T, H, W, 3) uint8, `/obse
 action dim): the action chunks of a predictor to report beside the policy. Read, it is a dict of arrays with the keys
 images, qpos, action, instruction and baselines: what every reader of another format must return too.
 """
-import hashlib
 import importlib
-import json
-from pathlib import Path
 
 import h5py
 import numpy as np
 
 from vla_exp import UsageError
+from vla_exp.files import cache_path, check_cache_entry
 
 IMAGES, QPOS, ACTION, INSTRUCTION, BASELINES = "observations/images", "observations/qpos", "action", "language_raw", \
     "baselines"
@@ -110,6 +108,8 @@ def episodes_dir(cfg):
         return d.dir
     generator = importlib.import_module(GENERATORS[d.task])
     params = generator.params(cfg)
-    key = hashlib.sha256(json.dumps({**params, "version": generator.version()}, sort_keys=True).encode())
-    out_dir = Path(cfg.paths.cache_dir).expanduser() / "data" / f"{d.task}-{key.hexdigest()[:12]}"
-    return out_dir if out_dir.is_dir() else generator.generate(out_dir, **params)
+    out_dir = cache_path(cfg.paths.cache_dir, "data", d.task, {**params, "version": generator.version()})
+    if not out_dir.is_dir():
+        generator.generate(out_dir, **params)
+    check_cache_entry(out_dir, "data")
+    return out_dir

@@ -155,9 +155,10 @@ def build_policy(kind, run_dir, cfg, seed):
     if kind == "mean_chunk":
         from vla_exp.config import datasets
         return mw.FixedChunk(denormalise(norm, datasets(cfg)[0].mean_chunk()))
+    from vla_exp import checkpoint
     from vla_exp.model import load_policy
     policy, tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
-    policy.load_state_dict(torch.load(run_dir / "policy.pt", map_location="cpu"))
+    policy.load_state_dict(checkpoint.read(run_dir / "policy.pt", "policy"))
     return Trained(policy.eval(), tokenizer, norm, cfg, seed)
 
 

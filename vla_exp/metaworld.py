@@ -28,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from vla_exp import UsageError
-from vla_exp.files import atomic_dir, write_json
 from vla_exp.episodes import write_episode
+from vla_exp.files import cache_entry, write_json
 
 VERSION = 1  # part of the cache key: bump it when what the generator writes changes (instructions included)
 INSTALL = 'pip install -e ".[metaworld]" (or pip install "vla-exp[metaworld]")'
@@ -222,7 +222,7 @@ def generate(out_dir, tasks, episodes, steps, camera, image_size, seed):
     """Write `episodes` expert demonstrations of each of `tasks` into `out_dir` (created atomically; same arguments
     and versions, same files)."""
     expert, succeeded = Expert(), {}
-    with atomic_dir(out_dir) as tmp, tqdm(total=episodes * len(tasks), desc="generating metaworld episodes",
+    with cache_entry(out_dir, "data") as tmp, tqdm(total=episodes * len(tasks), desc="generating metaworld episodes",
                                            leave=False) as bar:
         for name in tasks:
             envs, cam = open_task(name, 1, steps, camera, image_size)

@@ -5,7 +5,6 @@ vocabulary head `embed_out`). `TinyVLAPolicy` is the same model with `embed_out`
 as TinyVLA's `LlavaPythiaForCausalLM` does. Loading a policy from a backbone checkpoint therefore leaves the head's
 weights missing, and what the loader does with them is what the `model.head_loading` option studies.
 """
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from transformers import (AutoTokenizer, ByT5Tokenizer, CLIPVisionConfig, CLIPVi
                           GPTNeoXModel, PretrainedConfig, PreTrainedModel, logging)
 
 from vla_exp import UsageError
-from vla_exp.files import atomic_dir
+from vla_exp.files import cache_entry, cache_path, check_cache_entry
 from vla_exp.head import ConditionalUnet1D
 
 logging.set_verbosity_error()  # the loader's report of missing head weights is expected; the init report covers it
@@ -88,7 +87,7 @@ def write_backbone(model_cfg, path, seed=0):
     """Build a randomly initialised backbone (seeded) and save it with its byte-level tokenizer, atomically."""
     torch.manual_seed(seed)
     backbone = TinyVLAForCausalLM(VLAConfig(**model_cfg))
-    with atomic_dir(path) as tmp:
+    with cache_entry(path, "backbone") as tmp:
         backbone.save_pretrained(tmp)
         ByT5Tokenizer().save_pretrained(tmp)
     return Path(path)
@@ -116,10 +115,10 @@ def backbone_path(cfg, cache_dir):
                              f"({VLAConfig.model_type!r})")
         return path
     arch = OmegaConf.to_container(cfg.config, resolve=True)
-    key = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(cache_dir).expanduser() / "backbones" / f"{cfg.name}-{key}"
+    path = cache_path(cache_dir, "backbones", cfg.name, arch)
     if not path.is_dir():
         write_backbone(arch, path)
+    check_cache_entry(path, "backbone")
     return path
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from vla_exp import UsageError, analysis, dashboard
 from vla_exp.analysis import CELL
-from vla_exp.config import CONF_DIR, reference_levels
+from vla_exp.config import CONF_DIR, NOT_RESULTS, reference_levels
 from vla_exp.files import atomic, write_text
 from vla_exp.recorder import Tracker
 
@@ -67,6 +67,8 @@ def load_runs(run_dirs, levels):
             s = json.loads((Path(d) / "summary.json").read_text())
         except (OSError, ValueError) as e:  # a summary half written by an older, non-atomic writer
             s = {"status": "failed", "error": f"unreadable summary.json: {e}"}
+        if not isinstance(s, dict):
+            s = {"status": "failed", "error": f"summary.json holds {type(s).__name__}, not a summary"}
         choices = s.get("choices") or {}
         row = {"run_dir": str(d), **{c: str(choices.get(c) or "?") for c in CELL}, "recipe": choices.get("recipe")}
         row.update({k: v for k, v in s.items() if isinstance(v, (str, int, float, bool, type(None))) and k not in row})
@@ -84,7 +86,33 @@ def load_runs(run_dirs, levels):
     numeric = [*analysis.TABLE_METRICS, *analysis.METRICS, *(c for c in runs if c.startswith("baseline_"))]
     for m in numeric:  # a failed run may lack every metric; null becomes NaN
         runs[m] = pd.to_numeric(runs[m], errors="coerce").astype(float) if m in runs else np.nan
+    check_replicates(runs)
     return runs
+
+
+def check_replicates(runs):
+    """A cell's runs are its seed replicates only if they ran one config: refuse to pool the results of different
+    configs (naming the keys that differ), and flag a seed that a cell holds twice. A failed run adds no figure."""
+    if "replicate_hash" not in runs:  # runs of a version before it was recorded
+        return
+    for cell, g in runs[runs.status != "failed"].groupby("cell"):
+        if (hashes := g.replicate_hash.dropna().unique()).size > 1:
+            raise UsageError(f"cell '{cell}': its {len(g)} runs ran {len(hashes)} different configs (differing in "
+                             f"{differing_keys(g.run_dir)}), not seed replicates of one; report each config apart")
+        if (twice := sorted(g.seed.dropna()[g.seed.dropna().duplicated()].unique())):
+            print(f"warning: cell '{cell}' holds seed {', '.join(str(int(s)) for s in twice)} more than once "
+                  f"({', '.join(g.run_dir[g.seed.isin(twice)])}): a copied or rerun folder counts as a replicate")
+
+
+def differing_keys(run_dirs):
+    """The config keys that decide results and differ between the runs' saved configs (.hydra/config.yaml)."""
+    configs = [pd.json_normalize(OmegaConf.to_container(OmegaConf.load(p), resolve=False))
+               for d in run_dirs if (p := Path(d) / ".hydra" / "config.yaml").is_file()]
+    if len(configs) < 2:
+        return "replicate_hash: the runs' saved configs are not there to say which keys"
+    flat = pd.concat(configs).astype(str)
+    keys = [k for k in flat if flat[k].nunique() > 1 and k.split(".")[0] not in (*NOT_RESULTS, "seed")]
+    return ", ".join(f"{k} ({'/'.join(sorted(flat[k].unique()))})" for k in keys) or "replicate_hash"
 
 
 def load_curves(runs):

@@ -32,7 +32,8 @@ def one_of(options):
 
 POSITIVE = (lambda v: number(v) and v > 0, "must be a number > 0")
 RULES = [  # key, (test, what is allowed)
-    ("seed", (integer, "must be an integer")),
+    # numpy's seeds are 32-bit, and the data order of epoch e is seeded with seed * 1000 + e
+    ("seed", (lambda v: integer(v) and 0 <= v < 2 ** 32, f"must be an integer from 0 to {2 ** 32 - 1}")),
     ("epochs", integer_from(1)),
     ("log_every", integer_from(1)),
     ("converge_loss", (number, "must be a number")),

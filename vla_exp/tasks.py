@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vla_exp.episodes import write_episode
-from vla_exp.files import atomic_dir
+from vla_exp.files import cache_entry
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (50, 70, 210)}
 ROWS = {"red": 0.6, "green": 0.0, "blue": -0.6}
@@ -94,7 +94,7 @@ def params(cfg):
 def generate(out_dir, task, episodes, steps, image_size, camera, seed, horizon):
     """Write `episodes` episodes of `task` into `out_dir` (created atomically; same arguments, same files)."""
     rng = np.random.default_rng(seed)
-    with atomic_dir(out_dir) as tmp:
+    with cache_entry(out_dir, "data") as tmp:
         for i in tqdm(range(episodes), desc=f"generating {task} episodes", leave=False):
             write_episode(tmp / f"episode_{i:05d}.hdf5", *expert_episode(task, rng, steps, horizon, image_size),
                           camera)

@@ -7,15 +7,18 @@ import os
 import platform
 import re
 import resource
+import signal
 import sys
 import time
 import traceback
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -25,7 +28,8 @@ from tqdm import tqdm
 
 from vla_exp import UsageError
 from vla_exp.config import CONF_DIR, choices, config_hash, run_name
-from vla_exp.files import write_json, write_text
+from vla_exp.files import Busy, exclusive, write_json, write_text
+from vla_exp.signals import Interrupted, StopOnSignal
 
 
 def versions():
@@ -120,21 +124,30 @@ class Parts:
 
 
 def train(cfg, run_dir):
-    """Train one run into `run_dir` and return its summary (also written to `run_dir/summary.json`)."""
-    from vla_exp import checkpoint, ddp
-    from vla_exp.diagnostics import init_report
-    from vla_exp.episodes import episodes_dir
-    from vla_exp.recorder import Recorder
+    """Train one run into `run_dir` and return its summary (also written to `run_dir/summary.json`). One run at a
+    time holds the folder; a signal stops the run at a step boundary with everything saved (vla_exp.signals)."""
+    from vla_exp import ddp
     from vla_exp.schema import validate
 
     validate(cfg)
     procs = ddp.setup()  # under distributed training only rank 0 writes files, logs to W&B and prints
     run_dir = Path(procs.same_dir(run_dir, cfg.optim.batch_size))
-    device, bf16 = device_and_precision(cfg, procs.local_rank)
     digest = config_hash(cfg)
     if cfg.skip_finished and (done := finished(run_dir, digest)):
         print(f"{run_dir}: finished before with the same config; skipped (skip_finished=false reruns it)")
         return done
+    with exclusive(run_dir, "another run") if procs.is_main else nullcontext(), StopOnSignal() as stop:
+        return train_in(cfg, run_dir, procs, digest, stop)
+
+
+def train_in(cfg, run_dir, procs, digest, stop):
+    """The run itself: build, init report, train, summarise."""
+    from vla_exp import checkpoint
+    from vla_exp.diagnostics import init_report
+    from vla_exp.episodes import episodes_dir
+    from vla_exp.recorder import Recorder
+
+    device, bf16 = device_and_precision(cfg, procs.local_rank)
     ckpt = checkpoint.find_and_load(run_dir, cfg.resume, digest)
 
     # -------------------------------------------------------------------------------- build
@@ -142,10 +155,10 @@ def train(cfg, run_dir):
     reset_peak_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config = {**OmegaConf.to_container(cfg, resolve=True), "choices": choices(cfg)}
     rec = Recorder(run_dir, cfg.logger, config, run_name(cfg), ckpt, write=procs.is_main)
     summary = {"choices": choices(cfg), "seed": cfg.seed, "status": "running", "config_hash": digest,
+               "replicate_hash": config_hash(cfg, ignore=("seed",)),
                "threads": torch.get_num_threads(), "device": str(device), "precision": "bf16" if bf16 else "fp32",
                "processes": procs.world, "versions": versions()}
     try:
@@ -180,14 +193,13 @@ def train(cfg, run_dir):
         per_epoch = math.ceil(len(p.train_set) / cfg.optim.batch_size)
         bar = tqdm(total=cfg.epochs * per_epoch, initial=state.step, desc=run_name(cfg),
                    disable=not (cfg.progress and procs.is_main))
+        stopping = False
         while state.epoch < cfg.epochs and not state.diverged:
             lr = p.lr_at(cfg.optim.lr, state.epoch, cfg.epochs)
             for group in p.optimizer.param_groups:
                 group["lr"] = lr
-            loader = torch.utils.data.DataLoader(p.train_set, cfg.optim.batch_size, shuffle=True,
-                                                 generator=torch.Generator().manual_seed(cfg.seed * 1000 + state.epoch))
             tick, seen = time.time(), 0
-            for batch in itertools.islice(loader, state.batch, None):  # the order is the seed's: skip what was done
+            for batch in epoch_batches(p.train_set, cfg.optim.batch_size, cfg.seed, state.epoch, state.batch):
                 raw_loss, grad_norm, pred = optimisation_step(p, batch, state, procs, cfg.log_every)
                 seen += len(batch["actions"])
                 bar.update()
@@ -202,24 +214,42 @@ def train(cfg, run_dir):
                     break
                 if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                     save()
+                if stopping := procs.any(stop.signum is not None):
+                    break
+            if stopping:
+                break
             end_of_epoch(p, state, cfg, procs, rec, run_dir, start)
             if cfg.checkpoint.every:
                 save()
         bar.close()
+        if stopping:
+            save()
+            name = signal.Signals(stop.signum).name
+            summary.update(status="interrupted", signal=name, steps=state.step, wall_time_s=time.time() - start)
+            raise stop.interrupted(f"{run_dir}: interrupted by {name} at step {state.step} of "
+                                   f"{cfg.epochs * per_epoch}, checkpoint saved; run the same command again to resume")
 
         # ---------------------------------------------------------------------------- summarise
         summary.update(summarise(state, cfg), wall_time_s=time.time() - start, peak_rss_mb=peak_memory_mb())
         if procs.is_main:
-            torch.save({k: v.cpu() for k, v in p.policy.state_dict().items()}, run_dir / "policy.pt")
+            checkpoint.write({k: v.cpu() for k, v in p.policy.state_dict().items()}, run_dir / "policy.pt", "policy")
         if procs.is_main and not cfg.checkpoint.keep:
             (run_dir / checkpoint.NAME).unlink(missing_ok=True)
         return summary
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, mid-step; the last checkpoint is where a resume goes on
+        summary.update(status="interrupted", signal="SIGINT", wall_time_s=time.time() - start)
+        raise
     except BaseException as e:  # the summary says why; rows already in metrics.jsonl stay
         summary.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start)
         raise
     finally:
-        rec.summary(summary)
-        rec.finish(exit_code=int(summary["status"] == "failed"))
+        try:
+            rec.summary(summary)
+        except OSError as e:  # a full disk: the error that brought the run here is the one to show
+            print(f"{run_dir}: summary.json could not be written ({e.strerror})", file=sys.stderr)
+        rec.finish(exit_code=int(summary["status"] in ("failed", "interrupted")))
         procs.finish()
 
 
@@ -249,6 +279,14 @@ def build_parts(cfg, procs, device, bf16, run_dir):
                   eval_idx=np.random.default_rng(0).permutation(len(val_set))[:cfg.eval.samples],
                   mean_chunk=train_set.mean_chunk(), missing_head_params=len(missing))
     return parts
+
+
+def epoch_batches(dataset, batch_size, seed, epoch, start=0):
+    """The batches of `epoch` from batch `start` on, shuffled by the seed and the epoch alone: each epoch has its own
+    order, and a resumed run skips what was done and sees the rest in the same order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return itertools.islice(loader, start, None)
 
 
 def optimisation_step(p, batch, state, procs, log_every):
@@ -337,15 +375,64 @@ def sweep_settings(cfg, hc):
         write_text(Path(hc.runtime.output_dir) / hc.output_subdir / "config.yaml", OmegaConf.to_yaml(cfg))
 
 
-class SweepEnd(Callback):
-    """After a multirun: how many jobs failed, and a non-zero exit if any did."""
+def status_of(path):
+    """The status in a summary.json, or why there is none."""
+    try:
+        s = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    return s.get("status", "unreadable") if isinstance(s, dict) else "unreadable"
+
+
+class Sweep(Callback):
+    """A multirun holds its sweep folder (a second sweep into it stops at once), checks every job's config before
+    the launcher starts any (one line per bad job, nothing launched), and at its end counts the jobs that failed or
+    were interrupted, with a non-zero exit if any were."""
+
+    def on_multirun_start(self, config, **kwargs):
+        from vla_exp.schema import validate
+        self.hold = ExitStack()
+        try:
+            self.hold.enter_context(exclusive(config.hydra.sweep.dir, "another sweep"))
+        except UsageError as e:
+            sys.exit(f"error: {e}")
+        bad, jobs = [], job_overrides(config)
+        common = set.intersection(*map(set, jobs)) if jobs else set()
+        for num, overrides in enumerate(jobs):
+            try:
+                validate(GlobalHydra.instance().config_loader().load_sweep_config(config, overrides))
+            except UsageError as e:
+                bad.append(f"job {num} ({' '.join(o for o in overrides if o not in common)}): {e}")
+        if bad:
+            sys.exit("\n".join(["error: nothing launched; these jobs' configs are not valid:", *bad]))
+
+    def __getstate__(self):  # submitit pickles the launcher with its callbacks: the lock stays with this process
+        return {}
+
     def on_multirun_end(self, config, **kwargs):
         sweep_dir = Path(config.hydra.sweep.dir)
-        status = [json.loads(p.read_text()).get("status") for p in sorted(sweep_dir.glob("*/summary.json"))]
-        failed = status.count("failed")
-        print(f"{sweep_dir}: {len(status)} runs, {failed} failed. Report: python -m vla_exp.report {sweep_dir}")
-        if failed:
+        status = [status_of(p) for p in sorted(sweep_dir.glob("*/summary.json"))]
+        failed = len(status) - sum(map(status.count, ("completed", "diverged", "interrupted")))
+        interrupted = status.count("interrupted")
+        print(f"{sweep_dir}: {len(status)} runs, {failed} failed, {interrupted} interrupted. "
+              f"Report: python -m vla_exp.report {sweep_dir}")
+        if interrupted:
+            print("the same command resumes the interrupted runs and skips the finished ones")
+        self.hold.close()
+        if failed or interrupted:
             sys.exit(1)
+
+
+def job_overrides(config):
+    """Every job's overrides, as the basic sweeper will split them (other sweepers choose their jobs as they go:
+    their jobs are checked as each one starts)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    if not config.hydra.sweeper._target_.endswith("BasicSweeper"):
+        return []
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -356,11 +443,17 @@ def main(cfg):
         sweep_settings(cfg, hc)
     try:
         s = train(cfg, hc.runtime.output_dir)
+    except Interrupted as e:  # one line; then submitit's requeue where it asked for the signal, else the exit
+        print(f"job {hc.job.num}: {e}" if sweep else e, file=sys.stderr)
+        e.hand_on()
+        sys.exit(128 + e.signum)  # a sweep stops too: the same command resumes this job and skips the finished ones
+    except KeyboardInterrupt:
+        sys.exit("stopped at once by Ctrl-C; the same command resumes from the last checkpoint, if there is one")
     except UsageError as e:  # bad input: one line, no traceback (bugs keep theirs)
         if not sweep:
             sys.exit(f"error: {e}")
         print(f"job {hc.job.num} failed: {e}", file=sys.stderr)
-        if not Path(hc.runtime.output_dir, "summary.json").exists():  # rejected before the run began
+        if not isinstance(e, Busy) and not Path(hc.runtime.output_dir, "summary.json").exists():  # rejected first
             write_json(Path(hc.runtime.output_dir) / "summary.json", {"choices": choices(cfg), "seed": cfg.seed,
                                                                        "status": "failed", "error": f"UsageError: {e}"})
     except Exception:
