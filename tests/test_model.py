@@ -114,6 +114,23 @@ def test_unet_output_shape_equals_sample_shape_and_two_transposed_convs():
         assert torch.isfinite(out).all() and out.abs().sum() > 0
 
 
+def test_head_keys_are_tinyvlas_and_old_keys_still_load():
+    """TinyVLA's ConditionalUnet1D nests each Conv1dBlock's layers in `block` and each resampling conv in `conv`."""
+    head = ConditionalUnet1D(2, 2, 32, (16, 32), 16, 5, 8)
+    keys = set(head.state_dict())
+    assert {"down_modules.0.0.blocks.0.block.0.weight", "down_modules.0.0.blocks.1.block.1.bias",
+            "down_modules.0.2.conv.weight", "up_modules.0.2.conv.bias", "mid_modules.1.cond_encoder.1.weight",
+            "final_conv.0.block.0.weight", "final_conv.1.weight", "norm_after_pool.weight", "combine.weight",
+            "diffusion_step_encoder.1.weight"} <= keys
+    assert not [k for k in keys if ".blocks." in k and ".block." not in k]
+    old = {k.replace(".block.", ".").replace(".conv.", "."): v + 1 for k, v in head.state_dict().items()}
+    renamed = {k for k in keys if ".block." in k or ".conv." in k}  # as a head of an earlier vla-exp saved them
+    assert len(old) == len(keys) and len(renamed) > 40 and len(set(old) - keys) == len(renamed)
+    fresh = ConditionalUnet1D(2, 2, 32, (16, 32), 16, 5, 8)
+    fresh.load_state_dict(old)  # strict
+    assert all(torch.equal(v, head.state_dict()[k] + 1) for k, v in fresh.state_dict().items())
+
+
 def test_policy_head_is_the_unet(loaded):
     policy = loaded["current", 0][0]
     assert isinstance(policy, TinyVLAPolicy) and isinstance(policy.embed_out, ConditionalUnet1D)

@@ -1,9 +1,11 @@
 """The diffusion action head: TinyVLA's conditional 1-D UNet (policy_heads/models/droid_unet_diffusion.py).
 
 It predicts the noise added to an action chunk, conditioned on the pooled language-model hidden state, the robot
-state and the diffusion timestep. TinyVLA installs it as the language model's `embed_out`.
+state and the diffusion timestep. TinyVLA installs it as the language model's `embed_out`. The modules are nested
+and named as TinyVLA's, so a TinyVLA policy's `embed_out.*` weights load as they are, with `strict=True`.
 """
 import math
+import re
 
 import torch
 from torch import nn
@@ -21,10 +23,39 @@ class SinusoidalPosEmb(nn.Module):
         return torch.cat([args.sin(), args.cos()], dim=-1)
 
 
-class Conv1dBlock(nn.Sequential):
+class Conv1dBlock(nn.Module):
     def __init__(self, c_in, c_out, kernel_size, n_groups):
-        super().__init__(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
-                         nn.GroupNorm(n_groups, c_out), nn.Mish())
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
+                                   nn.GroupNorm(n_groups, c_out), nn.Mish())
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class Resample1d(nn.Module):
+    """TinyVLA's Downsample1d / Upsample1d: one strided or transposed convolution, held as `conv`."""
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+# the keys of heads vla-exp saved before its modules were nested as TinyVLA's -> TinyVLA's keys
+OLD_KEYS = [(re.compile(r"^(.*blocks\.\d+\.)(\d+\.(?:weight|bias))$"), r"\1block.\2"),
+            (re.compile(r"^(.*final_conv\.0\.)(\d+\.(?:weight|bias))$"), r"\1block.\2"),
+            (re.compile(r"^(.*(?:down|up)_modules\.\d+\.2\.)(weight|bias)$"), r"\1conv.\2")]
+
+
+def rename_old_keys(state_dict, prefix, *args):
+    """A load_state_dict pre-hook: a head saved with the old keys (policy.pt of earlier runs) loads as it was."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = prefix + next((p.sub(r, key[len(prefix):]) for p, r in OLD_KEYS if p.match(key[len(prefix):])),
+                            key[len(prefix):])
+        if new != key:
+            state_dict[new] = state_dict.pop(key)
 
 
 class ConditionalResidualBlock1D(nn.Module):
@@ -65,14 +96,15 @@ class ConditionalUnet1D(nn.Module):
             last = i == len(pairs) - 1
             self.down_modules.append(nn.ModuleList([
                 block(c_in, c_out), block(c_out, c_out),
-                nn.Conv1d(c_out, c_out, 3, 2, 1) if not last else nn.Identity()]))
+                Resample1d(nn.Conv1d(c_out, c_out, 3, 2, 1)) if not last else nn.Identity()]))
         self.mid_modules = nn.ModuleList([block(down_dims[-1], down_dims[-1]), block(down_dims[-1], down_dims[-1])])
         self.up_modules = nn.ModuleList()
         for c_in, c_out in reversed(pairs[1:]):  # the first level's skip is unused, as in TinyVLA
             self.up_modules.append(nn.ModuleList([
-                block(2 * c_out, c_in), block(c_in, c_in), nn.ConvTranspose1d(c_in, c_in, 4, 2, 1)]))
+                block(2 * c_out, c_in), block(c_in, c_in), Resample1d(nn.ConvTranspose1d(c_in, c_in, 4, 2, 1))]))
         self.final_conv = nn.Sequential(Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
                                         nn.Conv1d(down_dims[0], action_dim, 1))
+        self._register_load_state_dict_pre_hook(rename_old_keys)
 
     def forward(self, sample, timestep, global_cond, state):
         """sample: (B, horizon, action_dim) noisy actions -> predicted noise of the same shape."""
