@@ -417,12 +417,16 @@ def test_config_json_that_is_not_json(checkpoint, cache_dir):
 
 
 def test_config_json_of_another_model_type(checkpoint, cache_dir):
-    # TinyVLA's own checkpoints say llava_pythia. (A type with no sub-configs, gpt_neox say, is rejected the same way;
-    # without the check it would build VLAConfig's default backbone, a 20B GPTNeoX, and exhaust memory.)
+    # Only vla-exp's own and TinyVLA's llava_pythia are loaded. (A type with no sub-configs, gpt_neox say, is rejected
+    # the same way; without the check it would build VLAConfig's default backbone, a 20B GPTNeoX, and exhaust memory.)
     path, edit = checkpoint
-    edit(lambda c: c.update(model_type="llava_pythia"))
-    assert model_error(path, cache_dir) == (f"model.path={path}: config.json is a 'llava_pythia' checkpoint, not a "
-                                            f"TinyVLA backbone ('vla_exp_tinyvla')")
+    edit(lambda c: c.update(model_type="gpt_neox"))
+    assert model_error(path, cache_dir) == (f"model.path={path}: config.json is a 'gpt_neox' checkpoint, neither "
+                                            "vla-exp's TinyVLA ('vla_exp_tinyvla') nor TinyVLA's LLaVA-Pythia "
+                                            "('llava_pythia')")
+    edit(lambda c: c.update(model_type="llava_pythia"))  # but not a LLaVA-Pythia config: it has no vision tower
+    assert model_error(path, cache_dir) == (f"model.path={path}: config.json's vision_config must hold vision_tower "
+                                            "and mm_projector (a LLaVA-Pythia config)")
 
 
 def test_weights_whose_shapes_do_not_fit_the_config(checkpoint, cache_dir):

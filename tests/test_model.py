@@ -291,14 +291,6 @@ def test_head_shape_follows_our_config_not_the_checkpoints(cache):
     assert policy.embed_out.combine.in_features == policy.config.text_config.hidden_size + 5
 
 
-def test_llava_pythia_400m_yaml_leaves_path_mandatory(cache):
-    raw = OmegaConf.load(CONF / "llava_pythia_400m.yaml")
-    assert OmegaConf.is_missing(raw, "path")
-    with pytest.raises(UsageError, match="model.path="):  # fails on the config, before building or writing anything
-        load_policy(raw, cache, 0)
-    assert not list((Path(cache) / "backbones").glob("llava_pythia_400m*"))
-
-
 def test_llava_pythia_400m_composed_by_hydra_keeps_path_mandatory(make_cfg, cache):
     cfg = make_cfg("model=llava_pythia_400m").model
     assert cfg.name == "llava_pythia_400m" and cfg.config.action_dim == 10 and cfg.config.state_dim == 7

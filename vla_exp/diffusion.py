@@ -16,8 +16,8 @@ def device_of(module):
 
 def model_inputs(batch, tokenizer, device="cpu"):
     text = tokenizer(list(batch["instruction"]), padding=True, return_tensors="pt")
-    images = batch["image"].to(device).float() / 127.5 - 1
-    return images, text.input_ids.to(device), text.attention_mask.to(device), batch["state"].to(device)
+    return batch["image"].to(device), text.input_ids.to(device), text.attention_mask.to(device), \
+        batch["state"].to(device)
 
 
 def noise_prediction(policy, train_scheduler, batch, tokenizer, generator=None, share=slice(None)):

@@ -44,6 +44,8 @@ class TinyVLAForCausalLM(PreTrainedModel):
     """The VLM backbone: image patches and instruction tokens go through one GPTNeoX."""
     config_class = VLAConfig
     base_model_prefix = "vla"
+    LORA_SCOPES = {"llm": "gpt_neox.layers.", "vit": "vision_tower."}  # where model.lora.targets put adapters
+    PROJECTOR = "mm_projector"
 
     def __init__(self, config):
         super().__init__(config)
@@ -56,27 +58,71 @@ class TinyVLAForCausalLM(PreTrainedModel):
     def make_head(self, config):
         return nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
 
+    @property
+    def image_size(self):
+        return self.config.vision_config.image_size
+
+    def pixels(self, images):
+        """uint8 images (B, 3, H, W) as the vision tower takes them."""
+        return images.float() / 127.5 - 1
+
     def encode(self, images, input_ids, attention_mask):
         """Pooled last hidden state (already after GPTNeoX's final layer norm) of [image tokens, text tokens]."""
-        image_tokens = self.mm_projector(self.vision_tower(pixel_values=images).last_hidden_state)
-        embeds = torch.cat([image_tokens, self.gpt_neox.get_input_embeddings()(input_ids)], dim=1)
-        mask = torch.cat([attention_mask.new_ones(image_tokens.shape[:2]), attention_mask], dim=1)
-        hidden = self.gpt_neox(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        if self.config.pooling == "mean":  # TinyVLA's choice; dilutes a one-word instruction (see README)
-            return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        last = mask.sum(1) - 1  # right padding: the last real token sees the image and the whole instruction
-        return hidden[torch.arange(len(hidden)), last]
+        image_tokens = self.mm_projector(self.vision_tower(pixel_values=self.pixels(images)).last_hidden_state)
+        return encode_tokens(self.gpt_neox, image_tokens, input_ids, attention_mask, self.config.pooling)
 
 
-class TinyVLAPolicy(TinyVLAForCausalLM):
+def encode_tokens(lm, image_tokens, input_ids, attention_mask, pooling):
+    """The language model `lm` over [image tokens, text tokens], pooled: `mean` over tokens (TinyVLA's), or `last`."""
+    embeds = torch.cat([image_tokens, lm.get_input_embeddings()(input_ids)], dim=1)
+    mask = torch.cat([attention_mask.new_ones(image_tokens.shape[:2]), attention_mask], dim=1)
+    hidden = lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    if pooling == "mean":  # TinyVLA's choice; dilutes a one-word instruction (see README)
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    last = mask.sum(1) - 1  # right padding: the last real token sees the image and the whole instruction
+    return hidden[torch.arange(len(hidden)), last]
+
+
+class DiffusionPolicy:
+    """A backbone whose `embed_out` is the diffusion action head, as TinyVLA's LlavaPythiaForCausalLM has it."""
+
     def make_head(self, config):
-        return ConditionalUnet1D(config.action_dim, config.state_dim, config.text_config.hidden_size,
+        return ConditionalUnet1D(config.action_dim, config.state_dim, config.get_text_config().hidden_size,
                                  config.down_dims, config.step_embed_dim, config.kernel_size, config.n_groups)
 
     def forward(self, images, input_ids, attention_mask, state, noisy_actions, timesteps):
         """Predicted noise for `noisy_actions` (B, horizon, action_dim)."""
         cond = self.encode(images, input_ids, attention_mask)
         return self.embed_out(noisy_actions, timesteps, cond, state)
+
+
+class TinyVLAPolicy(DiffusionPolicy, TinyVLAForCausalLM):
+    pass
+
+
+def trainable(policy, cfg, lr):
+    """Set what trains (`cfg.train`) and return the optimizer's parameter groups, each with its `base_lr` (the
+    schedule scales it per epoch): `full` every weight at `lr`; `head` the head alone (the seed's scripts froze the
+    backbone); `lora` TinyVLA's recipe: peft's LoRA adapters on every nn.Linear of the scopes in `cfg.lora.targets`
+    (`llm`: the language model's layers, `vit`: the vision tower) at `cfg.lora.lr`, the projector and the head fully
+    at `lr`, every other weight frozen."""
+    if cfg.train == "full":
+        return [{"params": [p for p in policy.parameters() if p.requires_grad], "base_lr": lr, "lr": lr}]
+    policy.requires_grad_(False)
+    groups = [{"params": list(policy.embed_out.parameters()), "base_lr": lr}]
+    if cfg.train == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+        scopes = tuple(policy.LORA_SCOPES[t] for t in cfg.lora.targets)
+        targets = [n for n, m in policy.named_modules() if isinstance(m, nn.Linear) and n.startswith(scopes)]
+        inject_adapter_in_model(LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                           bias="none", target_modules=targets), policy)
+        groups[0]["params"] += list(policy.get_submodule(policy.PROJECTOR).parameters())
+        groups.append({"params": [p for n, p in policy.named_parameters() if "lora_" in n], "base_lr": cfg.lora.lr})
+    for group in groups:
+        group["lr"] = group["base_lr"]
+        for p in group["params"]:
+            p.requires_grad_(True)
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,9 +156,9 @@ def backbone_path(cfg, cache_dir):
             model_type = json.loads((path / "config.json").read_text()).get("model_type")
         except (ValueError, AttributeError) as e:
             raise UsageError(f"model.path={path}: config.json is not a JSON object ({e})") from None
-        if model_type != VLAConfig.model_type:
-            raise UsageError(f"model.path={path}: config.json is a {model_type!r} checkpoint, not a TinyVLA backbone "
-                             f"({VLAConfig.model_type!r})")
+        if model_type not in (VLAConfig.model_type, "llava_pythia"):
+            raise UsageError(f"model.path={path}: config.json is a {model_type!r} checkpoint, neither vla-exp's "
+                             f"TinyVLA ({VLAConfig.model_type!r}) nor TinyVLA's LLaVA-Pythia ('llava_pythia')")
         return path
     arch = OmegaConf.to_container(cfg.config, resolve=True)
     path = cache_path(cache_dir, "backbones", cfg.name, arch)
@@ -130,18 +176,30 @@ def load_policy(cfg, cache_dir, seed):
     path = backbone_path(cfg, cache_dir)
     # the backbone comes from the checkpoint's config; the head's shape and the pooling from ours (they fit the data)
     head = {k: v for k, v in OmegaConf.to_container(cfg.config, resolve=True).items() if k not in VLAConfig.sub_configs}
+    policy_class = TinyVLAPolicy
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("model_type") == "llava_pythia":
+        from vla_exp import llava_pythia
+        llava_pythia.check_config(path, raw)
+        llava_pythia.check_head(path, raw, head)
+        policy_class = llava_pythia.LlavaPythiaPolicy
     torch.manual_seed(seed)  # what the loader draws for the missing head depends on the run's seed
     try:  # ignore_mismatched_sizes: instead of raising with "see the log", list them for check_compatible to name
-        policy, info = TinyVLAPolicy.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True,
-                                                     **head)
+        policy, info = policy_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                    **head)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise UsageError(f"model.path={path}: cannot load a TinyVLA backbone from it ({' '.join(str(e).split())})"
                          ) from None
     check_compatible(path, policy, info, cfg)
+    if policy_class is not TinyVLAPolicy:
+        llava_pythia.set_preprocessing(policy, path)
     missing = info["missing_keys"]
     if cfg.head_loading != "current":
         legacy_head_loading(policy, missing, cfg.head_loading.removeprefix("legacy_"), seed, cfg.stale_fraction)
-    return policy, AutoTokenizer.from_pretrained(path), sorted(missing)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:  # GPT-NeoX's tokenizer has none; padded positions are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return policy, tokenizer, sorted(missing)
 
 
 def check_compatible(path, policy, info, cfg):
@@ -154,7 +212,7 @@ def check_compatible(path, policy, info, cfg):
     if lacking := sorted(k for k in info["missing_keys"] if not k.startswith("embed_out.")):
         raise UsageError(f"model.path={path}: {len(lacking)} backbone weights missing from the checkpoint "
                          f"(first: {lacking[0]})")
-    size, ours = policy.config.vision_config.image_size, OmegaConf.select(cfg, "config.vision_config.image_size")
+    size, ours = policy.image_size, OmegaConf.select(cfg, "config.vision_config.image_size")
     if ours is not None and size != ours:
         raise UsageError(f"model.path={path}: the checkpoint takes {size}x{size} images, "
                          f"model.config.vision_config.image_size={ours}")
@@ -171,7 +229,7 @@ def legacy_head_loading(model, missing_keys, memory, seed, stale_fraction=0.2):
              (magnitudes up to ~3e38, about 1 in 256 of them inf or NaN), the rest zero;
       empty: the real `torch.empty`, whatever the allocator hands back (not reproducible).
     """
-    std = model.config.text_config.initializer_range
+    std = model.config.get_text_config().initializer_range
     gen = torch.Generator().manual_seed(seed)
     missing = set(missing_keys)
     with torch.no_grad():

@@ -51,6 +51,7 @@ RULES = [  # key, (test, what is allowed)
     ("data.val_fraction", (lambda v: number(v) and 0 < v < 1, "must be a number in (0, 1)")),
     ("model.head_loading", one_of(("current", "legacy_zeros", "legacy_stale", "legacy_empty"))),  # see model.py
     ("model.stale_fraction", (lambda v: number(v) and 0 <= v <= 1, "must be a number in [0, 1]")),
+    ("model.train", one_of(("full", "head", "lora"))),  # see model.trainable
     ("logger.kind", one_of(("wandb", "none"))),
     ("diverge_after", (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")),
     ("checkpoint.every", integer_from(0)),
@@ -62,6 +63,12 @@ OPTIONAL = [  # keys that only some options of a group have
     ("clipping.every_step", (lambda v: isinstance(v, bool), "must be true or false")),
     ("loss_handling.threshold", POSITIVE),
     ("loss_handling.factor", (lambda v: number(v) and 0 < v <= 1, "must be a number in (0, 1]")),
+    ("model.lora.r", integer_from(1)),
+    ("model.lora.alpha", POSITIVE),
+    ("model.lora.dropout", (lambda v: number(v) and 0 <= v < 1, "must be a number in [0, 1)")),
+    ("model.lora.lr", POSITIVE),
+    ("model.lora.targets", (lambda v: OmegaConf.is_list(v) and len(v) > 0 and set(v) <= {"llm", "vit"},
+                            "must be a non-empty list of llm, vit")),
 ]
 
 

@@ -195,9 +195,9 @@ def train_in(cfg, run_dir, procs, digest, stop):
                    disable=not (cfg.progress and procs.is_main))
         stopping = False
         while state.epoch < cfg.epochs and not state.diverged:
-            lr = p.lr_at(cfg.optim.lr, state.epoch, cfg.epochs)
-            for group in p.optimizer.param_groups:
-                group["lr"] = lr
+            for group in p.optimizer.param_groups:  # the LoRA weights' group has its own base rate
+                group["lr"] = p.lr_at(group["base_lr"], state.epoch, cfg.epochs)
+            lr = p.optimizer.param_groups[0]["lr"]
             tick, seen = time.time(), 0
             for batch in epoch_batches(p.train_set, cfg.optim.batch_size, cfg.seed, state.epoch, state.batch):
                 raw_loss, grad_norm, pred = optimisation_step(p, batch, state, procs, cfg.log_every)
@@ -257,7 +257,7 @@ def build_parts(cfg, procs, device, bf16, run_dir):
     """The data, the policy with its head initialised by the init fix, the optimizer and the other fixes."""
     from vla_exp.config import datasets
     from vla_exp.diffusion import schedulers
-    from vla_exp.model import load_policy
+    from vla_exp.model import load_policy, trainable
 
     with procs.rank0_first():  # the data and the backbone are cached on first use
         train_set, val_set = datasets(cfg)
@@ -267,9 +267,10 @@ def build_parts(cfg, procs, device, bf16, run_dir):
     build(cfg.init)(policy.embed_out)
     policy.to(device).train()
     train_scheduler, ddim = schedulers(cfg.diffusion)
-    params = [p for p in policy.parameters() if p.requires_grad]
+    groups = trainable(policy, cfg.model, cfg.optim.lr)
+    params = [p for g in groups for p in g["params"]]
     # fused: one kernel for all parameters; the per-tensor loop was a third of a CPU step (66 -> 49 ms at batch 8)
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.adamw.betas),
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.adamw.betas),
                                   weight_decay=cfg.adamw.weight_decay, fused=True)
     parts = Parts(policy=policy, model=procs.wrap(policy), tokenizer=tokenizer, optimizer=optimizer, params=params,
                   lr_at=instantiate(cfg.optim.schedule), handle_loss=build(cfg.loss_handling), clip=build(cfg.clipping),

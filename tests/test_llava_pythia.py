@@ -1,0 +1,157 @@
+"""TinyVLA's LLaVA-Pythia checkpoints as they lie on disk: written here with transformers' own classes and TinyVLA's
+key names (vla_exp.llava_pythia.write_random_folder), loaded through from_pretrained, trained with LoRA through
+peft, and refused in one line where they cannot be used."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vla_exp import UsageError, ddp
+from vla_exp.config import compose
+from vla_exp.llava_pythia import LlavaPythiaPolicy, write_random_folder
+from vla_exp.model import load_policy
+from vla_exp.train import build_parts, optimisation_step, LoopState
+
+TEXT = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+              patch_size=16)
+SMOKE = ("debug=smoke", "logger=none", "progress=false", "model=llava_pythia", "model.config.vision_config.image_size=32",
+         "model.config.down_dims=[32,64]", "model.config.step_embed_dim=32")
+
+
+@pytest.fixture(scope="module", params=[("linear", "patch"), ("mlp2x_gelu", "cls_patch")], ids=["linear", "mlp2x"])
+def folder(request, tmp_path_factory):
+    projector, feature = request.param
+    return write_random_folder(tmp_path_factory.mktemp("llava") / "base", TEXT, VISION, projector, feature)
+
+
+def cfg_for(path, *overrides):
+    return compose(*SMOKE, f"model.path={path}", *overrides)
+
+
+def load(path, *overrides):
+    cfg = cfg_for(path, *overrides)
+    return load_policy(cfg.model, cfg.paths.cache_dir, 0)
+
+
+def test_every_backbone_tensor_is_the_files_and_the_head_is_missing(folder):
+    policy, tokenizer, missing = load(folder)
+    assert isinstance(policy, LlavaPythiaPolicy)
+    weights, state = load_file(folder / "model.safetensors"), policy.state_dict()
+    backbone = {k for k in weights if not k.startswith("embed_out.")}
+    assert backbone <= state.keys() and all(torch.equal(state[k], weights[k]) for k in backbone)
+    assert "embed_out.weight" in weights  # the base VLM's vocabulary head: replaced, never an error
+    assert missing == sorted(k for k in state if k.startswith("embed_out.")) and len(missing) > 50
+    mean = json.loads((folder / "preprocessor_config.json").read_text())["image_mean"]
+    assert policy.pixel_mean.flatten().tolist() == pytest.approx(mean)  # CLIP's, from the folder
+    assert tokenizer.pad_token == tokenizer.eos_token and len(set(tokenizer(["push left", "pick up"]).input_ids[0])) > 1
+
+
+def edited(folder, tmp_path, **tower):
+    """A copy of `folder` whose vision tower config says `tower`."""
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["vision_config"]["vision_tower"].update(tower)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def encoded(path):
+    policy = load(path)[0].eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    ids, mask = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with torch.no_grad():
+        return policy.encode(images, ids, mask)
+
+
+def test_the_select_layer_and_feature_decide_the_image_features(folder, tmp_path):
+    base = encoded(folder)
+    assert base.shape == (2, TEXT["hidden_size"]) and torch.isfinite(base).all()
+    assert not torch.allclose(encoded(edited(folder, tmp_path / "a", mm_vision_select_layer=-1)), base)
+    other = "cls_patch" if "patch" == json.loads((folder / "config.json").read_text())[
+        "vision_config"]["vision_tower"]["mm_vision_select_feature"] else "patch"
+    assert not torch.allclose(encoded(edited(folder, tmp_path / "b", mm_vision_select_feature=other)), base)
+
+
+def test_lora_trains_the_adapters_projector_and_head_and_leaves_the_base_bit_identical(folder, tmp_path):
+    cfg = cfg_for(folder, "recipe=fixed", "model.lora.r=4", "model.lora.alpha=16")
+    one = ddp.OneProcess()
+    p = build_parts(cfg, one, torch.device("cpu"), False, tmp_path)
+    p.gen, state = torch.Generator().manual_seed(0), LoopState()
+    before = {k: v.clone() for k, v in p.policy.state_dict().items()}
+    batch = next(iter(torch.utils.data.DataLoader(p.train_set, 4)))
+    optimisation_step(p, batch, state, one, 1)
+    trainable = {n for n, q in p.policy.named_parameters() if q.requires_grad}
+    lora = {n for n in trainable if "lora_" in n}
+    linears = [n for n, m in p.policy.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n
+               and n.startswith(("gpt_neox.layers.", "gpt_neox.vision_tower."))]
+    assert len(lora) == 2 * len(linears) == 2 * (2 * 4 + 3 * 6)  # A and B on every Linear of the LM and the tower
+    assert trainable - lora == {n for n, _ in p.policy.named_parameters()
+                                if n.startswith(("embed_out.", "gpt_neox.mm_projector."))}
+    # the tower's last layer feeds nothing (features come from hidden_states[-2]): its adapters get no gradient
+    got = {n for n, q in p.policy.named_parameters() if q.grad is not None}
+    assert got <= trainable and {n for n in trainable - got if "encoder.layers.2." not in n} == set()
+    after = p.policy.state_dict()
+    base = [k for k in before if "lora_" not in k and not k.startswith(("embed_out.", "gpt_neox.mm_projector."))]
+    assert len(base) > 40 and all(torch.equal(before[k], after[k]) for k in base)
+    assert not all(torch.equal(before[k], after[k]) for k in after if k.startswith("embed_out."))
+    assert [g["lr"] for g in p.optimizer.param_groups] == [cfg.optim.lr, 2e-4]  # the adapters' own rate
+
+
+def test_head_mode_trains_the_head_alone(folder, tmp_path):
+    p = build_parts(cfg_for(folder, "model.train=head"), ddp.OneProcess(), torch.device("cpu"), False, tmp_path)
+    assert {n for n, q in p.policy.named_parameters() if q.requires_grad} == \
+        {n for n, _ in p.policy.named_parameters() if n.startswith("embed_out.")}
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def refused(path, *overrides):
+    with pytest.raises(UsageError) as e:
+        load(path, *overrides)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_tower_neither_clip_nor_siglip_is_refused(folder, tmp_path):
+    path = edited(folder, tmp_path, vision_model_name_or_path="facebook/dinov2-small")
+    assert refused(path) == (f"model.path={path}: vision_model_name_or_path='facebook/dinov2-small' names neither a "
+                             "CLIP nor a SigLIP vision tower (the name must contain 'clip' or 'siglip')")
+
+
+def test_an_unknown_projector_type_is_refused(folder, tmp_path):
+    path = tmp_path / "p"
+    shutil.copytree(folder, path)
+    config = json.loads((path / "config.json").read_text())
+    config["vision_config"]["mm_projector"]["mm_projector_type"] = "qformer"
+    (path / "config.json").write_text(json.dumps(config))
+    assert refused(path) == f"model.path={path}: mm_projector_type='qformer': must be linear, identity or mlp<N>x_gelu"
+
+
+def test_weights_that_do_not_fit_the_config_name_the_first_tensor(folder, tmp_path):
+    path = tmp_path / "w"
+    shutil.copytree(folder, path)
+    weights = load_file(path / "model.safetensors")
+    key = "gpt_neox.layers.0.attention.dense.weight"
+    weights[key] = torch.zeros(64, 32)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    assert refused(path).startswith(f"model.path={path}: weights do not fit its config.json: {key} is (64, 32) "
+                                    "there, (64, 64) in the model")
+
+
+def test_data_images_of_another_size_are_refused_with_both_sizes(folder):
+    assert refused(folder, "model.config.vision_config.image_size=64") == (
+        f"model.path={folder}: the checkpoint takes 32x32 images, model.config.vision_config.image_size=64")
+
+
+def test_a_trained_head_of_other_dims_is_refused_with_both(folder, tmp_path):
+    path = tmp_path / "policy"
+    shutil.copytree(folder, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "action_head_type": "droid_diffusion", "action_dim": 10,
+                                                  "state_dim": 7, "chunk_size": 16}))
+    assert refused(path) == (f"model.path={path}: its trained head has action_dim=10, the data and model.config give "
+                             "action_dim=2")
