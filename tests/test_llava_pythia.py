@@ -1,6 +1,7 @@
 """TinyVLA's LLaVA-Pythia checkpoints as they lie on disk: written here with transformers' own classes and TinyVLA's
 key names (vla_exp.llava_pythia.write_random_folder), loaded through from_pretrained, trained with LoRA through
 peft, and refused in one line where they cannot be used."""
+import itertools
 import json
 import shutil
 
@@ -82,20 +83,21 @@ def test_lora_trains_the_adapters_projector_and_head_and_leaves_the_base_bit_ide
     one = ddp.OneProcess()
     p = build_parts(cfg, one, torch.device("cpu"), False, tmp_path)
     p.gen, state = torch.Generator().manual_seed(0), LoopState()
-    before = {k: v.clone() for k, v in p.policy.state_dict().items()}
+    model = p.policy.get_base_model()  # under LoRA the policy is peft's PeftModel around it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     batch = next(iter(torch.utils.data.DataLoader(p.train_set, 4)))
     optimisation_step(p, batch, state, one, 1)
-    trainable = {n for n, q in p.policy.named_parameters() if q.requires_grad}
+    trainable = {n for n, q in model.named_parameters() if q.requires_grad}
     lora = {n for n in trainable if "lora_" in n}
-    linears = [n for n, m in p.policy.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n
                and n.startswith(("gpt_neox.layers.", "gpt_neox.vision_tower."))]
     assert len(lora) == 2 * len(linears) == 2 * (2 * 4 + 3 * 6)  # A and B on every Linear of the LM and the tower
-    assert trainable - lora == {n for n, _ in p.policy.named_parameters()
+    assert trainable - lora == {n for n, _ in model.named_parameters()
                                 if n.startswith(("embed_out.", "gpt_neox.mm_projector."))}
     # the tower's last layer feeds nothing (features come from hidden_states[-2]): its adapters get no gradient
-    got = {n for n, q in p.policy.named_parameters() if q.grad is not None}
+    got = {n for n, q in model.named_parameters() if q.grad is not None}
     assert got <= trainable and {n for n in trainable - got if "encoder.layers.2." not in n} == set()
-    after = p.policy.state_dict()
+    after = model.state_dict()
     base = [k for k in before if "lora_" not in k and not k.startswith(("embed_out.", "gpt_neox.mm_projector."))]
     assert len(base) > 40 and all(torch.equal(before[k], after[k]) for k in base)
     assert not all(torch.equal(before[k], after[k]) for k in after if k.startswith("embed_out."))
@@ -155,3 +157,47 @@ def test_a_trained_head_of_other_dims_is_refused_with_both(folder, tmp_path):
                                                   "state_dim": 7, "chunk_size": 16}))
     assert refused(path) == (f"model.path={path}: its trained head has action_dim=10, the data and model.config give "
                              "action_dim=2")
+
+
+# ------------------------------------------------------------------------------------------------ saved back
+def noise(policy, batch, tokenizer):
+    from vla_exp.diffusion import model_inputs
+    with torch.no_grad():
+        return policy.eval()(*model_inputs(batch, tokenizer), batch["actions"], torch.tensor([3] * len(batch["actions"])))
+
+
+@pytest.mark.parametrize("train", ["lora", "full"])
+def test_a_trained_policy_saved_in_tinyvlas_layout_loads_back_equal(folder, tmp_path, train):
+    from vla_exp.llava_pythia import save_policy
+    cfg = cfg_for(folder, "recipe=fixed", f"model.train={train}", "model.lora.r=4")
+    one = ddp.OneProcess()
+    p = build_parts(cfg, one, torch.device("cpu"), False, tmp_path)
+    p.gen, state = torch.Generator().manual_seed(0), LoopState()
+    batches = list(itertools.islice(torch.utils.data.DataLoader(p.train_set, 4), 3))
+    for batch in batches[:2]:
+        optimisation_step(p, batch, state, one, 1)
+    expected = noise(p.policy, batches[2], p.tokenizer)  # LoRA not merged
+    merged = save_policy(p.policy, p.tokenizer, folder, tmp_path / "policy")
+    files = {f.name for f in (tmp_path / "policy").iterdir()}
+    if train == "lora":
+        assert {"config.json", "adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.bin",
+                "tokenizer.json", "preprocessor_config.json"} <= files and "model.safetensors" not in files
+        extra = torch.load(tmp_path / "policy" / "non_lora_trainables.bin")
+        assert extra and all(k.startswith("base_model.model.") for k in extra)
+    else:
+        assert {"config.json", "model.safetensors"} <= files
+    saved = json.loads((tmp_path / "policy" / "config.json").read_text())
+    assert (saved["model_type"], saved["action_dim"], saved["state_dim"], saved["chunk_size"]) == \
+        ("llava_pythia", 2, 2, 16)
+
+    back, tokenizer, missing = load(tmp_path / "policy", f"model.train={train}")
+    assert missing == []  # the trained head came back
+    state = back.state_dict()
+    assert state.keys() == merged.state_dict().keys()
+    assert all(torch.allclose(state[k], v, atol=1e-6) for k, v in merged.state_dict().items())
+    assert torch.allclose(noise(back, batches[2], tokenizer), expected, atol=1e-5)
+    # training on from it: the init fix sets up new heads only, and leaves this trained one
+    again = build_parts(cfg_for(tmp_path / "policy", "recipe=fixed", "model.train=full"), one, torch.device("cpu"),
+                        False, tmp_path)
+    head = again.policy.embed_out.state_dict()
+    assert all(torch.allclose(head[k], v, atol=1e-6) for k, v in merged.embed_out.state_dict().items())

@@ -205,3 +205,57 @@ def write_random_folder(path, text, vision, projector_type="mlp2x_gelu", select_
                        crop_size={"height": clip_config.image_size, "width": clip_config.image_size}
                        ).save_pretrained(path)
     return path
+
+
+LORA_TRAINABLES = "non_lora_trainables.bin"
+PEFT_PREFIX = "base_model.model."
+
+
+def save_policy(policy, tokenizer, source, folder):
+    """Write a trained policy, its tokenizer and the image preprocessing of the folder it was loaded from (`source`)
+    into `folder` in TinyVLA's layout, and return the policy as a plain model (LoRA merged).
+    Under LoRA (`policy` a peft PeftModel): config.json with the head's fields, peft's adapter_config.json and
+    adapter weights, and non_lora_trainables.bin (the other trained weights, keys prefixed `base_model.model.`, as
+    TinyVLA saves them); the base weights stay in the base folder the adapter config names. Otherwise config.json
+    and the full weights (save_pretrained)."""
+    from peft import PeftModel
+    folder = Path(folder)
+    lora = isinstance(policy, PeftModel)
+    model = policy.get_base_model() if lora else policy
+    model.config.action_head_type, model.config.chunk_size = "droid_diffusion", model.config.horizon
+    tokenizer.save_pretrained(folder)
+    if (Path(source) / "preprocessor_config.json").is_file():
+        AutoImageProcessor.from_pretrained(source).save_pretrained(folder)
+    if not lora:
+        model.save_pretrained(folder)
+        return model
+    policy.save_pretrained(folder)
+    torch.save({n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad and "lora_" not in n},
+               folder / LORA_TRAINABLES)
+    model = policy.merge_and_unload()
+    model.config.save_pretrained(folder)
+    return model
+
+
+def adapter_base(path):
+    """The base folder of a LoRA policy folder (peft's adapter_config.json names it), or None for a full one."""
+    if not (Path(path) / "adapter_config.json").is_file():
+        return None
+    base = Path(json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"])
+    if not (base / "config.json").is_file():
+        raise UsageError(f"model.path={path}: its LoRA adapters were trained on the base model in {base}, which is "
+                         "not there (the adapter folder holds no base weights, as in TinyVLA)")
+    return base
+
+
+def apply_adapters(policy, path):
+    """As TinyVLA's loader: the base policy, then non_lora_trainables.bin over it, then the adapters, merged.
+    Returns (the policy, the names non_lora_trainables.bin set)."""
+    from peft import PeftModel
+
+    from vla_exp.checkpoint import read
+    trained = {k.removeprefix(PEFT_PREFIX): v for k, v in read(Path(path) / LORA_TRAINABLES, "LoRA trainables").items()}
+    unknown = policy.load_state_dict(trained, strict=False).unexpected_keys
+    if unknown:
+        raise UsageError(f"model.path={path}: {LORA_TRAINABLES} holds weights the model has not (first: {unknown[0]})")
+    return PeftModel.from_pretrained(policy, path).merge_and_unload(), set(trained)

@@ -105,24 +105,24 @@ def trainable(policy, cfg, lr):
     schedule scales it per epoch): `full` every weight at `lr`; `head` the head alone (the seed's scripts froze the
     backbone); `lora` TinyVLA's recipe: peft's LoRA adapters on every nn.Linear of the scopes in `cfg.lora.targets`
     (`llm`: the language model's layers, `vit`: the vision tower) at `cfg.lora.lr`, the projector and the head fully
-    at `lr`, every other weight frozen."""
+    at `lr`, every other weight frozen. Returns (the policy, under LoRA a peft PeftModel around it; the groups)."""
     if cfg.train == "full":
-        return [{"params": [p for p in policy.parameters() if p.requires_grad], "base_lr": lr, "lr": lr}]
+        return policy, [{"params": [p for p in policy.parameters() if p.requires_grad], "base_lr": lr, "lr": lr}]
     policy.requires_grad_(False)
     groups = [{"params": list(policy.embed_out.parameters()), "base_lr": lr}]
     if cfg.train == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, get_peft_model
         scopes = tuple(policy.LORA_SCOPES[t] for t in cfg.lora.targets)
         targets = [n for n, m in policy.named_modules() if isinstance(m, nn.Linear) and n.startswith(scopes)]
-        inject_adapter_in_model(LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                           bias="none", target_modules=targets), policy)
         groups[0]["params"] += list(policy.get_submodule(policy.PROJECTOR).parameters())
+        policy = get_peft_model(policy, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                                   lora_dropout=cfg.lora.dropout, bias="none", target_modules=targets))
         groups.append({"params": [p for n, p in policy.named_parameters() if "lora_" in n], "base_lr": cfg.lora.lr})
     for group in groups:
         group["lr"] = group["base_lr"]
         for p in group["params"]:
             p.requires_grad_(True)
-    return groups
+    return policy, groups
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,24 +176,27 @@ def load_policy(cfg, cache_dir, seed):
     path = backbone_path(cfg, cache_dir)
     # the backbone comes from the checkpoint's config; the head's shape and the pooling from ours (they fit the data)
     head = {k: v for k, v in OmegaConf.to_container(cfg.config, resolve=True).items() if k not in VLAConfig.sub_configs}
-    policy_class = TinyVLAPolicy
+    policy_class, weights = TinyVLAPolicy, path
     raw = json.loads((path / "config.json").read_text())
     if raw.get("model_type") == "llava_pythia":
         from vla_exp import llava_pythia
         llava_pythia.check_config(path, raw)
         llava_pythia.check_head(path, raw, head)
-        policy_class = llava_pythia.LlavaPythiaPolicy
+        policy_class, weights = llava_pythia.LlavaPythiaPolicy, llava_pythia.adapter_base(path) or path
     torch.manual_seed(seed)  # what the loader draws for the missing head depends on the run's seed
     try:  # ignore_mismatched_sizes: instead of raising with "see the log", list them for check_compatible to name
-        policy, info = policy_class.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True,
+        policy, info = policy_class.from_pretrained(weights, output_loading_info=True, ignore_mismatched_sizes=True,
                                                     **head)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise UsageError(f"model.path={path}: cannot load a TinyVLA backbone from it ({' '.join(str(e).split())})"
                          ) from None
-    check_compatible(path, policy, info, cfg)
-    if policy_class is not TinyVLAPolicy:
-        llava_pythia.set_preprocessing(policy, path)
+    check_compatible(weights, policy, info, cfg)
     missing = info["missing_keys"]
+    if policy_class is not TinyVLAPolicy:
+        llava_pythia.set_preprocessing(policy, weights)
+        if weights != path:  # a LoRA policy: its trained weights and adapters over the base
+            policy, trained = llava_pythia.apply_adapters(policy, path)
+            missing = [k for k in missing if k not in trained]
     if cfg.head_loading != "current":
         legacy_head_loading(policy, missing, cfg.head_loading.removeprefix("legacy_"), seed, cfg.stale_fraction)
     tokenizer = AutoTokenizer.from_pretrained(path)

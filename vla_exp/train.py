@@ -232,7 +232,13 @@ def train_in(cfg, run_dir, procs, digest, stop):
         # ---------------------------------------------------------------------------- summarise
         summary.update(summarise(state, cfg), wall_time_s=time.time() - start, peak_rss_mb=peak_memory_mb())
         if procs.is_main:
-            checkpoint.write({k: v.cpu() for k, v in p.policy.state_dict().items()}, run_dir / "policy.pt", "policy")
+            policy = p.policy
+            if cfg.model.name.startswith("llava_pythia"):  # TinyVLA's layout: model.path=<run>/policy loads it back
+                from vla_exp.llava_pythia import save_policy
+                policy = save_policy(p.policy, p.tokenizer, cfg.model.path, run_dir / "policy")
+            elif hasattr(policy, "merge_and_unload"):  # LoRA: policy.pt holds the merged weights
+                policy = policy.merge_and_unload()
+            checkpoint.write({k: v.cpu() for k, v in policy.state_dict().items()}, run_dir / "policy.pt", "policy")
         if procs.is_main and not cfg.checkpoint.keep:
             (run_dir / checkpoint.NAME).unlink(missing_ok=True)
         return summary
@@ -264,10 +270,13 @@ def build_parts(cfg, procs, device, bf16, run_dir):
         if procs.is_main:
             write_json(run_dir / "normalization.json", train_set.norm.state_dict())
         policy, tokenizer, missing = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
-    build(cfg.init)(policy.embed_out)
+    if missing:  # the init fix sets up a new head; a trained one (a TinyVLA policy folder) is kept as it is
+        build(cfg.init)(policy.embed_out)
+    elif procs.is_main:
+        print(f"{cfg.model.path}: the head's weights came from the checkpoint; init={cfg.init.name} leaves them")
     policy.to(device).train()
     train_scheduler, ddim = schedulers(cfg.diffusion)
-    groups = trainable(policy, cfg.model, cfg.optim.lr)
+    policy, groups = trainable(policy, cfg.model, cfg.optim.lr)
     params = [p for g in groups for p in g["params"]]
     # fused: one kernel for all parameters; the per-tensor loop was a third of a CPU step (66 -> 49 ms at batch 8)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.adamw.betas),
