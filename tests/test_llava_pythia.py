@@ -3,6 +3,7 @@ key names (vla_exp.llava_pythia.write_random_folder), loaded through from_pretra
 peft, and refused in one line where they cannot be used."""
 import itertools
 import json
+import re
 import shutil
 
 import pytest
@@ -23,10 +24,12 @@ SMOKE = ("debug=smoke", "logger=none", "progress=false", "model=llava_pythia", "
          "model.config.down_dims=[32,64]", "model.config.step_embed_dim=32")
 
 
-@pytest.fixture(scope="module", params=[("linear", "patch"), ("mlp2x_gelu", "cls_patch")], ids=["linear", "mlp2x"])
+@pytest.fixture(scope="module", params=[("linear", "patch", "clip"), ("mlp2x_gelu", "cls_patch", "clip"),
+                                        ("mlp2x_gelu", "patch", "siglip")], ids=["linear", "mlp2x", "siglip"])
 def folder(request, tmp_path_factory):
-    projector, feature = request.param
-    return write_random_folder(tmp_path_factory.mktemp("llava") / "base", TEXT, VISION, projector, feature)
+    projector, feature, tower = request.param
+    return write_random_folder(tmp_path_factory.mktemp("llava") / "base", TEXT, VISION, projector, feature,
+                               tower=tower)
 
 
 def cfg_for(path, *overrides):
@@ -73,9 +76,13 @@ def test_the_select_layer_and_feature_decide_the_image_features(folder, tmp_path
     base = encoded(folder)
     assert base.shape == (2, TEXT["hidden_size"]) and torch.isfinite(base).all()
     assert not torch.allclose(encoded(edited(folder, tmp_path / "a", mm_vision_select_layer=-1)), base)
-    other = "cls_patch" if "patch" == json.loads((folder / "config.json").read_text())[
-        "vision_config"]["vision_tower"]["mm_vision_select_feature"] else "patch"
-    assert not torch.allclose(encoded(edited(folder, tmp_path / "b", mm_vision_select_feature=other)), base)
+    tower = json.loads((folder / "config.json").read_text())["vision_config"]["vision_tower"]
+    other = encoded(edited(folder, tmp_path / "b", mm_vision_select_feature="cls_patch" if
+                           tower["mm_vision_select_feature"] == "patch" else "patch"))
+    if "siglip" in tower["vision_model_name_or_path"]:
+        assert torch.equal(other, base)  # SigLIP has no CLS token: both take every patch
+    else:
+        assert not torch.allclose(other, base)
 
 
 def test_lora_trains_the_adapters_projector_and_head_and_leaves_the_base_bit_identical(folder, tmp_path):
@@ -91,12 +98,13 @@ def test_lora_trains_the_adapters_projector_and_head_and_leaves_the_base_bit_ide
     lora = {n for n in trainable if "lora_" in n}
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n
                and n.startswith(("gpt_neox.layers.", "gpt_neox.vision_tower."))]
-    assert len(lora) == 2 * len(linears) == 2 * (2 * 4 + 3 * 6)  # A and B on every Linear of the LM and the tower
+    # A and B on every Linear of the LM's layers (4 each) and the tower (6 a layer; SigLIP's pooling head has more)
+    assert len(lora) == 2 * len(linears) and len(linears) >= 2 * 4 + 3 * 6
     assert trainable - lora == {n for n, _ in model.named_parameters()
                                 if n.startswith(("embed_out.", "gpt_neox.mm_projector."))}
-    # the tower's last layer feeds nothing (features come from hidden_states[-2]): its adapters get no gradient
+    # the tower's last layer and SigLIP's pooling head feed nothing (features are hidden_states[-2]): no gradient
     got = {n for n, q in model.named_parameters() if q.grad is not None}
-    assert got <= trainable and {n for n in trainable - got if "encoder.layers.2." not in n} == set()
+    assert got <= trainable and {n for n in trainable - got if not re.search(r"encoder\.layers\.2\.|\.head\.", n)} == set()
     after = model.state_dict()
     base = [k for k in before if "lora_" not in k and not k.startswith(("embed_out.", "gpt_neox.mm_projector."))]
     assert len(base) > 40 and all(torch.equal(before[k], after[k]) for k in base)

@@ -165,29 +165,35 @@ def read_config(path):
     return json.loads((Path(path) / "config.json").read_text())
 
 
-def write_random_folder(path, text, vision, projector_type="mlp2x_gelu", select_feature="patch", seed=0):
+TOWER_NAMES = {"clip": "openai/clip-vit-base-patch16", "siglip": "google/siglip-base-patch16-224"}
+
+
+def write_random_folder(path, text, vision, projector_type="mlp2x_gelu", select_feature="patch", seed=0,
+                        tower="clip"):
     """Write a random-weight LLaVA-Pythia base VLM into `path` in TinyVLA's layout, from transformers' own classes
-    (GPTNeoXForCausalLM, CLIPVisionModel) and TinyVLA's key names: config.json, model.safetensors, a GPT-NeoX fast
-    tokenizer (tokenizer.json) and CLIP's preprocessor_config.json. For tests and the benchmark: no weights can be
-    downloaded here. `text` and `vision` are GPTNeoXConfig and CLIPVisionConfig fields."""
+    (GPTNeoXForCausalLM, CLIPVisionModel or SiglipVisionModel) and TinyVLA's key names: config.json,
+    model.safetensors, a GPT-NeoX fast tokenizer (tokenizer.json) and the tower's preprocessor_config.json. For tests
+    and the benchmark: no weights can be downloaded here. `text` and `vision` are GPTNeoXConfig and vision config
+    fields."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPImageProcessor, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+    from transformers import CLIPImageProcessor, GPTNeoXForCausalLM, PreTrainedTokenizerFast, SiglipImageProcessor
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     lm = GPTNeoXForCausalLM(GPTNeoXConfig(**text))
-    clip_config = CLIPVisionConfig(**vision)
-    tower = CLIPVisionModel(clip_config)
-    config = {"vision_tower": {**clip_config.to_dict(), "model_type": "llava_pythia_clip_vision_model",
+    config_class, model_class = TOWERS[tower]
+    vision_config = config_class(**vision)
+    vision_model = model_class(vision_config)
+    config = {"vision_tower": {**vision_config.to_dict(), "model_type": f"llava_pythia_{tower}_vision_model",
                                "mm_vision_select_layer": -2, "mm_vision_select_feature": select_feature,
-                               "vision_model_name_or_path": "openai/clip-vit-base-patch16"},
-              "mm_projector": {"mm_projector_type": projector_type, "mm_hidden_size": clip_config.hidden_size,
+                               "vision_model_name_or_path": TOWER_NAMES[tower]},
+              "mm_projector": {"mm_projector_type": projector_type, "mm_hidden_size": vision_config.hidden_size,
                                "hidden_size": lm.config.hidden_size}}
     proj = projector(LlavaPythiaConfig(**text, vision_config=config))
     weights = {**{k.replace("lm_head.", "embed_out."): v for k, v in lm.state_dict().items()},  # TinyVLA's name
-               **{f"gpt_neox.vision_tower.vision_model.{k}": v for k, v in tower.state_dict().items()},
+               **{f"gpt_neox.vision_tower.vision_model.{k}": v for k, v in vision_model.state_dict().items()},
                **{f"gpt_neox.mm_projector.{k}": v for k, v in proj.state_dict().items()}}
     save_file({k: v.contiguous() for k, v in weights.items()}, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps({
@@ -201,9 +207,10 @@ def write_random_folder(path, text, vision, projector_type="mlp2x_gelu", select_
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                             unk_token="<|endoftext|>").save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": clip_config.image_size},
-                       crop_size={"height": clip_config.image_size, "width": clip_config.image_size}
-                       ).save_pretrained(path)
+    size = vision_config.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}) \
+        if tower == "clip" else SiglipImageProcessor(size={"height": size, "width": size})
+    processor.save_pretrained(path)
     return path
 
 
