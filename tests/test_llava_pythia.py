@@ -209,3 +209,22 @@ def test_a_trained_policy_saved_in_tinyvlas_layout_loads_back_equal(folder, tmp_
                         False, tmp_path)
     head = again.policy.embed_out.state_dict()
     assert all(torch.allclose(head[k], v, atol=1e-6) for k, v in merged.embed_out.state_dict().items())
+
+
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "sharded"])
+def test_bin_and_sharded_weights_load_the_same(folder, tmp_path, layout):
+    from vla_exp.llava_pythia import LlavaPythiaForCausalLM
+    path = tmp_path / layout
+    shutil.copytree(folder, path)
+    weights = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    if layout == "sharded":  # as save_pretrained shards a big checkpoint: model-0000N-of-0000M + an index
+        vlm = LlavaPythiaForCausalLM.from_pretrained(folder)
+        vlm.save_pretrained(path, max_shard_size="100KB")
+        assert len(list(path.glob("model-*-of-*.safetensors"))) > 2 and (path / "model.safetensors.index.json").is_file()
+    else:
+        torch.save(weights, path / "pytorch_model.bin")
+    policy, _, missing = load(path)
+    state = policy.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items() if not k.startswith("embed_out."))
+    assert missing == sorted(k for k in state if k.startswith("embed_out."))
