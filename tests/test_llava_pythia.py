@@ -228,3 +228,13 @@ def test_bin_and_sharded_weights_load_the_same(folder, tmp_path, layout):
     state = policy.state_dict()
     assert all(torch.equal(state[k], v) for k, v in weights.items() if not k.startswith("embed_out."))
     assert missing == sorted(k for k in state if k.startswith("embed_out."))
+
+
+def test_the_init_report_says_what_came_from_the_folder(folder, tmp_path):
+    from vla_exp.train import train
+    s = train(cfg_for(folder, "recipe=fixed", "model.lora.r=4"), tmp_path)
+    report = json.loads((tmp_path / "init_report.json").read_text())
+    weights = load_file(folder / "model.safetensors")
+    assert report["checkpoint"] == str(folder) and s["missing_head_params"] == len(report["missing_weights"]) > 50
+    assert all(k.startswith("embed_out.") for k in report["missing_weights"])
+    assert report["loaded_weights"] == len([k for k in weights if not k.startswith("embed_out.")])

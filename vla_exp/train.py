@@ -119,7 +119,7 @@ class Parts:
     val_set: torch.utils.data.Dataset
     eval_idx: np.ndarray
     mean_chunk: np.ndarray
-    missing_head_params: int  # head parameters the checkpoint did not hold
+    missing: list  # names of the weights the checkpoint did not hold (the head's, for a backbone)
     gen: torch.Generator = None  # the noise and timesteps of training steps
 
 
@@ -145,6 +145,7 @@ def train_in(cfg, run_dir, procs, digest, stop):
     from vla_exp import checkpoint
     from vla_exp.diagnostics import init_report
     from vla_exp.episodes import episodes_dir
+    from vla_exp.model import backbone_path
     from vla_exp.recorder import Recorder
 
     device, bf16 = device_and_precision(cfg, procs.local_rank)
@@ -163,11 +164,14 @@ def train_in(cfg, run_dir, procs, digest, stop):
                "processes": procs.world, "versions": versions()}
     try:
         p = build_parts(cfg, procs, device, bf16, run_dir)
-        summary.update(data_dir=str(episodes_dir(cfg)), missing_head_params=p.missing_head_params)
+        summary.update(data_dir=str(episodes_dir(cfg)), missing_head_params=len(p.missing))
 
         # ---------------------------------------------------------------------------- init report
         first = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(p.val_set, p.eval_idx), 64)))
         report = init_report(p.policy, p.train_scheduler, first, p.tokenizer, cfg.seed)
+        names = [n for n, _ in p.policy.named_parameters() if "lora_" not in n]  # peft's adapters are new, not loaded
+        report.update(checkpoint=str(backbone_path(cfg.model, cfg.paths.cache_dir)), missing_weights=p.missing,
+                      loaded_weights=len(names) - len(p.missing))
         if procs.is_main:
             write_json(run_dir / "init_report.json", report)
             for w in report["warnings"]:
@@ -287,7 +291,7 @@ def build_parts(cfg, procs, device, bf16, run_dir):
                   autocast=functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16),
                   train_set=train_set, val_set=val_set,
                   eval_idx=np.random.default_rng(0).permutation(len(val_set))[:cfg.eval.samples],
-                  mean_chunk=train_set.mean_chunk(), missing_head_params=len(missing))
+                  mean_chunk=train_set.mean_chunk(), missing=missing)
     return parts
 
 
