@@ -174,6 +174,7 @@ def noise(policy, batch, tokenizer):
         return policy.eval()(*model_inputs(batch, tokenizer), batch["actions"], torch.tensor([3] * len(batch["actions"])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", ["lora", "full"])
 def test_a_trained_policy_saved_in_tinyvlas_layout_loads_back_equal(folder, tmp_path, train):
     from vla_exp.llava_pythia import save_policy
@@ -230,6 +231,7 @@ def test_bin_and_sharded_weights_load_the_same(folder, tmp_path, layout):
     assert missing == sorted(k for k in state if k.startswith("embed_out."))
 
 
+@pytest.mark.slow
 def test_the_init_report_says_what_came_from_the_folder(folder, tmp_path):
     from vla_exp.train import train
     s = train(cfg_for(folder, "recipe=fixed", "model.lora.r=4"), tmp_path)
