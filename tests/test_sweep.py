@@ -90,7 +90,7 @@ def test_submitit_local_launcher_runs_the_jobs(tmp_path):
 
 def test_add_one_study_runs_its_cells_and_writes_its_report(tmp_path):
     out = cli("experiments/study.py", "add_one", "--seeds", "0", "--jobs", "1", "--out", str(tmp_path), *SMOKE,
-              "logger=none")
+              "logger=none", "epochs=1", "data.episodes=6")  # the study's own budget beats debug=smoke's
     assert out.returncode == 0, out.stderr[-3000:]
     recipes = sorted(s["choices"]["recipe"] for s in summaries(tmp_path).values())
     assert recipes == ["original", "original_with_clipping", "original_with_init", "original_with_loss_handling",

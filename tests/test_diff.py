@@ -1,0 +1,92 @@
+"""python -m vla_exp.diff: every difference between two recipes or runs, grouped into factors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vla_exp.diff import Side, diff, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def factors(d):
+    return {f["factor"]: f for f in d["factors"]}
+
+
+def test_the_two_recipes_differ_in_the_four_fix_groups():
+    d = diff(Side("recipe=original", "A"), Side("recipe=fixed", "B"))
+    f = factors(d)
+    assert list(f) == ["clipping", "init", "loss_handling", "optim"]
+    assert (f["optim"]["a"], f["optim"]["b"], f["optim"]["kind"]) == ("original", "fixed", "group")
+    assert f["optim"]["leaves"] == {"optim.batch_size": [16, 8], "optim.lr": [0.001, 0.0001],
+                                    "optim.schedule._target_": ["vla_exp.fixes.ConstantLR", "vla_exp.fixes.CosineLR"],
+                                    "optim.schedule.eta_min_ratio": ["(absent)", 0.1]}
+    assert f["init"]["leaves"]["init.gain"] == ["(absent)", 0.5]
+    assert d["labels"]["recipe"] == ["original", "fixed"] and "optim.name" in d["labels"]
+    assert d["not_results"] == {}
+
+
+def test_split_makes_each_leaf_a_factor_and_names_what_cannot_change_alone():
+    f = factors(diff(Side("recipe=original", "A"), Side("recipe=fixed", "B"), split=["optim"]))
+    assert {"optim.lr", "optim.batch_size", "optim.schedule._target_", "optim.schedule.eta_min_ratio"} <= set(f)
+    assert "optim" not in f and f["optim.lr"]["composable"] and f["optim.lr"]["kind"] == "key"
+    eta = f["optim.schedule.eta_min_ratio"]
+    assert not eta["composable"] and eta["note"] == ("optim.schedule.eta_min_ratio exists on B only: it cannot be "
+                                                     "changed alone; leave optim unsplit, or give both sides the key")
+
+
+def test_a_changed_value_inside_one_group_option_is_a_factor_of_its_own():
+    f = factors(diff(Side("recipe=fixed", "A"), Side("recipe=fixed optim.lr=0.0003 adamw.betas=[0.9,0.95]", "B")))
+    assert set(f) == {"optim.lr", "adamw.betas"} and f["adamw.betas"]["b"] == [0.9, 0.95]
+
+
+def test_keys_that_decide_nothing_are_listed_apart_never_as_factors():
+    d = diff(Side("recipe=fixed", "A"), Side("recipe=fixed logger=none threads=1 progress=false", "B"))
+    assert d["factors"] == [] and {"threads", "progress", "logger.kind"} <= set(d["not_results"])
+
+
+def test_identical_configs_say_so(capsys):
+    main(["recipe=fixed", "recipe=fixed init=xavier"])
+    assert capsys.readouterr().out.strip().endswith("A and B are the same config: nothing differs")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["recipe=nope", "recipe=fixed"], "error: A: 'recipe=nope' is neither a run folder nor valid overrides ("),
+    (["recipe=fixed", "optim.lr=="], "error: B: 'optim.lr==' is neither a run folder nor valid overrides ("),
+    (["recipe=fixed", "recipe=original", "--split", "optimizer"],
+     "error: --split optimizer: not a config group; the groups are clipping, data, init, logger, loss_handling, "
+     "model, optim"),
+])
+def test_bad_sides_are_one_line_naming_them(args, message):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_folder_that_is_no_run_is_named(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "recipe=fixed"])
+    assert str(e.value) == (f"error: A: {tmp_path} is a folder without .hydra/config.yaml (the config a run of python "
+                            "-m vla_exp.train saves): give a run folder or a list of overrides")
+
+
+@pytest.mark.slow
+def test_run_folders_show_what_differs_outside_the_config_too(tmp_path):
+    for name, extra in (("a", []), ("b", ["optim.lr=0.0003", "data.episodes=7"])):
+        subprocess.run([sys.executable, "-m", "vla_exp.train", "debug=smoke", "logger=none", "progress=false", *extra,
+                        f"hydra.run.dir={tmp_path / name}"], cwd=ROOT, check=True, capture_output=True, env=os.environ)
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    summary["versions"]["transformers"] = "4.37.1"  # as a run made with an older transformers records it
+    (tmp_path / "a" / "summary.json").write_text(json.dumps(summary))
+    out = subprocess.run([sys.executable, "-m", "vla_exp.diff", str(tmp_path / "a"), str(tmp_path / "b"), "--json"],
+                         cwd=ROOT, capture_output=True, text=True, env=os.environ)
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = json.loads(out.stdout)
+    assert set(factors(d)) == {"optim.lr", "data.episodes"}
+    o = d["outside_config"]
+    assert o["versions"]["transformers"][0] == "4.37.1" and o["note"].startswith("transformers 4.37.1 against 5.")
+    assert o["data"][0] != o["data"][1] and all("(" in x for x in o["data"])  # another cache entry, with its hash
+    assert set(o["normalization"]) <= {"action_min", "action_max", "qpos_mean", "qpos_std"} and o["normalization"]
