@@ -5,6 +5,7 @@
     python experiments/study.py add_one            # the original recipe, and the original recipe plus each fix
     python experiments/study.py metaworld          # original vs fixed on MetaWorld: closed-loop success per epoch
     python experiments/study.py factorial --seeds 0,1 --jobs 1 --out DIR epochs=4   # trailing Hydra overrides
+    python experiments/study.py factorial --dry-run   # print each run's overrides, one line a run; launch nothing
 
 Runs go to --out (default results/<study>), the report to <out>/report (dashboard.html, table.md, analysis.md).
 Re-running a study skips its finished runs, so an interrupted one goes on where it stopped. Jobs run side by side
@@ -51,7 +52,9 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2; 1 needs no launcher plugin)")
     p.add_argument("--out", help="sweep folder (default results/<study>)")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after the budget: epochs=4")
+    p.add_argument("--dry-run", action="store_true", help="print each run's overrides and launch nothing")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after the budget: epochs=4 (they "
+                   "beat a debug= preset's values, so shrink a study with epochs= and data.episodes=)")
     args = p.parse_intermixed_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be 1 or more, got {args.jobs}")
@@ -60,10 +63,16 @@ def main(argv=None):
     out = args.out or f"results/{args.study}"
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"] if args.jobs > 1 else []
     budget = METAWORLD_BUDGET if args.study == "metaworld" else BUDGET
+    runs = [*cells(args.study), f"seed={args.seeds}", *budget]
+    if args.dry_run:
+        from vla_exp.train import sweep_jobs
+        jobs = sweep_jobs([*runs, *args.overrides])
+        print("\n".join(" ".join(job) for job in jobs) + f"\n{len(jobs)} runs into {out}; nothing launched")
+        return 0
     if args.study == "metaworld":
         prepare(*budget, *args.overrides)
-    sweep = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *cells(args.study), f"seed={args.seeds}",
-                            *budget, *launcher, f"hydra.sweep.dir={out}", "progress=false", *args.overrides])
+    sweep = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *runs, *launcher, f"hydra.sweep.dir={out}",
+                            "progress=false", *args.overrides])
     if args.study == "metaworld":
         references(Path(out))
     report([out])

@@ -1,10 +1,14 @@
 """Config composition: every group option and preset, and the precedence rule (command line beats preset)."""
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from vla_exp.config import CONF_DIR, GROUPS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ORIGINAL = {"init": "none", "loss_handling": "scale_down", "optim": "original", "clipping": "none"}
 FIXED = {"init": "xavier", "loss_handling": "skip_nonfinite", "optim": "fixed", "clipping": "grad_norm"}
@@ -80,3 +84,15 @@ def test_the_report_path_imports_neither_torch_nor_transformers():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_study_dry_run_prints_every_run_and_launches_nothing(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    assert study.main(["factorial", "--dry-run", "--seeds", "0,1", "--out", str(tmp_path / "s"), "epochs=2"]) == 0
+    *runs, last = capsys.readouterr().out.strip().splitlines()
+    assert last == f"32 runs into {tmp_path / 's'}; nothing launched" and len(set(runs)) == 32
+    assert runs[0] == "init=none loss_handling=scale_down optim=original clipping=none seed=0 epochs=2 " \
+                      "data.episodes=100"  # what the user gave beats the study's budget
+    assert {r.split()[4] for r in runs} == {"seed=0", "seed=1"} and not (tmp_path / "s").exists()

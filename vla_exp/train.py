@@ -440,12 +440,18 @@ class Sweep(Callback):
 def job_overrides(config):
     """Every job's overrides, as the basic sweeper will split them (other sweepers choose their jobs as they go:
     their jobs are checked as each one starts)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     if not config.hydra.sweeper._target_.endswith("BasicSweeper"):
         return []
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    return sweep_jobs([*params, *config.hydra.overrides.task])
+
+
+def sweep_jobs(overrides):
+    """The jobs a multirun of `overrides` (`init=none,xavier seed=0,1`) launches, each its list of overrides, as
+    Hydra's basic sweeper splits them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
