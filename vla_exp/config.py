@@ -26,6 +26,14 @@ def choices(cfg):
     return {**{g: cfg[g].name for g in GROUPS}, "recipe": cfg.recipe, "head_loading": cfg.model.head_loading}
 
 
+def leaves(node, prefix=""):
+    """{dotted key: value} of every leaf of a config as plain containers (a list is one leaf)."""
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in leaves(sub, f"{prefix}{key}.").items()} if node \
+            else {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
 def run_name(cfg):
     c = choices(cfg)
     return f"{c['recipe'] or 'custom'}-" + "-".join(c[g] for g in GROUPS) + f"-{c['head_loading']}-s{cfg.seed}"

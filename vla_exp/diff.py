@@ -12,6 +12,7 @@ too: library versions, the data's fingerprint and the normalisation statistics.
     python -m vla_exp.diff outputs/run_a outputs/run_b --split optim --json
 """
 import argparse
+import functools
 import json
 import shlex
 import sys
@@ -20,24 +21,17 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from vla_exp import UsageError
-from vla_exp.config import CONF_DIR, NOT_RESULTS
+from vla_exp.config import CONF_DIR, NOT_RESULTS, leaves
 
 LABELS = ("name", "recipe")  # say which option a group or preset is; they decide nothing by themselves
 HEAD_LOADING_CHANGED = "4.54"  # transformers: how from_pretrained fills weights a checkpoint lacks (model.head_loading)
 
 
+@functools.cache
 def groups():
     """The config groups that are a node of the config (conf/<group>/*.yaml without @package _global_)."""
     return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not any(
         "@package _global_" in f.read_text() for f in p.glob("*.yaml")))
-
-
-def flat(node, prefix=""):
-    """{dotted key: value} of every leaf (a list is one leaf)."""
-    if isinstance(node, dict):
-        return {k: v for key, sub in node.items() for k, v in flat(sub, f"{prefix}{key}.").items()} if node \
-            else {prefix[:-1]: {}}
-    return {prefix[:-1]: node}
 
 
 class Side:
@@ -66,7 +60,7 @@ class Side:
                                  f"({' '.join(str(e).split()).split(' Config search path')[0][:300]})") from None
             self.choices = dict(cfg.hydra.runtime.choices)
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        self.leaves = flat(OmegaConf.to_container(cfg, resolve=True))
+        self.leaves = leaves(OmegaConf.to_container(cfg, resolve=True))
 
     def read(self, name):
         try:

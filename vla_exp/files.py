@@ -78,14 +78,14 @@ def check_cache_entry(path, what):
     try:
         sizes = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
-        sizes, problem = None, f"no readable {MANIFEST}"
-    if sizes is not None:
-        there = {str(f.relative_to(path)): f.stat().st_size for f in path.rglob("*") if f.is_file()}
-        there.pop(MANIFEST)
-        problem = next((f"{name} is missing" if name not in there else f"{name} is {there[name]} bytes, not {size}"
-                        for name, size in sizes.items() if there.get(name) != size),
-                       next((f"{name} was added" for name in sorted(set(there) - set(sizes))), None))
-    if problem:
+        sizes = None
+    there = {str(f.relative_to(path)): f.stat().st_size for f in path.rglob("*") if f.is_file()}
+    there.pop(MANIFEST, None)
+    problems = [f"no readable {MANIFEST}"] if sizes is None else [
+        *(f"{name} is missing" if name not in there else f"{name} is {there[name]} bytes, not {size}"
+          for name, size in sizes.items() if there.get(name) != size),
+        *(f"{name} was added" for name in sorted(set(there) - set(sizes)))]
+    if problem := next(iter(problems), None):
         raise UsageError(f"the cached {what} in {path} is incomplete ({problem}): delete the folder and it will be "
                          "regenerated")
 
@@ -107,7 +107,7 @@ def exclusive(folder, what):
         except BlockingIOError:
             f.seek(0)
             raise Busy(f"{folder} is in use by {what} (pid {f.read().strip() or 'unknown'}): wait for it to "
-                             "end, or give this one another folder") from None
+                       "end, or give this one another folder") from None
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()

@@ -176,7 +176,7 @@ def write_random_folder(path, text, vision, projector_type="mlp2x_gelu", select_
     and the benchmark: no weights can be downloaded here. `text` and `vision` are GPTNeoXConfig and vision config
     fields."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import CLIPImageProcessor, GPTNeoXForCausalLM, PreTrainedTokenizerFast, SiglipImageProcessor
 
     path = Path(path)
@@ -201,7 +201,7 @@ def write_random_folder(path, text, vision, projector_type="mlp2x_gelu", select_
         "vision_config": config, "concat": "None"}, indent=2))
     bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = __import__("tokenizers").decoders.ByteLevel()
+    bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(["push the block to the left", "pick up the red green blue cube"], trainers.BpeTrainer(
         vocab_size=min(text.get("vocab_size", 300), 300), special_tokens=["<|endoftext|>", "<|padding|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from vla_exp import UsageError, analysis, dashboard
 from vla_exp.analysis import CELL
-from vla_exp.config import CONF_DIR, NOT_RESULTS, reference_levels
+from vla_exp.config import CONF_DIR, NOT_RESULTS, leaves, reference_levels
 from vla_exp.files import atomic, write_text
 from vla_exp.recorder import Tracker
 
@@ -99,18 +99,19 @@ def check_replicates(runs):
         if (hashes := g.replicate_hash.dropna().unique()).size > 1:
             raise UsageError(f"cell '{cell}': its {len(g)} runs ran {len(hashes)} different configs (differing in "
                              f"{differing_keys(g.run_dir)}), not seed replicates of one; report each config apart")
-        if (twice := sorted(g.seed.dropna()[g.seed.dropna().duplicated()].unique())):
+        seeds = g.seed.dropna()
+        if twice := sorted(seeds[seeds.duplicated()].unique()):
             print(f"warning: cell '{cell}' holds seed {', '.join(str(int(s)) for s in twice)} more than once "
                   f"({', '.join(g.run_dir[g.seed.isin(twice)])}): a copied or rerun folder counts as a replicate")
 
 
 def differing_keys(run_dirs):
     """The config keys that decide results and differ between the runs' saved configs (.hydra/config.yaml)."""
-    configs = [pd.json_normalize(OmegaConf.to_container(OmegaConf.load(p), resolve=False))
+    configs = [leaves(OmegaConf.to_container(OmegaConf.load(p), resolve=False))
                for d in run_dirs if (p := Path(d) / ".hydra" / "config.yaml").is_file()]
     if len(configs) < 2:
         return "replicate_hash: the runs' saved configs are not there to say which keys"
-    flat = pd.concat(configs).astype(str)
+    flat = pd.DataFrame(configs).astype(str)
     keys = [k for k in flat if flat[k].nunique() > 1 and k.split(".")[0] not in (*NOT_RESULTS, "seed")]
     return ", ".join(f"{k} ({'/'.join(sorted(flat[k].unique()))})" for k in keys) or "replicate_hash"
 

@@ -120,6 +120,7 @@ class Parts:
     eval_idx: np.ndarray
     mean_chunk: np.ndarray
     missing: list  # names of the weights the checkpoint did not hold (the head's, for a backbone)
+    source: str    # the folder the weights were loaded from
     gen: torch.Generator = None  # the noise and timesteps of training steps
 
 
@@ -145,7 +146,6 @@ def train_in(cfg, run_dir, procs, digest, stop):
     from vla_exp import checkpoint
     from vla_exp.diagnostics import init_report
     from vla_exp.episodes import episodes_dir
-    from vla_exp.model import backbone_path
     from vla_exp.recorder import Recorder
 
     device, bf16 = device_and_precision(cfg, procs.local_rank)
@@ -170,8 +170,7 @@ def train_in(cfg, run_dir, procs, digest, stop):
         first = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(p.val_set, p.eval_idx), 64)))
         report = init_report(p.policy, p.train_scheduler, first, p.tokenizer, cfg.seed)
         names = [n for n, _ in p.policy.named_parameters() if "lora_" not in n]  # peft's adapters are new, not loaded
-        report.update(checkpoint=str(backbone_path(cfg.model, cfg.paths.cache_dir)), missing_weights=p.missing,
-                      loaded_weights=len(names) - len(p.missing))
+        report.update(checkpoint=p.source, missing_weights=p.missing, loaded_weights=len(names) - len(p.missing))
         if procs.is_main:
             write_json(run_dir / "init_report.json", report)
             for w in report["warnings"]:
@@ -237,7 +236,7 @@ def train_in(cfg, run_dir, procs, digest, stop):
         summary.update(summarise(state, cfg), wall_time_s=time.time() - start, peak_rss_mb=peak_memory_mb())
         if procs.is_main:
             policy = p.policy
-            if cfg.model.name.startswith("llava_pythia"):  # TinyVLA's layout: model.path=<run>/policy loads it back
+            if policy.config.model_type == "llava_pythia":  # TinyVLA's layout: model.path=<run>/policy loads it back
                 from vla_exp.llava_pythia import save_policy
                 policy = save_policy(p.policy, p.tokenizer, cfg.model.path, run_dir / "policy")
             elif hasattr(policy, "merge_and_unload"):  # LoRA: policy.pt holds the merged weights
@@ -291,7 +290,7 @@ def build_parts(cfg, procs, device, bf16, run_dir):
                   autocast=functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16),
                   train_set=train_set, val_set=val_set,
                   eval_idx=np.random.default_rng(0).permutation(len(val_set))[:cfg.eval.samples],
-                  mean_chunk=train_set.mean_chunk(), missing=missing)
+                  mean_chunk=train_set.mean_chunk(), missing=missing, source=str(policy.name_or_path))
     return parts
 
 
