@@ -6,6 +6,7 @@
     python experiments/study.py metaworld          # original vs fixed on MetaWorld: closed-loop success per epoch
     python experiments/study.py factorial --seeds 0,1 --jobs 1 --out DIR epochs=4   # trailing Hydra overrides
     python experiments/study.py factorial --dry-run   # print each run's overrides, one line a run; launch nothing
+    python experiments/study.py screen --a recipe=original --b recipe=reported_script --split optim --seeds 0,1
 
 Runs go to --out (default results/<study>), the report to <out>/report (dashboard.html, table.md, analysis.md).
 Re-running a study skips its finished runs, so an interrupted one goes on where it stopped. Jobs run side by side
@@ -14,19 +15,26 @@ with Hydra's joblib launcher (`pip install -e ".[sweeps]"`), the cores divided b
 The metaworld study (`pip install -e ".[metaworld]"`) generates the demonstrations first, rolls each run's policy
 out after every epoch, rolls out the reference policies (the scripted expert, the mean action chunk, random actions)
 from the first run's folder, and prints the success rates side by side (also in <out>/success.md).
+
+The screen study varies every difference between two configs A and B (each a quoted list of overrides or a run
+folder; `python -m vla_exp.diff A B` lists them) in a two-level design (vla_exp/screen.py), then confirms the
+smallest set of changes that recovers B: A plus the factors in order of their effect, one at a time, each step run
+with the same seeds, until one reaches B's value; then that set minus each of its factors. It prints the outcome
+in one sentence (also in <out>/confirmation.md) and the report holds the effects, their aliases and the steps.
 """
 import argparse
 import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from vla_exp.analysis import markdown
 from vla_exp.config import GROUPS, compose, recipe_levels
-from vla_exp.files import write_text
+from vla_exp.files import write_json, write_text
 from vla_exp.report import main as report
 
 # Sized so that the 48-run factorial fits in 30 minutes on 2 CPU cores; the recipes' own default is 4 epochs of 200.
@@ -48,11 +56,24 @@ def cells(study):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("study", choices=("factorial", "leave_one_out", "add_one", "metaworld"))
+    p.add_argument("study", choices=("factorial", "leave_one_out", "add_one", "metaworld", "screen"))
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2; 1 needs no launcher plugin)")
     p.add_argument("--out", help="sweep folder (default results/<study>)")
     p.add_argument("--dry-run", action="store_true", help="print each run's overrides and launch nothing")
+    s = p.add_argument_group("screen")
+    s.add_argument("--a", help='the config that is broken: quoted overrides ("recipe=original") or a run folder')
+    s.add_argument("--b", help="the config that works, the same way")
+    s.add_argument("--split", action="append", default=[], metavar="GROUP",
+                   help="make each differing key of this config group a factor of its own (repeatable)")
+    s.add_argument("--max-runs", type=int, default=32, help="most configurations in the design (default 32)")
+    s.add_argument("--resolution", type=int, choices=(3, 4), default=4,
+                   help="of a fractional design: 4 (default; main effects clear of two-factor interactions) or 3")
+    s.add_argument("--foldover", action="store_true", help="add the design's mirror image (twice the runs)")
+    s.add_argument("--metric", default="val_action_error", help="what the screen and the confirmation read "
+                   "(a figure of summary.json; default val_action_error)")
+    s.add_argument("--threshold", type=float, help="a step recovers B when its mean is this close to B's (default: "
+                   "within the 95%% interval of the difference, from the screen's seed noise)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after the budget: epochs=4 (they "
                    "beat a debug= preset's values, so shrink a study with epochs= and data.episodes=)")
     args = p.parse_intermixed_args(argv)
@@ -62,6 +83,8 @@ def main(argv=None):
         p.error('--jobs above 1 needs the joblib launcher: pip install -e ".[sweeps]" (or use --jobs 1)')
     out = args.out or f"results/{args.study}"
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"] if args.jobs > 1 else []
+    if args.study == "screen":
+        return screen(args, p, Path(out), launcher)
     budget = METAWORLD_BUDGET if args.study == "metaworld" else BUDGET
     runs = [*cells(args.study), f"seed={args.seeds}", *budget]
     if args.dry_run:
@@ -79,6 +102,86 @@ def main(argv=None):
     if args.study == "metaworld":
         success_table(Path(out))
     return sweep.returncode  # non-zero when a run failed: the report marks its cell
+
+
+def screen(args, parser, out, launcher):
+    """The screen: design, its multirun, the confirmation's multiruns one step at a time, the report."""
+    from vla_exp import UsageError
+    from vla_exp import screen as sc
+    from vla_exp.diff import Side
+    from vla_exp.report import find_run_dirs, load_runs
+    from vla_exp.config import reference_levels
+    if not (args.a and args.b):
+        parser.error("screen needs --a and --b: each a quoted list of overrides or a run folder")
+    start = time.time()
+    try:
+        a, b = Side(args.a, "--a"), Side(args.b, "--b")
+        facs, _ = sc.factors(a, b, args.split)
+        matrix, desc = sc.design(len(facs), args.max_runs, args.resolution, args.foldover)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+    names = [f["name"] for f in facs]
+    seeds = args.seeds.split(",")
+    if len(seeds) < 2 and args.threshold is None:
+        parser.error("screen with one seed has no seed noise to say when a step reaches B: give --seeds with two "
+                     "or more, or --threshold")
+    print(f"{len(facs)} factors: " + "; ".join(f"{f['name']} ({sc.level_text(f['a'])} -> {sc.level_text(f['b'])})"
+                                               for f in facs))
+    print(f"design: {desc['kind']}, {desc['runs']} configurations x {len(seeds)} seeds = {desc['runs'] * len(seeds)} "
+          f"runs" + (f", resolution {desc['resolution']}, I = {' = '.join(desc['defining_relation'][:6])}"
+                     + (" ..." if len(desc["defining_relation"]) > 6 else "") if desc["resolution"] else ""))
+    configs = out / "design"
+    base = [*sc.base_overrides(a), f"seed={args.seeds}", *BUDGET, f"hydra.searchpath=[file://{configs.resolve()}]",
+            f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${design.name}-s${seed}", "progress=false"]
+
+    def sweep(levels_list, part):
+        names_run = sc.write_configs(configs, [(lv, part) for lv in levels_list], facs, args.a, args.b)
+        return [*base, "+screen=" + ",".join(dict.fromkeys(names_run)), *args.overrides]
+
+    if args.dry_run:
+        from vla_exp.train import sweep_jobs
+        jobs = sweep_jobs([*base, "+screen=" + ",".join(sc.config_name(r) for r in matrix), *args.overrides])
+        print("\n".join(" ".join(job) for job in jobs))
+        print(f"{len(jobs)} runs into {out}, then A, B and the confirmation's steps ({len(seeds)} runs each, at most "
+              f"{2 * len(facs)} steps); nothing launched")
+        return 0
+    launched = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *sweep(list(matrix), "design"),
+                               *launcher]).returncode
+
+    def runs():
+        found = load_runs(find_run_dirs([out]), reference_levels())
+        return found[found.design_name.notna()] if "design_name" in found else found.iloc[:0]
+
+    plan = None
+    while True:  # the confirmation, one configuration (all its seeds side by side) at a time
+        done = runs()
+        result = sc.analyse(done[done.design_part == "design"], args.metric, names)
+        if "error" in result:
+            print(f"no confirmation: {result['error']}")
+            break
+        try:
+            plan = sc.confirmation(done, args.metric, names, result, args.threshold)
+        except UsageError as e:
+            print(f"no confirmation: {e}")
+            plan = None
+            break
+        if plan["next"] is None:
+            break
+        print(f"confirmation: {sc.label(plan['next'], names)}")
+        launched |= subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *sweep([plan["next"]], "confirm"),
+                                    *launcher]).returncode
+        if not len(runs()[lambda r: r.design_name == sc.config_name(plan["next"])]):
+            print(f"no confirmation: the runs of {sc.label(plan['next'], names)} did not finish")
+            plan = None
+            break
+    if plan:  # before the report, which shows it
+        write_json(out / "confirmation.json", plan)
+        write_text(out / "confirmation.md", sc.sentence(plan) + "\n")
+    report([str(out)])
+    if plan:
+        print(sc.sentence(plan))
+    print(f"{len(runs())} runs, {time.time() - start:.0f} s in all")
+    return launched
 
 
 def prepare(*overrides):

@@ -67,6 +67,16 @@ def test_recipes_hold_the_reported_values(make_cfg):
     assert strip(original) == strip(fixed)
 
 
+def test_the_reported_script_preset_holds_every_difference_it_can(make_cfg):
+    cfg = make_cfg("recipe=reported_script")
+    assert {g: cfg[g].name for g in GROUPS} == {"init": "xavier_more", "loss_handling": "skip_nonfinite",
+                                                "optim": "fixed", "clipping": "grad_norm"}
+    assert list(cfg.adamw.betas) == [0.9, 0.95] and cfg.data.action_norm == "meanstd"
+    assert cfg.early_stop.patience == 10 and cfg.epochs == make_cfg("recipe=original").epochs  # equal budgets
+    original = make_cfg("recipe=original")
+    assert original.early_stop.patience is None and original.data.action_norm == "minmax"
+
+
 def test_smoke_shrinks_any_run(make_cfg):
     cfg = make_cfg("recipe=fixed", "debug=smoke")
     assert cfg.epochs == 1 and cfg.data.episodes <= 10 and cfg.optim.name == "fixed"

@@ -246,6 +246,26 @@ def test_normalizer_fit_is_min_max_and_mean_std():
     assert data.Normalizer(**norm.state_dict()).state_dict() == norm.state_dict()
 
 
+def test_mean_std_action_normalisation_and_its_min_max_reference():
+    eps = [{"action": np.array([[0.0, -2.0], [1.0, 2.0]], np.float32), "qpos": np.array([[0.0, 0.0]], np.float32)},
+           {"action": np.array([[0.5, 3.0]], np.float32), "qpos": np.array([[2.0, 4.0]], np.float32)}]
+    norm = data.Normalizer.fit(eps, "meanstd")
+    actions = np.concatenate([e["action"] for e in eps])
+    np.testing.assert_allclose(norm.action_mean, actions.mean(0))
+    np.testing.assert_allclose(norm.action_std, actions.std(0) + 1e-6)
+    z = norm.actions(actions)
+    np.testing.assert_allclose(z, (actions - actions.mean(0)) / (actions.std(0) + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(norm.unactions(z), actions, atol=1e-6)
+    minmax = data.Normalizer.fit(eps)  # the scale every action error is measured on
+    np.testing.assert_allclose(norm.reference(z), minmax.actions(actions), atol=1e-6)
+    np.testing.assert_allclose(norm.reference(torch.from_numpy(z)).numpy(), minmax.actions(actions), atol=1e-6)
+    assert minmax.reference(z) is z  # min-max runs: their figures untouched
+    saved = norm.state_dict()
+    assert saved["action_norm"] == "meanstd" and data.Normalizer(**saved).state_dict() == saved
+    old = {k: saved[k] for k in ("action_min", "action_max", "qpos_mean", "qpos_std")}  # an earlier run's file
+    assert data.Normalizer(**old).action_norm == "minmax"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ChunkDataset
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from vla_exp.fixes import (ConstantLR, CosineLR, GradNormClip, NoClip, NoInit, ReportedXavierInit, ScaleDown,
+from vla_exp.fixes import (ConstantLR, CosineLR, GradNormClip, NoClip, NoInit, ReportedXavierInit,
+                           ReportedXavierMoreInit, ScaleDown,
                            SkipNonFinite, TorchDefaultInit, XavierAllInit)
 from vla_exp.head import ConditionalUnet1D
 
@@ -191,6 +192,30 @@ class TestXavierAllInit:
         expected = GAIN * math.sqrt(6 / (64 + ACTION_DIM)) / math.sqrt(3)  # fan_in 64, fan_out 2: ~0.087
         assert std == pytest.approx(expected, rel=STD_RTOL)
         assert std < 0.15 * math.sqrt(2 / ACTION_DIM)  # ReportedXavierInit gives ~1.0 here
+
+
+def test_xavier_more_is_the_reported_init_plus_norms_and_embeddings():
+    """The same draws as the reported init on Linear and Conv1d, norms reset to 1/0, embeddings normal(0, 0.02),
+    transposed convs untouched."""
+    torch.manual_seed(5)
+    reported = ReportedXavierInit(gain=GAIN, a=A)
+    head = perturb(make_head())
+    head.embedding = nn.Embedding(4096, 16)  # the head has none: one added, as a head of another design may
+    before = snapshot(head)
+    twin = perturb(make_head())
+    torch.manual_seed(11)
+    reported(twin)
+    torch.manual_seed(11)
+    ReportedXavierMoreInit(gain=GAIN, a=A, embedding_std=0.02)(head)
+    for n, m in modules_of(head, nn.Linear) + modules_of(head, nn.Conv1d):
+        assert torch.equal(m.weight, dict(twin.named_modules())[n].weight), n
+    for n, m in modules_of(head, nn.GroupNorm) + modules_of(head, nn.LayerNorm):
+        assert not torch.equal(before[f"{n}.weight"], torch.ones_like(m.weight))  # perturb moved them
+        assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias)), n
+    assert head.embedding.weight.std().item() == pytest.approx(0.02, rel=0.03)
+    assert head.embedding.weight.mean().abs().item() < 0.001
+    for n, m in modules_of(head, nn.ConvTranspose1d):
+        assert torch.equal(m.weight, before[f"{n}.weight"]), n
 
 
 class TestTorchDefaultInit:

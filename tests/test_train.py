@@ -262,3 +262,37 @@ def test_the_action_error_is_a_mean_over_samples_steps_and_dimensions(make_cfg, 
     monkeypatch.setattr("vla_exp.diagnostics.sample_actions", off_by_half)
     s = train(make_cfg(*FAST, "eval.samples=8"), tmp_path)
     assert s["val_action_error"] == pytest.approx(0.25, rel=1e-6)
+
+
+def test_early_stopping_counts_epochs_without_a_fall_in_the_training_loss():
+    from types import SimpleNamespace
+    from vla_exp.train import early_stop
+    state, settings = LoopState(), SimpleNamespace(patience=2, min_delta=0.01)
+    for epoch, loss in enumerate([1.0, 0.5, 0.495, 0.6, 0.4, 0.41, 0.395]):
+        state.epoch = epoch
+        early_stop(state, loss, settings)
+        if state.stopped_early:
+            break
+    # 0.495 is no fall by more than 0.01, nor is 0.6: the second in a row ends the run after epoch 4
+    assert (state.stopped_early, state.best_loss, state.bad_epochs) == (4, 0.5, 2)
+    never = LoopState()
+    for loss in [1.0, 2.0, 3.0]:
+        early_stop(never, loss, SimpleNamespace(patience=None, min_delta=0.0))
+    assert never.stopped_early is None and never.best_loss is None
+
+
+def test_early_stopping_ends_a_run_and_says_when(make_cfg, tmp_path):
+    s = train(make_cfg(*FAST, "epochs=4", "early_stop.patience=1", "early_stop.min_delta=1e9"), tmp_path)
+    epochs = rows(tmp_path, "epoch")
+    assert s["stopped_early_at_epoch"] == 2 and [r["epoch"] for r in epochs] == [1, 2]
+    assert s["status"] == "completed" and s["val_action_error"] == epochs[-1]["val_action_error"]
+
+
+def test_mean_std_actions_are_scored_on_the_min_max_scale(make_cfg, tmp_path):
+    minmax = train(make_cfg(*FAST, "recipe=fixed"), tmp_path / "a")
+    meanstd = train(make_cfg(*FAST, "recipe=fixed", "data.action_norm=meanstd"), tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "normalization.json").read_text())["action_norm"] == "meanstd"
+    # the baselines are the same predictors on the same samples: on one scale, the same errors
+    for name, err in minmax["baseline_action_errors"].items():
+        assert meanstd["baseline_action_errors"][name] == pytest.approx(err, rel=1e-4), name
+    assert meanstd["val_action_error"] != minmax["val_action_error"]  # the policy itself trained differently

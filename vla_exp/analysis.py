@@ -105,10 +105,10 @@ def results_table(runs, levels):
     baselines = [c for c in runs.columns if c.startswith("baseline_")]
     runs = runs.assign(run_beats=beats(runs))
     rows = []
-    for cell, g in runs.groupby(list(CELL), sort=False, dropna=False):
+    for (label, *cell), g in runs.groupby(["cell", *CELL], sort=False, dropna=False):  # a screen's label its own
         ran = g[g.status != "failed"]
         statuses = g.status.value_counts()
-        row = {"cell": cell_label(cell, levels), **dict(zip(CELL, cell)),
+        row = {"cell": label, **dict(zip(CELL, cell)),
                "status": g.status.iloc[0] if len(statuses) == 1 else "mixed", "n_runs": len(g),
                **{f"n_{s}": int(statuses.get(s, 0)) for s in ("completed", "diverged", "failed", "running")},
                "seeds": " ".join(str(s) for s in sorted(g.seed.dropna().astype(int))) if "seed" in g else ""}
@@ -130,10 +130,9 @@ def format_table(table, runs):
     """The results table in words, for table.md and the dashboard: one row per cell."""
     varying = [c for c in CELL if table[c].nunique() > 1]
     baselines = [c for c in table.columns if c.startswith("baseline_")]
-    runs = runs.assign(run_key=runs.apply(cell_key, axis=1))
     out = []
     for _, t in table.iterrows():
-        g = runs[(runs.run_key == cell_key(t)) & (runs.status != "failed")]
+        g = runs[(runs.cell == t.cell) & (runs.status != "failed")]
         failed = t.status == "failed"
         conv = "failed" if failed else f"never ({len(g)})" if t.n_never_converged == len(g) > 0 else \
             mean_std(g.epochs_to_converge.dropna()) + (f", {t.n_never_converged} never" if t.n_never_converged else "")

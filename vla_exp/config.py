@@ -12,7 +12,8 @@ CONF_DIR = next(p for p in (Path(__file__).parent / "conf", Path(__file__).paren
 GROUPS = ("init", "loss_handling", "optim", "clipping")  # the four fixes, one config group each
 RECIPES = ("original", "fixed")
 # where a run goes and how it reports and restarts: none of it changes its results
-NOT_RESULTS = ("logger", "progress", "threads", "paths", "skip_finished", "checkpoint", "resume")
+# (`design`: a screen's label for the configuration a run is, vla_exp.screen)
+NOT_RESULTS = ("logger", "progress", "threads", "paths", "skip_finished", "checkpoint", "resume", "design")
 
 
 def compose(*overrides):
@@ -75,4 +76,4 @@ def datasets(cfg):
     from vla_exp.episodes import episodes_dir
     d, m = cfg.data, cfg.model.config
     return load_split(episodes_dir(cfg), d.camera, d.val_fraction, d.split_seed, m.horizon,
-                      m.vision_config.image_size, m.action_dim, m.state_dim)
+                      m.vision_config.image_size, m.action_dim, m.state_dim, d.action_norm)

@@ -153,8 +153,9 @@ def figures(curves, runs, results, cells):
         "action_error": epoch_figure(curves, cells, "val_action_error", baselines, "held-out sampled-action error",
                                      "Held-out action error per epoch, beside the trivial baselines (a policy must "
                                      "be below every grey line)", "held-out action error"),
-        "effects": effects_figure(results),
     }
+    if results is not None:  # the four-fix factorial's effects (a screen draws its own half-normal plot)
+        figs["effects"] = effects_figure(results)
     if "success_rate" in curves and curves.success_rate.notna().any():
         references = {f"{c.removeprefix('success_rate_')} policy": runs[c].astype(float).mean()
                       for c in runs.columns if c.startswith("success_rate_")}
@@ -204,3 +205,32 @@ def page(title, sections):
     body = "".join(f"<h2>{html.escape(h)}</h2>\n{content}\n" for h, content in sections)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
             f"<style>{CSS}</style>\n</head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}</body>\n</html>\n")
+
+
+def half_normal_figure(results):
+    """One panel per metric: the screen's absolute effects against half-normal quantiles (statsmodels' ProbPlot);
+    effects off the line through the small ones are the active ones. Main effects filled, interaction columns open."""
+    from scipy import stats
+    from statsmodels.graphics.gofplots import ProbPlot
+    n = len(results)
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 5), squeeze=False)
+    for ax, (metric, res) in zip(axes.flat, results.items()):
+        e = res.get("effects")
+        if e is None or e.empty:
+            empty(ax, f"{metric}: {res.get('error', 'no effect estimated')}")
+            continue
+        e = e.assign(size=e.effect.abs()).sort_values("size")
+        pp = ProbPlot(e["size"].to_numpy(), dist=stats.halfnorm, fit=False)
+        q, v = pp.theoretical_quantiles, pp.sorted_data
+        main = (e.order == 1).to_numpy()
+        ax.scatter(q[main], v[main], color="C3", zorder=3, label="main effect")
+        ax.scatter(q[~main], v[~main], facecolor="white", edgecolor="0.3", zorder=3, label="interaction column")
+        for x, y, term, is_main in zip(q, v, e.term, main):
+            if is_main or y >= np.quantile(v, 0.8):
+                ax.annotate(textwrap.shorten(term, 28), (x, y), fontsize=7, xytext=(4, 0), textcoords="offset points")
+        ax.set(xlabel="half-normal quantile", ylabel=f"|effect| on {metric}", title=f"{metric} (n={res['n']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False, loc="upper left")
+    fig.suptitle("Half-normal plot of the screen's effects")
+    fig.tight_layout()
+    return fig

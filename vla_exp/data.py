@@ -19,26 +19,54 @@ def split_episodes(files, val_fraction, seed):
 
 
 class Normalizer:
-    """Actions min-max scaled to [-1, 1]; states standardised. Statistics come from the training episodes only."""
+    """Actions min-max scaled to [-1, 1] (`minmax`, TinyVLA's) or standardised (`meanstd`, the reported fixed
+    script's); states standardised. Statistics come from the training episodes only. Whatever the actions train in,
+    `reference` puts them on the min-max scale, so action errors of runs that normalise differently compare."""
 
-    def __init__(self, action_min, action_max, qpos_mean, qpos_std):
+    def __init__(self, action_min, action_max, qpos_mean, qpos_std, action_norm="minmax", action_mean=None,
+                 action_std=None):  # normalization.json of runs before action_norm existed: min-max
         self.action_min, self.action_max = np.asarray(action_min, np.float32), np.asarray(action_max, np.float32)
         self.qpos_mean, self.qpos_std = np.asarray(qpos_mean, np.float32), np.asarray(qpos_std, np.float32)
+        self.action_norm = action_norm
+        self.action_mean = None if action_mean is None else np.asarray(action_mean, np.float32)
+        self.action_std = None if action_std is None else np.asarray(action_std, np.float32)
 
     @classmethod
-    def fit(cls, episodes):
+    def fit(cls, episodes, action_norm="minmax"):
         actions = np.concatenate([e["action"] for e in episodes])
         qpos = np.concatenate([e["qpos"] for e in episodes])
-        return cls(actions.min(0), actions.max(0), qpos.mean(0), qpos.std(0) + 1e-6)
+        return cls(actions.min(0), actions.max(0), qpos.mean(0), qpos.std(0) + 1e-6, action_norm,
+                   actions.mean(0), actions.std(0) + 1e-6)
 
     def actions(self, a):
+        if self.action_norm == "meanstd":
+            return (a - self.action_mean) / self.action_std
+        return self.minmax(a)
+
+    def unactions(self, a):
+        """The inverse of `actions`: normalised actions back in the data's units."""
+        if self.action_norm == "meanstd":
+            return a * self.action_std + self.action_mean
+        return (a + 1) / 2 * np.maximum(self.action_max - self.action_min, 1e-6) + self.action_min
+
+    def minmax(self, a):
         return 2 * (a - self.action_min) / np.maximum(self.action_max - self.action_min, 1e-6) - 1
+
+    def reference(self, a):
+        """Normalised actions (an array or a tensor) on the min-max scale: unchanged under `minmax`."""
+        if self.action_norm == "minmax":
+            return a
+        std, mean, lo, span = (self.action_std, self.action_mean, self.action_min,
+                               np.maximum(self.action_max - self.action_min, 1e-6))
+        if isinstance(a, torch.Tensor):
+            std, mean, lo, span = (torch.from_numpy(x) for x in (std, mean, lo, span))
+        return 2 * (a * std + mean - lo) / span - 1
 
     def qpos(self, q):
         return (q - self.qpos_mean) / self.qpos_std
 
     def state_dict(self):
-        return {k: v.tolist() for k, v in vars(self).items()}
+        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in vars(self).items()}
 
 
 class ChunkDataset(torch.utils.data.Dataset):
@@ -81,7 +109,8 @@ class ChunkDataset(torch.utils.data.Dataset):
         return out
 
 
-def load_split(data_dir, camera, val_fraction, seed, horizon, image_size=None, action_dim=None, state_dim=None):
+def load_split(data_dir, camera, val_fraction, seed, horizon, image_size=None, action_dim=None, state_dim=None,
+               action_norm="minmax"):
     """Train and validation sets. Every file is read and checked first, so bad data stops a run before it trains;
     the model's image size and dims, where given, are what the episodes must have."""
     data_dir = Path(data_dir).expanduser()
@@ -99,5 +128,5 @@ def load_split(data_dir, camera, val_fraction, seed, horizon, image_size=None, a
         episodes[f] = read_episode(f, camera)
         check_episode(f, episodes[f], horizon, expected)
     train, val = [episodes[f] for f in train_files], [episodes[f] for f in val_files]
-    norm = Normalizer.fit(train)
+    norm = Normalizer.fit(train, action_norm)
     return ChunkDataset(train, norm, horizon), ChunkDataset(val, norm, horizon)

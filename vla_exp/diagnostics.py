@@ -53,7 +53,9 @@ def init_report(policy, scheduler, batch, tokenizer, seed):
 @torch.no_grad()
 def held_out_metrics(policy, train_scheduler, ddim, dataset, indices, tokenizer, steps, mean_chunk, batch_size=64):
     """Open loop, on held-out samples `indices`: loss and output std, and the mean squared error of DDIM-sampled
-    action chunks (normalised space) beside each baseline's. The same noise every call, so epochs and runs compare."""
+    action chunks beside each baseline's, on the min-max normalised scale whatever the actions train in
+    (Normalizer.reference). The same noise every call, so epochs and runs compare."""
+    ref = dataset.norm.reference
     policy.eval()
     gen = torch.Generator().manual_seed(1)
     losses, stds, sq, targets = [], [], [], []
@@ -61,12 +63,13 @@ def held_out_metrics(policy, train_scheduler, ddim, dataset, indices, tokenizer,
         loss, pred = noise_prediction(policy, train_scheduler, batch, tokenizer, gen)
         losses.append(loss.item())
         stds.append(pred.std().item())
-        sq.append(((sample_actions(policy, ddim, batch, tokenizer, steps, gen) - batch["actions"]) ** 2).mean((1, 2)))
-        targets.append(batch["actions"].numpy())
+        sampled = sample_actions(policy, ddim, batch, tokenizer, steps, gen)
+        sq.append(((ref(sampled) - ref(batch["actions"])) ** 2).mean((1, 2)))
+        targets.append(ref(batch["actions"].numpy()))
     policy.train()
     targets = np.concatenate(targets)
     err = torch.cat(sq).mean().item()
     return {"val_loss": float(np.mean(losses)), "val_output_std": float(np.mean(stds)),
             "val_action_error": err if math.isfinite(err) else float("nan"),
-            "baseline_action_errors": {name: float(((pred - targets) ** 2).mean())
+            "baseline_action_errors": {name: float(((ref(pred) - targets) ** 2).mean())
                                        for name, pred in dataset.baselines(indices, mean_chunk).items()}}

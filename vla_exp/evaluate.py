@@ -25,11 +25,6 @@ POLICIES = ("trained", "expert", "mean_chunk", "random")
 EXECUTE = 8  # of each 16-step chunk, as diffusion policy does
 
 
-def denormalise(norm, actions):
-    """The inverse of `Normalizer.actions`."""
-    return (actions + 1) / 2 * np.maximum(norm.action_max - norm.action_min, 1e-6) + norm.action_min
-
-
 class Trained:
     """The trained policy: image, normalised state and instruction in, a DDIM-sampled action chunk out."""
     sees_image = True
@@ -48,7 +43,7 @@ class Trained:
                  "state": torch.from_numpy(self.norm.qpos(obs["state"])), "instruction": [obs["instruction"]] * n,
                  "actions": torch.zeros(n, *self.shape)}
         chunks = sample_actions(self.policy, self.ddim, batch, self.tokenizer, self.steps, self.gen)
-        return denormalise(self.norm, chunks.numpy())
+        return self.norm.unactions(chunks.numpy())
 
 
 def wilson(successes, n):

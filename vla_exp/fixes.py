@@ -41,6 +41,25 @@ class ReportedXavierInit:
                 nn.init.zeros_(m.bias)
 
 
+class ReportedXavierMoreInit(ReportedXavierInit):
+    """The reported init with the "more layer types" its listing ends on, read as the usual completion: the
+    reported rules for Linear and Conv1d, then norm layers (GroupNorm, LayerNorm) reset to weight 1, bias 0 and
+    embeddings to normal(0, `embedding_std`). Still no rule for ConvTranspose1d, as in the listing."""
+
+    def __init__(self, gain, a, embedding_std):
+        super().__init__(gain, a)
+        self.embedding_std = embedding_std
+
+    def __call__(self, head):
+        super().__call__(head)
+        for m in head.modules():
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=self.embedding_std)
+
+
 class XavierAllInit:
     """A corrected variant: xavier_uniform(gain) on every Linear, Conv1d and ConvTranspose1d (fan_in and fan_out
     averaged, so the 1x1 output conv stays small), biases 0, norms reset to 1/0."""

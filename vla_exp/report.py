@@ -20,7 +20,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from vla_exp import UsageError, analysis, dashboard
+from vla_exp import UsageError, analysis, dashboard, screen
 from vla_exp.analysis import CELL
 from vla_exp.config import CONF_DIR, NOT_RESULTS, leaves, reference_levels
 from vla_exp.files import atomic, write_text
@@ -73,6 +73,9 @@ def load_runs(run_dirs, levels):
         row = {"run_dir": str(d), **{c: str(choices.get(c) or "?") for c in CELL}, "recipe": choices.get("recipe")}
         row.update({k: v for k, v in s.items() if isinstance(v, (str, int, float, bool, type(None))) and k not in row})
         row.update({f"baseline_{k}": v for k, v in (s.get("baseline_action_errors") or {}).items()})
+        if isinstance(design := s.get("design"), dict):  # a screen's configuration (vla_exp.screen)
+            row.update({f"design_{k}": design.get(k) for k in ("name", "label", "part")})
+            row.update({f"level:{f}": x for f, x in zip(design.get("factors", []), design.get("levels", []))})
         for name, cl in s.items():  # closed-loop success (data=metaworld): the run's policy, and reference policies
             if name.startswith("closed_loop") and isinstance(cl, dict):
                 suffix = name.removeprefix("closed_loop")  # "" or "_expert", "_mean_chunk", "_random"
@@ -80,7 +83,7 @@ def load_runs(run_dirs, levels):
                 row.update({f"success{suffix}_{t}": r.get("success_rate") for t, r in cl.get("tasks", {}).items()})
         rows.append(row)
     runs = pd.DataFrame(rows)
-    runs.insert(1, "cell", [analysis.cell_label(r, levels) for r in rows])
+    runs.insert(1, "cell", [r.get("design_label") or analysis.cell_label(r, levels) for r in rows])
     runs["status"] = runs["status"].fillna("unknown") if "status" in runs else "unknown"
     runs["seed"] = pd.to_numeric(runs["seed"], errors="coerce").astype("Int64") if "seed" in runs else pd.NA
     numeric = [*analysis.TABLE_METRICS, *analysis.METRICS, *(c for c in runs if c.startswith("baseline_"))]
@@ -161,6 +164,61 @@ def analysis_markdown(title, results, loo, add):
     return "\n".join(lines)
 
 
+def screen_results(runs):
+    """A screen's analysis (vla_exp.screen) of the runs of its design, per metric, and its factors."""
+    names = [c.removeprefix("level:") for c in runs if c.startswith("level:")]
+    design = runs[runs.design_part == "design"]
+    return names, {m: screen.analyse(design, m, names) for m in analysis.METRICS if m in runs}
+
+
+def screen_tables(runs, names, results):
+    """(markdown, [(heading, html)]) of a screen: its design, each metric's effects with their aliases, the
+    confirmation where the study saved one (confirmation.json beside the runs)."""
+    design = runs[runs.design_part == "design"]
+    coded = design[[f"level:{n}" for n in names]].drop_duplicates().to_numpy() * 2 - 1
+    words = screen.defining_relation(coded)
+    letters = ", ".join(f"{screen.LETTERS[i]} = {n}" for i, n in enumerate(names))
+    about = (f"{len(names)} factors ({letters}); {len(coded)} configurations of the design, {len(design)} runs" +
+             (f"; resolution {min(map(len, words))}, defining relation I = " +
+              " = ".join("".join(screen.LETTERS[i] for i in w) for w in words) if words else "; full factorial") +
+             ". Effect = mean at B's level minus mean at A's level (twice the OLS coefficient on -1/+1 coding); "
+             "aliased terms cannot be told apart from it.")
+    md, html = ["## Screen", "", about, ""], [("Screen: the design", dashboard.note_html(about))]
+    for metric, res in results.items():
+        head = "; ".join([f"{res['n']} runs, {res['dropped']} without a finite value", *res["notes"],
+                          *([res["error"]] if res.get("error") else [])])
+        md += [f"### {metric}", "", f"_{head}_", ""]
+        if "effects" in res:
+            e = res["effects"]
+            shown = e[(e.order == 1) | (e.lo > 0) | (e.hi < 0)]  # main effects, and interaction columns that show
+            table = pd.DataFrame({
+                "term": shown.term, "effect (B - A)": shown.effect.map(lambda x: analysis.num(x, True)),
+                "95% interval": [f"[{analysis.num(lo)}, {analysis.num(hi)}]" for lo, hi in zip(shown.lo, shown.hi)],
+                "p": shown.p.map(lambda p: "" if np.isnan(p) else analysis.p_value(p)),
+                "aliased with": [a or ("no interaction of two or three factors" if o == 1 else
+                                       "no other two-factor interaction") for a, o in zip(shown.aliases, shown.order)],
+                "precision": shown.se_ratio.map(lambda r: f"SE x{r:.2f}" if r > 1.05 else "")})
+            md += [analysis.markdown(table), ""]
+            html.append((f"Screen: effects on {metric}", dashboard.note_html(head) + dashboard.table_html(table)))
+    plan_path = Path(os.path.commonpath(list(runs.run_dir))) / "confirmation.json"
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        rows = [{"step": f"A + {', '.join(s['set'])}", "configuration": s["name"],
+                 plan["metric"]: screen.mean_pm(s["values"]), "reaches B": "yes" if s["reached"] else "no"}
+                for s in plan["steps"]]
+        rows += [{"step": f"the set without {w['left_out']}", "configuration": w["name"],
+                  plan["metric"]: screen.mean_pm(w["values"]), "reaches B": "yes" if w["reached"] else "no"}
+                 for w in plan["without"]]
+        table = pd.DataFrame([{"step": "A", "configuration": "A", plan["metric"]: screen.mean_pm(plan["a"]),
+                               "reaches B": ""}, *rows,
+                              {"step": "B", "configuration": "B", plan["metric"]: screen.mean_pm(plan["b"]),
+                               "reaches B": ""}])
+        text = screen.sentence(plan)
+        md += ["## Confirmation", "", text, "", analysis.markdown(table), ""]
+        html.append(("Confirmation: the smallest set of changes", dashboard.note_html(text) + dashboard.table_html(table)))
+    return "\n".join(md), html
+
+
 def logger_config(run_dirs, mode, group):
     """The W&B project and entity of the runs' own logger config (the first run's that has one, else the default),
     with the report's mode and group."""
@@ -190,8 +248,13 @@ def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
     curves = load_curves(runs)
     table = analysis.results_table(runs, levels)
     shown = analysis.format_table(table, runs)
-    results = analysis.analyse(runs, levels)
-    loo, add = analysis.leave_one_out(runs, levels), analysis.add_one(runs, levels)
+    screened = "design_part" in runs and runs.design_part.notna().any()
+    if screened:  # a screen varies other keys than the four groups: its own analysis, not the four-fix factorial
+        names, results = screen_results(runs)
+        screen_md, screen_html = screen_tables(runs, names, results)
+    else:
+        results = analysis.analyse(runs, levels)
+        loo, add = analysis.leave_one_out(runs, levels), analysis.add_one(runs, levels)
     title = f"Report: {len(runs)} runs in {len(table)} cells ({', '.join(str(d) for d in dirs)})"
 
     # ---------------------------------------------------------------------------- data and tables
@@ -204,34 +267,39 @@ def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
                           if c.startswith("baseline_"))
     table_md = f"# {title}\n\n{analysis.markdown(shown)}\n\nBaselines (mean over runs): {baselines or 'none'}\n"
     write_text(out / "table.md", table_md)
-    write_text(out / "analysis.md", analysis_markdown(title, results, loo, add))
+    write_text(out / "analysis.md", f"# {title}\n\n{screen_md}" if screened else
+               analysis_markdown(title, results, loo, add))
 
     # ---------------------------------------------------------------------------- plots and dashboard
     pngs = []
-    for stem, fig in dashboard.figures(curves, runs, results, list(table.cell)).items():
+    figs = dashboard.figures(curves, runs, None if screened else results, list(table.cell))
+    if screened:
+        figs["half_normal"] = dashboard.half_normal_figure(results)
+    for stem, fig in figs.items():
         with atomic(out / f"{stem}.png") as tmp:
             fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
         dashboard.plt.close(fig)
         pngs.append(out / f"{stem}.png")
-    verdict_lines = [line for res in results.values()
-                     for line in analysis.verdicts(res) or [f"{res['metric']}: {res.get('error')}"]]
+    verdict_lines = [] if screened else [line for res in results.values()
+                                         for line in analysis.verdicts(res) or [f"{res['metric']}: {res.get('error')}"]]
     sections = [
         ("Results per cell (mean ± std (n) over seeds)", dashboard.table_html(shown) +
          dashboard.note_html(f"Baselines (mean over runs): {baselines or 'none'}. A cell beats the baselines only "
                              "if every seed's held-out action error is below every baseline's.")),
-        ("Verdicts", dashboard.note_html(METHOD) + "".join(
-            f"<h3>{m}</h3>" + dashboard.note_html(analysis.notes_line(r)) +
-            dashboard.list_html(analysis.verdicts(r) or [r.get("error", "")]) for m, r in results.items())),
-        ("Significant two-way interactions",
-         dashboard.list_html([i for r in results.values() for i in analysis.interactions(r)])),
-        ("Leave-one-out: the fixed recipe minus each fix", dashboard.table_html(loo)),
-        ("Add-one: the original recipe plus each fix", dashboard.table_html(add)),
+        *(screen_html if screened else [
+            ("Verdicts", dashboard.note_html(METHOD) + "".join(
+                f"<h3>{m}</h3>" + dashboard.note_html(analysis.notes_line(r)) +
+                dashboard.list_html(analysis.verdicts(r) or [r.get("error", "")]) for m, r in results.items())),
+            ("Significant two-way interactions",
+             dashboard.list_html([i for r in results.values() for i in analysis.interactions(r)])),
+            ("Leave-one-out: the fixed recipe minus each fix", dashboard.table_html(loo)),
+            ("Add-one: the original recipe plus each fix", dashboard.table_html(add))]),
         *((p.stem.replace("_", " ").capitalize(), dashboard.image_html(p)) for p in pngs),
     ]
     write_text(out / "dashboard.html", dashboard.page(title, sections))
 
     print(table_md)
-    print("Verdicts:\n" + "\n".join(f"- {v}" for v in verdict_lines))
+    print(screen_md if screened else "Verdicts:\n" + "\n".join(f"- {v}" for v in verdict_lines))
     print(f"\nReport written to {out}/ (table.md, analysis.md, dashboard.html, runs.csv, runs.parquet, curves.csv, "
           "table.csv, *.png)")
     if use_wandb:  # after the local files, so a W&B failure never costs them

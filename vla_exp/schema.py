@@ -48,12 +48,15 @@ RULES = [  # key, (test, what is allowed)
     ("diffusion.train_steps", integer_from(1)),
     ("data.episodes", integer_from(2)),  # one for training, one for validation
     ("data.steps", integer_from(1)),
+    ("data.action_norm", one_of(("minmax", "meanstd"))),
     ("data.val_fraction", (lambda v: number(v) and 0 < v < 1, "must be a number in (0, 1)")),
     ("model.head_loading", one_of(("current", "legacy_zeros", "legacy_stale", "legacy_empty"))),  # see model.py
     ("model.stale_fraction", (lambda v: number(v) and 0 <= v <= 1, "must be a number in [0, 1]")),
     ("model.train", one_of(("full", "head", "lora"))),  # see model.trainable
     ("logger.kind", one_of(("wandb", "none"))),
     ("diverge_after", (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")),
+    ("early_stop.patience", (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")),
+    ("early_stop.min_delta", (lambda v: number(v) and v >= 0, "must be a number >= 0")),
     ("checkpoint.every", integer_from(0)),
     ("checkpoint.keep", (lambda v: isinstance(v, bool), "must be true or false")),
     ("skip_finished", (lambda v: isinstance(v, bool), "must be true or false")),

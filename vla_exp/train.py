@@ -94,6 +94,9 @@ class LoopState:
     epoch_losses: list = field(default_factory=list)
     nonfinite_streak: int = 0  # steps in a row with a NaN/inf loss or gradient
     diverged: bool = False
+    best_loss: float = None    # early stopping: the lowest epoch training loss so far
+    bad_epochs: int = 0        # epochs in a row without a fall below it
+    stopped_early: int = None  # the epoch after which early stopping ended the run
     converged_epoch: int = None
     converged_at: float = None  # seconds into the run
     epoch_row: dict = field(default_factory=dict)  # the last epoch's metrics.jsonl row
@@ -161,7 +164,8 @@ def train_in(cfg, run_dir, procs, digest, stop):
     summary = {"choices": choices(cfg), "seed": cfg.seed, "status": "running", "config_hash": digest,
                "replicate_hash": config_hash(cfg, ignore=("seed",)),
                "threads": torch.get_num_threads(), "device": str(device), "precision": "bf16" if bf16 else "fp32",
-               "processes": procs.world, "versions": versions()}
+               "processes": procs.world, "versions": versions(),
+               **({"design": OmegaConf.to_container(cfg.design)} if "design" in cfg else {})}
     try:
         p = build_parts(cfg, procs, device, bf16, run_dir)
         summary.update(data_dir=str(episodes_dir(cfg)), missing_head_params=len(p.missing))
@@ -197,7 +201,7 @@ def train_in(cfg, run_dir, procs, digest, stop):
         bar = tqdm(total=cfg.epochs * per_epoch, initial=state.step, desc=run_name(cfg),
                    disable=not (cfg.progress and procs.is_main))
         stopping = False
-        while state.epoch < cfg.epochs and not state.diverged:
+        while state.epoch < cfg.epochs and not state.diverged and not state.stopped_early:
             for group in p.optimizer.param_groups:  # the LoRA weights' group has its own base rate
                 group["lr"] = p.lr_at(group["base_lr"], state.epoch, cfg.epochs)
             lr = p.optimizer.param_groups[0]["lr"]
@@ -342,7 +346,8 @@ def end_of_epoch(p, state, cfg, procs, rec, run_dir, start):
     state.epoch_row = {"kind": "epoch", "step": state.step, "epoch": state.epoch + 1,
                        "train_loss": float(np.mean(losses)) if losses else float("nan"),
                        **{k: v for k, v in held_out.items() if k != "baseline_action_errors"}}
-    last = state.epoch + 1 == cfg.epochs or state.diverged
+    early_stop(state, state.epoch_row["train_loss"], cfg.early_stop)
+    last = state.epoch + 1 == cfg.epochs or state.diverged or state.stopped_early
     if procs.is_main and cfg.eval.rollouts and ((state.epoch + 1) % cfg.eval.rollout_every == 0 or last):
         from vla_exp.evaluate import closed_loop  # the simulator: imported only for data=metaworld
         state.closed_loop = cl = closed_loop(p.policy, p.tokenizer, p.train_set.norm, cfg, cfg.eval.rollouts,
@@ -355,6 +360,19 @@ def end_of_epoch(p, state, cfg, procs, rec, run_dir, start):
     state.epoch, state.batch, state.epoch_losses = state.epoch + 1, 0, []
 
 
+def early_stop(state, loss, settings):
+    """The reported fixed script's early stopping on the training loss: after `patience` epochs in a row whose loss
+    is not below the best by more than `min_delta`, the run ends at this epoch."""
+    if not settings.patience:
+        return
+    if state.best_loss is None or loss < state.best_loss - settings.min_delta:
+        state.best_loss, state.bad_epochs = loss, 0
+    else:
+        state.bad_epochs += 1
+    if state.bad_epochs >= settings.patience:
+        state.stopped_early = state.epoch + 1
+
+
 def summarise(state, cfg):
     """The summary's figures from the loop's final state."""
     epoch_row, held_out, grad_norms = state.epoch_row, state.held_out, state.grad_norms
@@ -364,7 +382,8 @@ def summarise(state, cfg):
         final_loss=final_loss, final_val_loss=epoch_row["val_loss"], final_output_std=epoch_row["val_output_std"],
         epochs_to_converge=state.converged_epoch, time_to_converge_s=state.converged_at,
         converge_loss=cfg.converge_loss, skipped_batches=state.skipped, scaled_loss_steps=state.scaled,
-        steps=state.step, epochs=cfg.epochs, diverged_at_step=state.step if state.diverged else None,
+        steps=state.step, epochs=cfg.epochs, stopped_early_at_epoch=state.stopped_early,
+        diverged_at_step=state.step if state.diverged else None,
         updates=state.step - state.skipped, grad_norm_median=float(np.median(grad_norms)) if grad_norms else None,
         nonfinite_grad_steps=int(sum(not math.isfinite(g) for g in grad_norms)),
         val_action_error=held_out["val_action_error"], baseline_action_errors=held_out["baseline_action_errors"],

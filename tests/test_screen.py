@@ -1,0 +1,249 @@
+"""The screen: its factors, designs checked against their defining relation, the analysis against known answers,
+missing runs, the confirmation's plan, and the study end to end at a tiny budget."""
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from vla_exp import UsageError, screen
+from vla_exp.config import compose, leaves
+from vla_exp.diff import Side
+
+from test_sweep import SMOKE, cli, summaries
+
+
+def aliased_with_a_two_factor_interaction(matrix):
+    """Main effects whose column equals (up to sign) some two-factor interaction's: computed from the columns
+    alone, not from the defining relation."""
+    k = matrix.shape[1]
+    return {i for i in range(k) for a, b in itertools.combinations(range(k), 2)
+            if abs(matrix[:, i] @ (matrix[:, a] * matrix[:, b])) == len(matrix)}
+
+
+@pytest.mark.parametrize("k", [4, 5, 6, 7, 8, 9, 10])
+def test_designs_have_the_resolution_their_defining_relation_says(k):
+    matrix, desc = screen.design(k)
+    assert set(np.unique(matrix)) == {-1, 1} and matrix.shape == (min(2 ** k, 32), k)
+    assert len(np.unique(matrix, axis=0)) == len(matrix)
+    for word in desc["defining_relation"]:  # every word of the relation is a constant column
+        cols = [screen.LETTERS.index(c) for c in word]
+        assert abs(matrix[:, cols].prod(axis=1).sum()) == len(matrix)
+    if 2 ** k <= 32:
+        assert desc["kind"] == f"full 2^{k} factorial" and desc["resolution"] is None
+    else:  # resolution IV: no word shorter than 4, so no main effect is aliased with a 2-factor interaction
+        assert desc["resolution"] == min(map(len, desc["defining_relation"])) >= 4
+        assert desc["kind"] == f"2^({k}-{k - 5}) fraction"
+        assert not aliased_with_a_two_factor_interaction(matrix)
+        assert (matrix.T @ matrix == len(matrix) * np.eye(k)).all()  # main effects orthogonal
+
+
+def test_resolution_three_and_the_foldover():
+    matrix, desc = screen.design(9, max_runs=16, resolution=3)
+    assert desc["runs"] == 16 and desc["resolution"] == 3 and aliased_with_a_two_factor_interaction(matrix)
+    folded, desc = screen.design(9, max_runs=32, resolution=3, foldover=True)
+    assert desc["runs"] == 32 and desc["kind"].endswith("and its foldover")
+    assert desc["resolution"] == 4 and not aliased_with_a_two_factor_interaction(folded)
+
+
+@pytest.mark.parametrize("k, max_runs, resolution, message", [
+    (0, 32, 4, "0 factors differ between A and B: nothing to screen; A and B are the same config"),
+    (1, 32, 4, "1 factor differs between A and B: nothing to screen; run A and B over seeds"),
+    (9, 16, 4, "9 factors need 32 runs for a resolution IV design, above --max-runs 16: raise --max-runs to 32, or "
+               "--resolution 3 (16 runs; main effects are then aliased with two-factor interactions"),
+    (20, 32, 4, "20 factors need 64 runs for a resolution IV design, above --max-runs 32: raise --max-runs to 64, "
+                "or --resolution 3 (32 runs"),
+])
+def test_designs_that_cannot_be_made_say_what_to_do(k, max_runs, resolution, message):
+    with pytest.raises(UsageError) as e:
+        screen.design(k, max_runs, resolution)
+    assert str(e.value).startswith(message)
+
+
+def synthetic(matrix, names, effects, interaction, seeds=2, noise=0.01, rng=0):
+    """Runs of a design with known main effects (B minus A) and one known two-factor interaction."""
+    rng = np.random.default_rng(rng)
+    rows = []
+    for seed in range(seeds):
+        for x in matrix:
+            (a, b), gamma = interaction
+            y = 1.0 + sum(e / 2 * xi for e, xi in zip(effects, x)) + gamma / 2 * x[a] * x[b] + rng.normal(0, noise)
+            rows.append({"seed": seed, "val_action_error": y, **{f"level:{n}": int(xi > 0) for n, xi in zip(names, x)},
+                         "design_name": screen.config_name(x), "design_part": "design"})
+    return pd.DataFrame(rows)
+
+
+def test_the_analysis_recovers_known_main_effects_and_an_aliased_interaction():
+    matrix, _ = screen.design(9)
+    names = [f"f{i}" for i in range(9)]
+    effects = [-0.3, 0.2, 0.0, 0.1, 0.0, -0.05, 0.0, 0.0, 0.4]
+    res = screen.analyse(synthetic(matrix, names, effects, ((0, 1), 0.25)), "val_action_error", names)
+    assert res["method"] == "replicates" and res["df"] == 32 and abs(res["sigma"] - 0.01) < 0.004
+    e = res["effects"].set_index("term")
+    for name, true in zip(names, effects):
+        assert e.loc[name, "lo"] < true < e.loc[name, "hi"] and abs(e.loc[name, "effect"] - true) < 0.01
+        aliases = e.loc[name, "aliases"].split(" = ")  # resolution IV: three-factor interactions at the least
+        assert aliases and all(a.lstrip("-").count(" x ") == 2 for a in aliases), aliases
+    # the interaction's column: its effect is found, and it is named with the interactions it cannot be told from
+    column = next(t for t, r in e.iterrows() if "f0 x f1" in [t, *r.aliases.split(" = ")])
+    assert abs(e.loc[column, "effect"] - 0.25) < 0.01 and e.loc[column, "lo"] > 0
+    chain = [column, *e.loc[column, "aliases"].split(" = ")]
+    assert len(chain) > 1 and all(" x " in t for t in chain)
+    f0f1 = matrix[:, 0] * matrix[:, 1]
+    for term in chain:  # every term of the chain has the same column over the design, up to sign
+        i, j = (names.index(t) for t in term.lstrip("-").split(" x "))
+        assert abs(matrix[:, i] * matrix[:, j] @ f0f1) == len(matrix)
+    mains = e.loc[names]
+    assert list(names[i] for i in np.flatnonzero((mains.lo > 0) | (mains.hi < 0))) == ["f0", "f1", "f3", "f5", "f8"]
+
+
+def test_without_replicates_lenth_pseudo_standard_error():
+    effects = np.array([10.0, -8.0, 0.5, -0.3, 0.2, 0.1, -0.4, 0.6, 0.25, -0.15, 0.05, 0.35, -0.2, 0.45, 0.3])
+    me, pse = screen.lenth(effects)
+    s0 = 1.5 * 0.3  # median |effect| is 0.3
+    small = np.abs(effects)[np.abs(effects) < 2.5 * s0]  # 10 and -8 drop out
+    assert pse == pytest.approx(1.5 * np.median(small))
+    from scipy import stats
+    assert me == pytest.approx(stats.t.ppf(0.975, 5) * pse)
+    matrix, _ = screen.design(4)
+    names = ["a", "b", "c", "d"]
+    res = screen.analyse(synthetic(matrix, names, [2.0, 0, 0, -1.0], ((1, 2), 0.0), seeds=1, noise=0.05),
+                         "val_action_error", names)
+    e = res["effects"].set_index("term")
+    assert res["method"] == "lenth" and "Lenth's pseudo standard error" in res["notes"][0]
+    assert e.loc["a", "lo"] > 0 and e.loc["d", "hi"] < 0 and e.loc["b", "lo"] < 0 < e.loc["b", "hi"]
+
+
+def test_missing_runs_are_data_points_the_analysis_names_what_they_cost():
+    matrix, _ = screen.design(9)
+    names = [f"f{i}" for i in range(9)]
+    runs = synthetic(matrix, names, [-0.3, 0.2] + [0.0] * 7, ((0, 1), 0.0))
+    runs.loc[[0, 5, 9, 14], "val_action_error"] = np.nan  # four diverged runs (one seed each)
+    res = screen.analyse(runs, "val_action_error", names)
+    assert res["n"] == 60 and res["dropped"] == 4 and len(res["effects"][res["effects"].order == 1]) == 9
+    assert any(n.startswith("missing runs widen the intervals of f0 (standard error x1.06)") for n in res["notes"])
+    both = runs.design_name == runs.design_name[3]
+    runs.loc[both, "val_action_error"] = np.nan  # a whole configuration lost: an interaction column goes
+    res = screen.analyse(runs, "val_action_error", names)
+    assert "runs missing from whole rows: 1 interaction columns dropped from the model" in res["notes"]
+    assert abs(res["effects"].set_index("term").loc["f0", "effect"] + 0.3) < 0.02
+
+
+def test_factors_from_a_diff_change_a_node_together_and_refuse_what_a_file_cannot_remove():
+    facs, _ = screen.factors(Side("recipe=original", "A"), Side("recipe=fixed", "B"), ["optim"])
+    by_name = {f["name"]: f for f in facs}
+    assert sorted(by_name) == ["clipping", "init", "loss_handling", "optim.batch_size", "optim.lr", "optim.schedule"]
+    assert by_name["optim.schedule"]["values"] == {"optim.schedule._target_": "vla_exp.fixes.CosineLR",
+                                                  "optim.schedule.eta_min_ratio": 0.1}
+    assert by_name["init"] == {"name": "init", "group": "init", "a": "none", "b": "xavier", "values": {}}
+    assert screen.level_text(by_name["optim.schedule"]["b"]) == "_target_=vla_exp.fixes.CosineLR, eta_min_ratio=0.1"
+    seeded, _ = screen.factors(Side("recipe=original seed=3", "A"), Side("recipe=fixed", "B"))
+    assert [f["name"] for f in seeded] == ["clipping", "init", "loss_handling", "optim"]  # seeds are replicates
+    with pytest.raises(UsageError, match="optim.schedule.eta_min_ratio exists on A only: a screen can add keys, "
+                                         "not remove them; leave optim unsplit"):
+        screen.factors(Side("recipe=fixed", "A"), Side("recipe=original", "B"), ["optim"])
+
+
+def test_a_configuration_file_composes_to_a_with_the_chosen_factors_at_b(tmp_path):
+    a, b = Side("recipe=original", "A"), Side("recipe=reported_script", "B")
+    facs, _ = screen.factors(a, b, ["optim"])
+    names = [f["name"] for f in facs]
+    levels = [int(n in ("init", "optim.schedule", "data.action_norm", "adamw.betas")) for n in names]
+    (name,) = screen.write_configs(tmp_path, [(levels, "design")], facs, "recipe=original", "recipe=reported_script")
+    cfg = compose("recipe=original", f"hydra.searchpath=[file://{tmp_path}]", f"+screen={name}")
+    got = leaves(OmegaConf.to_container(cfg, resolve=True))
+    for f, x in zip(facs, levels):
+        side = b if x else a
+        keys = [k for k in side.leaves if k.startswith(f["name"] + ".") or k == f["name"]]
+        assert keys and all(got[k] == side.leaves[k] for k in keys), f["name"]
+    assert got["design.label"] == "A + init, adamw.betas, data.action_norm, optim.schedule"
+    assert got["optim.lr"] == 0.001 and got["optim.schedule._target_"] == "vla_exp.fixes.CosineLR"
+
+
+def plan_runs(values):
+    """Runs of named configurations (2 seeds each) for the confirmation's plan."""
+    return pd.DataFrame([{"design_name": n, "seed": s, "val_action_error": v}
+                         for n, vs in values.items() for s, v in enumerate(vs)])
+
+
+def test_the_confirmation_adds_factors_in_order_of_effect_until_b_is_reached():
+    names = ["lr", "clip", "init", "betas"]
+    result = {"effects": pd.DataFrame({"term": names, "effect": [-0.3, -0.05, -0.2, 0.01]}), "sigma": 0.01,
+              "df": 32}
+    values = {"A": [0.5, 0.52]}
+    plan = screen.confirmation(plan_runs(values), "val_action_error", names, result)
+    assert plan["next"] == [1, 1, 1, 1]  # B first
+    values["B"] = [0.1, 0.11]
+    plan = screen.confirmation(plan_runs(values), "val_action_error", names, result)
+    assert plan["order"] == ["lr", "init", "clip", "betas"] and plan["next"] == [1, 0, 0, 0]
+    values["x1000"] = [0.3, 0.31]
+    values["x1010"] = [0.104, 0.1]  # lr and init reach B
+    plan = screen.confirmation(plan_runs(values), "val_action_error", names, result)
+    assert plan["reached"] == 2 and plan["next"] == [0, 0, 1, 0]  # then init without lr
+    values["x0010"] = [0.35, 0.36]
+    plan = screen.confirmation(plan_runs(values), "val_action_error", names, result)
+    assert plan["next"] is None
+    assert screen.sentence(plan) == ("2 of the 4 differences (lr, init) recover B's val action error: 0.102 ± 0.0028 "
+                                     "against B's 0.105 ± 0.0071; without lr they do not (0.355 ± 0.0071); without "
+                                     "init they do not (0.305 ± 0.0071)")
+    saved = json.loads(json.dumps(plan))  # what the study writes and the report reads back
+    assert saved == plan and screen.sentence(saved) == screen.sentence(plan)
+    values["B"] = [np.nan, np.nan]  # B diverged: nothing to recover, said in one line
+    with pytest.raises(UsageError, match="B's runs have no finite val_action_error"):
+        screen.confirmation(plan_runs(values), "val_action_error", names, result)
+
+
+def test_the_confirmation_says_when_no_subset_short_of_all_recovers_b():
+    names = ["lr", "init"]
+    result = {"effects": pd.DataFrame({"term": names, "effect": [-0.3, -0.2]}), "sigma": 0.01, "df": 8}
+    plan = screen.confirmation(plan_runs({"A": [0.5, 0.5], "B": [0.1, 0.1], "x10": [0.3, 0.31]}),
+                               "val_action_error", names, result)
+    assert plan["next"] is None and plan["reached"] is None
+    assert screen.sentence(plan) == ("no subset short of all 2 differences recovers B's val action error: with all "
+                                     "but init it is 0.305 ± 0.0071 against B's 0.1 ± 0")
+
+
+def test_a_study_dry_run_of_a_screen_prints_its_runs_and_writes_nothing(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("study", Path(__file__).parent.parent / "experiments" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tmp_path / "s"
+    assert study.main(["screen", "--a", "recipe=original", "--b", "recipe=reported_script", "--split", "optim",
+                       "--seeds", "0,1", "--dry-run", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("9 factors: clipping (none -> grad_norm); init (none -> xavier_more)")
+    assert lines[1].startswith("design: 2^(9-4) fraction, 32 configurations x 2 seeds = 64 runs, resolution 4")
+    jobs = [line for line in lines if "+screen=" in line]
+    assert len(jobs) == 64 and len(set(jobs)) == 64 and not out.exists()
+    assert lines[-1] == (f"64 runs into {out}, then A, B and the confirmation's steps (2 runs each, at most 18 "
+                         "steps); nothing launched")
+    with pytest.raises(SystemExit):  # one seed needs a threshold
+        study.main(["screen", "--a", "recipe=original", "--b", "recipe=fixed", "--seeds", "0", "--dry-run"])
+    assert "screen with one seed has no seed noise" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_screen_study_runs_its_design_confirms_the_smallest_fix_and_reports(tmp_path):
+    out = cli("experiments/study.py", "screen", "--a", "recipe=original", "--b", "recipe=original init=xavier_all "
+              "optim.lr=0.0001", "--seeds", "0", "--threshold", "0.05", "--jobs", "1", "--out", str(tmp_path),
+              *SMOKE, "logger=none", "epochs=1", "data.episodes=6")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = summaries(tmp_path)
+    assert sorted(s["design"]["name"] for s in runs.values()) == ["A", "B", "x01", "x10"]  # the full 2^2, no more
+    plan = json.loads((tmp_path / "confirmation.json").read_text())
+    assert plan["factors"] == ["init", "optim.lr"] and plan["next"] is None
+    errors = {s["design"]["name"]: s["val_action_error"] for s in runs.values()}
+    assert plan["a"] == [errors["A"]] and plan["b"] == [errors["B"]]  # the plan's figures are the runs'
+    first = plan["steps"][0]
+    assert first["values"] == [errors[first["name"]]] and first["reached"] == (abs(first["values"][0] - errors["B"])
+                                                                              <= 0.05)
+    sentence = (tmp_path / "confirmation.md").read_text().strip()
+    assert sentence == screen.sentence(plan) and sentence in out.stdout and "4 runs, " in out.stdout
+    analysis = (tmp_path / "report" / "analysis.md").read_text()
+    assert "2 factors (a = init, b = optim.lr); 4 configurations of the design, 4 runs; full factorial" in analysis
+    assert "Lenth's pseudo standard error" in analysis and f"## Confirmation\n\n{sentence}" in analysis
+    assert "Half normal" in (tmp_path / "report" / "dashboard.html").read_text()

@@ -1,0 +1,394 @@
+"""Screening every difference between two recipes or runs: the factors, a two-level design over them, its
+analysis, and the confirmation of the smallest set of changes that recovers B.
+
+- Factors come from `vla_exp.diff`: a config group whose option differs is one factor, any other differing key is one
+  (a key that exists on one side only joins the factor of its parent node, so the two change together).
+- The design is pyDOE3's: the full 2^k factorial when it fits the run budget, else a regular 2^(k-p) fraction of
+  resolution IV (main effects aliased with three-factor interactions at worst), or III on request; level -1 is A's
+  value, +1 is B's. Each configuration is a config file (`+screen=<name>`), so the design runs as one Hydra multirun.
+- The analysis is an OLS (statsmodels) of the metric on every estimable effect column of the design: with replicate
+  seeds the residual is pure seed noise and each effect (B's level minus A's, twice the coefficient) gets a t
+  interval; without replicates, Lenth's pseudo standard error. A failed or diverged run is a missing value: the
+  effects whose standard error grows for it are named.
+"""
+import itertools
+import math
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+from scipy import stats
+
+from vla_exp import UsageError
+
+ALPHA = 0.05
+LETTERS = "abcdefghijklmnopqrstuvwxyz"  # pyDOE3 names factors by letters
+
+
+# ------------------------------------------------------------------------------------------------ factors
+def factors(a, b, split=()):
+    """The screen's factors between two diff Sides, and the diff: [{"name", "group" (the config group, or None),
+    "a", "b" (the levels, for people), "values" ({key: B's value} for a factor of keys)}]. A key that exists on B
+    only joins the factor of a differing key under the same parent node (optim.schedule._target_ and
+    optim.schedule.eta_min_ratio become one factor, optim.schedule); one that exists on A only is refused in one
+    line: a config file can add a key, not remove one. The seed is never a factor: the screen replicates over seeds."""
+    from vla_exp.diff import diff
+    d = diff(a, b, split)
+    out = []
+    for f in sorted((f for f in d["factors"] if f["factor"] != "seed"), key=lambda f: not f["composable"]):
+        if f["kind"] == "group":
+            out.append({"name": f["factor"], "group": f["factor"], "a": f["a"], "b": f["b"], "values": {}})
+            continue
+        (key, (va, vb)), = f["leaves"].items()
+        if vb == "(absent)":
+            raise UsageError(f"{key} exists on A only: a screen can add keys, not remove them; leave "
+                             f"{key.split('.')[0]} unsplit (no --split {key.split('.')[0]})")
+        parent = key.rsplit(".", 1)[0]
+        sibling = next((g for g in out if not g["group"] and any(k.startswith(parent + ".") for k in g["values"])),
+                       None) if va == "(absent)" else None
+        if sibling:
+            if not isinstance(sibling["a"], dict):  # the levels become the node's keys: {key: value}
+                sibling["a"], sibling["b"] = ({sibling["name"]: sibling[s]} for s in ("a", "b"))
+            sibling["name"] = parent
+            sibling["values"][key] = vb
+            sibling["a"][key], sibling["b"][key] = va, vb
+        else:
+            out.append({"name": key, "group": None, "a": va, "b": vb, "values": {key: vb}})
+    return out, d
+
+
+def level_text(level):
+    """A factor's level for people: an option, a value, or a node's keys (`_target_=...CosineLR, eta_min_ratio=0.1`)."""
+    if isinstance(level, dict):
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in level.items() if v != "(absent)") or "(absent)"
+    return str(level)
+
+
+def base_overrides(side):
+    """The Hydra overrides that compose a side: its own text, or for a run folder the overrides it was run with
+    (composed with today's configs; its seed and any screen configuration left out: the screen sets its own)."""
+    if side.folder is None:
+        return shlex.split(side.label)
+    path = side.folder / ".hydra" / "overrides.yaml"
+    return [o for o in OmegaConf.load(path) if not o.startswith(("hydra.", "hydra/", "seed=", "+screen="))] \
+        if path.is_file() else []
+
+
+# ------------------------------------------------------------------------------------------------ the design
+def min_runs(k, resolution):
+    """Runs of the smallest regular two-level fraction of this resolution for k factors."""
+    if resolution == 3:
+        return 2 ** math.ceil(math.log2(k + 1))
+    return 2 ** (math.ceil(math.log2(k)) + 1)  # resolution IV: the foldover of a III, 2k runs rounded up
+
+
+def odd_generators(k, runs):
+    """A resolution IV generator string for k factors in `runs` runs, where pyDOE3's fracfact_by_res refuses one:
+    base factors, then words of odd length >= 3 over them (every word of the defining relation then has even
+    length >= 4)."""
+    m = int(math.log2(runs))
+    words = [w for n in range(3, m + 1, 2) for w in itertools.combinations(LETTERS[:m], n)]
+    return " ".join([*LETTERS[:m], *("".join(w) for w in words[:k - m])])
+
+
+def design(k, max_runs=32, resolution=4, foldover=False):
+    """(matrix of -1/+1 rows, description dict). The full factorial when 2^k runs fit max_runs, else a regular
+    fraction: the smallest of the resolution asked for (pyDOE3's fracfact_by_res), or where max_runs leaves room for
+    a larger one and k <= 10, the minimum-aberration fraction that fills it (fracfact_opt), checked to have at least
+    that resolution. Refused in one line when none fits."""
+    from pyDOE3 import fold, fracfact, fracfact_by_res, fracfact_opt
+    if k < 2:
+        raise UsageError(f"{k} factor{'s' if k != 1 else ''} differ{'s' if k == 1 else ''} between A and B: nothing "
+                         "to screen; " + ("run A and B over seeds (python -m vla_exp.train -m ... seed=0,1,2) and "
+                                          "compare them with python -m vla_exp.report" if k == 1 else
+                                          "A and B are the same config"))
+    per_row = 2 if foldover else 1
+    roman = {3: "III", 4: "IV"}[resolution]
+    if 2 ** k * per_row <= max_runs:
+        matrix, kind = fracfact(" ".join(LETTERS[:k])), f"full 2^{k} factorial"
+    else:
+        need = min_runs(k, resolution)
+        if need * per_row > max_runs:
+            hint = (f", or --resolution 3 ({min_runs(k, 3) * per_row} runs; main effects are then aliased with "
+                    "two-factor interactions, which the report says beside each)"
+                    if resolution == 4 and min_runs(k, 3) * per_row <= max_runs else "")
+            raise UsageError(f"{k} factors need {need * per_row} runs for a resolution {roman} design"
+                             f"{' with its foldover' if foldover else ''}, above --max-runs {max_runs}: raise "
+                             f"--max-runs to {need * per_row}{hint}")
+        runs = 2 ** int(math.log2(max_runs // per_row))
+        matrix = None
+        if runs > need and k <= 10:  # room for more than the smallest fraction: the best one that fits
+            matrix = fracfact(fracfact_opt(k, k - int(math.log2(runs)), max_attempts=200)[0])
+        if matrix is None or stated_resolution(matrix) < resolution:
+            try:
+                matrix = fracfact_by_res(k, resolution)
+            except ValueError:  # the helper refuses some valid cases (4 factors in 8 runs): explicit generators
+                matrix = fracfact(odd_generators(k, need))
+        kind = f"2^({k}-{k - int(math.log2(len(matrix)))}) fraction"
+    if foldover:
+        matrix = fold(matrix)
+        kind += " and its foldover"
+    matrix = np.asarray(matrix, dtype=int)
+    words = defining_relation(matrix)
+    return matrix, {"kind": kind, "runs": len(matrix), "resolution": min((len(w) for w in words), default=None),
+                    "defining_relation": ["".join(LETTERS[i] for i in w) for w in words]}
+
+
+def defining_relation(matrix):
+    """The words (tuples of factor indices) whose product column is constant (+1 or -1) over the design: I = ABCE..."""
+    k = matrix.shape[1]
+    return [w for n in range(1, k + 1) for w in itertools.combinations(range(k), n)
+            if abs(matrix[:, list(w)].prod(axis=1).sum()) == len(matrix)]
+
+
+def stated_resolution(matrix):
+    """The length of the shortest word of the defining relation (a full factorial has none: its number of factors
+    plus one)."""
+    return min((len(w) for w in defining_relation(matrix)), default=matrix.shape[1] + 1)
+
+
+# ------------------------------------------------------------------------------------------------ configurations
+def config_name(levels):
+    """A configuration's name: which factors sit at B's level, as a bit string ('A' and 'B' at the corners)."""
+    bits = "".join(str(int(x > 0)) for x in levels)
+    return "A" if "1" not in bits else "B" if "0" not in bits else f"x{bits}"
+
+
+def label(levels, names):
+    """'A', 'B', 'A + lr, clipping' or 'B - init' (whichever lists fewer)."""
+    at_b = [n for n, x in zip(names, levels) if x > 0]
+    at_a = [n for n, x in zip(names, levels) if x <= 0]
+    if not at_b or not at_a:
+        return "B" if not at_a else "A"
+    return f"A + {', '.join(at_b)}" if len(at_b) <= len(at_a) else f"B - {', '.join(at_a)}"
+
+
+def config_yaml(levels, facs, part, a_label, b_label):
+    """The config file of one configuration: A's config (from the command line) with the factors at +1 set to B's
+    values; the `design` node says what it is (a label, never part of the results' fingerprint)."""
+    defaults, values = [], {}
+    for x, f in zip(levels, facs):
+        if x <= 0:
+            continue
+        if f["group"]:
+            defaults.append({f"override /{f['group']}": f["b"]})
+        else:
+            for key, v in f["values"].items():
+                node = values
+                *parents, leaf = key.split(".")
+                for p in parents:
+                    node = node.setdefault(p, {})
+                node[leaf] = v
+    names = [f["name"] for f in facs]
+    body = {**({"defaults": defaults} if defaults else {}), **values,
+            "design": {"name": config_name(levels), "label": label(levels, names), "part": part,
+                       "factors": names, "levels": [int(x > 0) for x in levels], "a": a_label, "b": b_label}}
+    return "# @package _global_\n" + OmegaConf.to_yaml(OmegaConf.create(body))
+
+
+def write_configs(folder, configs, facs, a_label, b_label):
+    """Write each (levels, part) configuration as <folder>/screen/<name>.yaml; returns their names."""
+    from vla_exp.files import write_text
+    (Path(folder) / "screen").mkdir(parents=True, exist_ok=True)
+    names = []
+    for levels, part in configs:
+        name = config_name(levels)
+        names.append(name)
+        if part == "confirm" and (Path(folder) / "screen" / f"{name}.yaml").exists():
+            continue  # a configuration of the design: its runs count for both
+        write_text(Path(folder) / "screen" / f"{name}.yaml", config_yaml(levels, facs, part, a_label, b_label))
+    return names
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+def effect_columns(matrix, k):
+    """The estimable effect columns of a design: for each alias class (columns equal up to sign over the design's
+    distinct rows), its lowest-order word, main effects first, up to one column per distinct row but one. Returns
+    [(word, [the words aliased with it, with the sign of their column: up to three factors for a main effect, two
+    for an interaction])]."""
+    rows = np.unique(matrix, axis=0)
+    classes, seen = [], {}
+    for n in range(1, k + 1):
+        for w in itertools.combinations(range(k), n):
+            col = rows[:, list(w)].prod(axis=1)
+            key, sign = (tuple(col), 1) if col[0] > 0 else (tuple(-col), -1)
+            if key in seen:
+                i, s0 = seen[key]
+                if n <= (3 if len(classes[i][0]) == 1 else 2):
+                    classes[i][1].append((w, sign * s0))
+                continue
+            if len(classes) >= len(rows) - 1:
+                continue
+            seen[key] = (len(classes), sign)
+            classes.append((w, []))
+    return classes
+
+
+def word_name(word, names):
+    return " x ".join(names[i] for i in word)
+
+
+def analyse(runs, metric, names):
+    """Effects of the screen's factors on `metric`. `runs`: one row per run with columns `level:<name>` (0/1) and
+    the metric. Returns a dict: n, dropped, method ('replicates' or 'lenth'), df, effects (DataFrame: term, order,
+    effect, lo, hi, p, aliases, se_ratio), sigma (the seed noise's std, with replicates), notes."""
+    import statsmodels.api as sm
+    k = len(names)
+    coded = runs[[f"level:{n}" for n in names]].to_numpy(dtype=float) * 2 - 1
+    y = pd.to_numeric(runs[metric], errors="coerce").to_numpy(dtype=float)
+    ok = np.isfinite(y)
+    full_rows = np.unique(coded, axis=0)
+    out = {"metric": metric, "n": int(ok.sum()), "dropped": int((~ok).sum()), "notes": [], "sigma": None}
+    if ok.sum() < 2:
+        return {**out, "error": f"{int(ok.sum())} runs with a finite {metric}: nothing to analyse"}
+    classes = effect_columns(coded, k)  # from every run of the design, finite or not: the design's own structure
+    X_all = np.column_stack([np.ones(len(coded))] + [coded[:, list(w)].prod(axis=1) for w, _ in classes])
+    X, y = X_all[ok], y[ok]
+    kept = list(range(len(classes)))
+    while kept and np.linalg.matrix_rank(X[:, [0, *(i + 1 for i in kept)]]) < len(kept) + 1:
+        kept.pop()  # runs missing from a whole row: the highest-order columns go first
+    lost = [word_name(classes[i][0], names) for i in range(len(classes)) if i not in kept]
+    if any(len(classes[i][0]) == 1 for i in range(len(classes)) if i not in kept):
+        out["notes"].append("runs missing from whole rows leave main effects inestimable: "
+                            + ", ".join(n for n in lost if " x " not in n))
+    elif lost:
+        out["notes"].append(f"runs missing from whole rows: {len(lost)} interaction columns dropped from the model")
+    cols = [0, *(i + 1 for i in kept)]
+    fit = sm.OLS(y, X[:, cols]).fit()
+    # each column's standard error against the complete design's (every row with as many runs): precision lost
+    per_row = len(coded) / len(full_rows)
+    complete = np.linalg.inv(X_all[:, cols].T @ X_all[:, cols])
+    actual = np.linalg.pinv(X[:, cols].T @ X[:, cols])
+    se_ratio = np.sqrt(np.diag(actual) / np.diag(complete))[1:]
+    rows = []
+    for j, i in enumerate(kept):
+        word, aliases = classes[i]
+        rows.append({"term": word_name(word, names), "order": len(word), "effect": 2 * fit.params[j + 1],
+                     "aliases": " = ".join(("-" if s < 0 else "") + word_name(w, names) for w, s in aliases),
+                     "se_ratio": se_ratio[j]})
+    eff = pd.DataFrame(rows)
+    if fit.df_resid >= 1 and fit.ssr > 1e-12 * max(fit.centered_tss, 1e-300):
+        t = stats.t.ppf(1 - ALPHA / 2, fit.df_resid)
+        se = 2 * fit.bse[1:]
+        eff = eff.assign(lo=eff.effect - t * se, hi=eff.effect + t * se, p=fit.pvalues[1:])
+        out.update(method="replicates", df=float(fit.df_resid), sigma=float(np.sqrt(fit.scale)))
+    else:
+        me, pse = lenth(eff.effect.to_numpy())
+        eff = eff.assign(lo=eff.effect - me, hi=eff.effect + me, p=np.nan)
+        out.update(method="lenth", df=len(eff) / 3, pse=pse)
+        out["notes"].append(f"no replicate degrees of freedom: Lenth's pseudo standard error {pse:.3g}, margin "
+                            f"{me:.3g} (t at {len(eff) / 3:.3g} df)")
+    if per_row > 1 and (eff.se_ratio > 1.05).any():
+        worse = eff[(eff.se_ratio > 1.05) & (eff.order == 1)]
+        if len(worse):
+            out["notes"].append("missing runs widen the intervals of " + ", ".join(
+                f"{r.term} (standard error x{r.se_ratio:.2f})" for r in worse.itertuples()))
+    out["effects"] = eff
+    return out
+
+
+def lenth(effects):
+    """Lenth's (1989) margin of error and pseudo standard error for unreplicated effects."""
+    a = np.abs(effects)
+    s0 = 1.5 * np.median(a)
+    pse = 1.5 * np.median(a[a < 2.5 * s0]) if (a < 2.5 * s0).any() else s0
+    return stats.t.ppf(1 - ALPHA / 2, len(a) / 3) * pse, pse
+
+
+def order_for_confirmation(result, names, toward):
+    """The factors by how far their main effect moves the metric toward B's value (`toward`: +1 when B's value is
+    above A's, -1 when below), the most helpful first."""
+    eff = result["effects"].set_index("term").effect
+    return sorted(names, key=lambda n: -toward * eff.get(n, 0.0))
+
+
+def reached(step_values, b_values, sigma, df, threshold=None):
+    """(whether a step's mean is within reach of B's, the margin used). With a threshold: |difference| <= it; else
+    the 95% interval of the difference, from the screen's seed noise, covers zero."""
+    diff = float(np.mean(step_values) - np.mean(b_values))
+    margin = threshold if threshold is not None else \
+        float(stats.t.ppf(1 - ALPHA / 2, df) * sigma * math.sqrt(1 / len(step_values) + 1 / len(b_values)))
+    return bool(abs(diff) <= margin), margin  # plain bool: the plan is saved as JSON
+
+
+# ------------------------------------------------------------------------------------------------ confirmation
+def confirmation(runs, metric, names, result, threshold=None):
+    """Where the confirmation stands, from the runs so far: A's and B's values, the factors in order of effect, each
+    step (A plus the first j factors) run so far with its values and whether it reaches B, and the next configuration
+    to run (None when done). Steps are the configurations A + order[:j]; once step j reaches B, each factor of that
+    set is left out in turn (A + the set minus it) to show it is needed."""
+    by_name = {n: finite(g[metric]) for n, g in runs.groupby("design_name")}  # a run without a value: empty
+    a, b = by_name.get("A"), by_name.get("B")
+    plan = {"metric": metric, "factors": names, "steps": [], "without": [], "next": None, "reached": None}
+    for corner, values in (("A", a), ("B", b)):
+        if values is None:
+            plan["next"] = [0 if corner == "A" else 1] * len(names)
+            return plan
+        if not len(values):
+            raise UsageError(f"{corner}'s runs have no finite {metric}: there is no value to recover")
+    plan.update(a=a.tolist(), b=b.tolist())
+    toward = 1 if np.mean(b) >= np.mean(a) else -1
+    plan["order"] = order = order_for_confirmation(result, names, toward)
+    sigma, df = result.get("sigma"), result.get("df")
+    if threshold is None and not sigma:
+        raise UsageError("the screen has no replicate seeds to say what is within reach of B: give --threshold "
+                         f"(the largest |difference| in {metric} that counts as B's value) or two seeds or more")
+    for j in range(1, len(order)):  # all of them is B itself
+        levels = [int(n in order[:j]) for n in names]
+        values = by_name.get(config_name(levels))
+        if values is None:
+            plan["next"] = levels
+            return plan
+        ok, margin = reached(values, b, sigma, df, threshold) if len(values) else (False, None)
+        plan["steps"].append({"added": order[j - 1], "set": order[:j], "name": config_name(levels),
+                              "values": values.tolist(), "reached": ok, "margin": margin})
+        if ok:
+            plan["reached"] = j
+            break
+    chosen = order[:plan["reached"]] if plan["reached"] else []
+    for left_out in chosen[:-1]:  # the set minus its last factor is the step before
+        levels = [int(n in chosen and n != left_out) for n in names]
+        values = by_name.get(config_name(levels))
+        if values is None:
+            plan["next"] = levels
+            return plan
+        ok = reached(values, b, sigma, df, threshold)[0] if len(values) else False
+        plan["without"].append({"left_out": left_out, "name": config_name(levels), "values": values.tolist(),
+                                "reached": ok})
+    return plan
+
+
+def finite(values):
+    v = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").astype(float)
+    return v[np.isfinite(v)].to_numpy()
+
+
+def mean_pm(values):
+    """'0.02 ± 0.004' (mean ± std over seeds)."""
+    v = np.asarray(values, dtype=float)
+    if not len(v):
+        return "no finite value"
+    return f"{v.mean():.3g} ± {v.std(ddof=1):.2g}" if len(v) > 1 else f"{v.mean():.3g}"
+
+
+def sentence(plan):
+    """The confirmation's outcome in one sentence, every figure from the runs."""
+    k, metric = len(plan["factors"]), plan["metric"].replace("_", " ")
+    b = f"B's {mean_pm(plan['b'])}"
+    if plan["reached"] is None:
+        last = plan["steps"][-1] if plan["steps"] else None
+        return (f"no subset short of all {k} differences recovers B's {metric}"
+                + (f": with all but {plan['order'][-1]} it is {mean_pm(last['values'])} against {b}" if last else ""))
+    step = plan["steps"][plan["reached"] - 1]
+    chosen = step["set"]
+    text = (f"{len(chosen)} of the {k} differences ({', '.join(chosen)}) recover{'s' if len(chosen) == 1 else ''} "
+            f"B's {metric}: "
+            f"{mean_pm(step['values'])} against {b}")
+    before = plan["steps"][plan["reached"] - 2]["values"] if plan["reached"] > 1 else plan["a"]
+    gone = [(w["left_out"], w["values"], w["reached"]) for w in plan["without"]]
+    gone.append((chosen[-1], before, False))
+    for name, values, ok in gone:
+        text += f"; without {name} they {'still do' if ok else 'do not'} ({mean_pm(values)})"
+    return text
