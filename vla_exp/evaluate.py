@@ -149,7 +149,7 @@ def build_policy(kind, run_dir, cfg, seed):
     norm = Normalizer(**json.loads((run_dir / "normalization.json").read_text()))
     if kind == "mean_chunk":
         from vla_exp.config import datasets
-        return mw.FixedChunk(denormalise(norm, datasets(cfg)[0].mean_chunk()))
+        return mw.FixedChunk(norm.unactions(datasets(cfg)[0].mean_chunk()))
     from vla_exp import checkpoint
     from vla_exp.model import load_policy
     policy, tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
