@@ -89,4 +89,5 @@ def test_run_folders_show_what_differs_outside_the_config_too(tmp_path):
     o = d["outside_config"]
     assert o["versions"]["transformers"][0] == "4.37.1" and o["note"].startswith("transformers 4.37.1 against 5.")
     assert o["data"][0] != o["data"][1] and all("(" in x for x in o["data"])  # another cache entry, with its hash
-    assert set(o["normalization"]) <= {"action_min", "action_max", "qpos_mean", "qpos_std"} and o["normalization"]
+    assert set(o["normalization"]) <= {"action_min", "action_max", "action_mean", "action_std", "qpos_mean",
+                                       "qpos_std"} and o["normalization"]
