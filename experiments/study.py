@@ -142,8 +142,8 @@ def screen(args, parser, out, launcher):
         from vla_exp.train import sweep_jobs
         jobs = sweep_jobs([*base, "+screen=" + ",".join(sc.config_name(r) for r in matrix), *args.overrides])
         print("\n".join(" ".join(job) for job in jobs))
-        print(f"{len(jobs)} runs into {out}, then A, B and the confirmation's steps ({len(seeds)} runs each, at most "
-              f"{2 * len(facs)} steps); nothing launched")
+        print(f"{len(jobs)} runs into {out}, then A, B and the confirmation's steps where the design lacks them "
+              f"({len(seeds)} runs each, at most {2 * len(facs) - 1}); nothing launched")
         return 0
     launched = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *sweep(list(matrix), "design"),
                                *launcher]).returncode

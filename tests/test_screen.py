@@ -219,8 +219,8 @@ def test_a_study_dry_run_of_a_screen_prints_its_runs_and_writes_nothing(tmp_path
     assert lines[1].startswith("design: 2^(9-4) fraction, 32 configurations x 2 seeds = 64 runs, resolution 4")
     jobs = [line for line in lines if "+screen=" in line]
     assert len(jobs) == 64 and len(set(jobs)) == 64 and not out.exists()
-    assert lines[-1] == (f"64 runs into {out}, then A, B and the confirmation's steps (2 runs each, at most 18 "
-                         "steps); nothing launched")
+    assert lines[-1] == (f"64 runs into {out}, then A, B and the confirmation's steps where the design lacks them "
+                         "(2 runs each, at most 17); nothing launched")
     with pytest.raises(SystemExit):  # one seed needs a threshold
         study.main(["screen", "--a", "recipe=original", "--b", "recipe=fixed", "--seeds", "0", "--dry-run"])
     assert "screen with one seed has no seed noise" in capsys.readouterr().err
