@@ -213,7 +213,10 @@ def half_normal_figure(results):
     from scipy import stats
     from statsmodels.graphics.gofplots import ProbPlot
     n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 5), squeeze=False)
+    cols = 2 if n > 1 else 1
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(7 * cols, 5 * -(-n // cols)), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
     for ax, (metric, res) in zip(axes.flat, results.items()):
         e = res.get("effects")
         if e is None or e.empty:
@@ -225,8 +228,8 @@ def half_normal_figure(results):
         main = (e.order == 1).to_numpy()
         ax.scatter(q[main], v[main], color="C3", zorder=3, label="main effect")
         ax.scatter(q[~main], v[~main], facecolor="white", edgecolor="0.3", zorder=3, label="interaction column")
-        for x, y, term, is_main in zip(q, v, e.term, main):
-            if is_main or y >= np.quantile(v, 0.8):
+        for x, y, term, is_main in zip(q, v, e.term, main):  # the large ones, named
+            if y > 0.25 * v.max() and (is_main or y >= np.quantile(v, 0.8)):
                 ax.annotate(textwrap.shorten(term, 28), (x, y), fontsize=7, xytext=(4, 0), textcoords="offset points")
         ax.set(xlabel="half-normal quantile", ylabel=f"|effect| on {metric}", title=f"{metric} (n={res['n']})")
         ax.grid(alpha=0.3)
