@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from vla_exp import UsageError
+from vla_exp.analysis import ALPHA, finite
 
-ALPHA = 0.05
 LETTERS = "abcdefghijklmnopqrstuvwxyz"  # pyDOE3 names factors by letters
 
 
@@ -319,7 +319,7 @@ def confirmation(runs, metric, names, result, threshold=None):
     step (A plus the first j factors) run so far with its values and whether it reaches B, and the next configuration
     to run (None when done). Steps are the configurations A + order[:j]; once step j reaches B, each factor of that
     set is left out in turn (A + the set minus it) to show it is needed."""
-    by_name = {n: finite(g[metric]) for n, g in runs.groupby("design_name")}  # a run without a value: empty
+    by_name = {n: finite(g[metric]).to_numpy() for n, g in runs.groupby("design_name")}  # no value: empty
     a, b = by_name.get("A"), by_name.get("B")
     plan = {"metric": metric, "factors": names, "steps": [], "without": [], "next": None, "reached": None}
     for corner, values in (("A", a), ("B", b)):
@@ -358,11 +358,6 @@ def confirmation(runs, metric, names, result, threshold=None):
         plan["without"].append({"left_out": left_out, "name": config_name(levels), "values": values.tolist(),
                                 "reached": ok})
     return plan
-
-
-def finite(values):
-    v = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").astype(float)
-    return v[np.isfinite(v)].to_numpy()
 
 
 def mean_pm(values):
