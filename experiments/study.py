@@ -152,13 +152,11 @@ def screen(args, parser, out, launcher):
         found = load_runs(find_run_dirs([out]), reference_levels())
         return found[found.design_name.notna()] if "design_name" in found else found.iloc[:0]
 
-    plan = None
-    while True:  # the confirmation, one configuration (all its seeds side by side) at a time
-        done = runs()
-        result = sc.analyse(done[done.design_part == "design"], args.metric, names)
-        if "error" in result:
-            print(f"no confirmation: {result['error']}")
-            break
+    plan, done = None, runs()
+    result = sc.analyse(done[done.design_part == "design"], args.metric, names)  # the design's runs are all in
+    if "error" in result:
+        print(f"no confirmation: {result['error']}")
+    while "error" not in result:  # the confirmation, one configuration (all its seeds side by side) at a time
         try:
             plan = sc.confirmation(done, args.metric, names, result, args.threshold)
         except UsageError as e:
@@ -170,7 +168,8 @@ def screen(args, parser, out, launcher):
         print(f"confirmation: {sc.label(plan['next'], names)}")
         launched |= subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *sweep([plan["next"]], "confirm"),
                                     *launcher]).returncode
-        if not len(runs()[lambda r: r.design_name == sc.config_name(plan["next"])]):
+        done = runs()
+        if not (done.design_name == sc.config_name(plan["next"])).any():
             print(f"no confirmation: the runs of {sc.label(plan['next'], names)} did not finish")
             plan = None
             break

@@ -168,24 +168,15 @@ def label(levels, names):
 def config_yaml(levels, facs, part, a_label, b_label):
     """The config file of one configuration: A's config (from the command line) with the factors at +1 set to B's
     values; the `design` node says what it is (a label, never part of the results' fingerprint)."""
-    defaults, values = [], {}
-    for x, f in zip(levels, facs):
-        if x <= 0:
-            continue
-        if f["group"]:
-            defaults.append({f"override /{f['group']}": f["b"]})
-        else:
-            for key, v in f["values"].items():
-                node = values
-                *parents, leaf = key.split(".")
-                for p in parents:
-                    node = node.setdefault(p, {})
-                node[leaf] = v
+    at_b = [f for x, f in zip(levels, facs) if x > 0]
+    defaults = [{f"override /{f['group']}": f["b"]} for f in at_b if f["group"]]
+    body = OmegaConf.create({"defaults": defaults} if defaults else {})
+    for key, v in ((k, v) for f in at_b for k, v in f["values"].items()):
+        OmegaConf.update(body, key, v)
     names = [f["name"] for f in facs]
-    body = {**({"defaults": defaults} if defaults else {}), **values,
-            "design": {"name": config_name(levels), "label": label(levels, names), "part": part,
-                       "factors": names, "levels": [int(x > 0) for x in levels], "a": a_label, "b": b_label}}
-    return "# @package _global_\n" + OmegaConf.to_yaml(OmegaConf.create(body))
+    body.design = {"name": config_name(levels), "label": label(levels, names), "part": part, "factors": names,
+                   "levels": [int(x > 0) for x in levels], "a": a_label, "b": b_label}
+    return "# @package _global_\n" + OmegaConf.to_yaml(body)
 
 
 def write_configs(folder, configs, facs, a_label, b_label):
@@ -203,12 +194,12 @@ def write_configs(folder, configs, facs, a_label, b_label):
 
 
 # ------------------------------------------------------------------------------------------------ analysis
-def effect_columns(matrix, k):
+def effect_columns(matrix):
     """The estimable effect columns of a design: for each alias class (columns equal up to sign over the design's
     distinct rows), its lowest-order word, main effects first, up to one column per distinct row but one. Returns
     [(word, [the words aliased with it, with the sign of their column: up to three factors for a main effect, two
     for an interaction])]."""
-    rows = np.unique(matrix, axis=0)
+    rows, k = np.unique(matrix, axis=0), matrix.shape[1]
     classes, seen = [], {}
     for n in range(1, k + 1):
         for w in itertools.combinations(range(k), n):
@@ -235,7 +226,6 @@ def analyse(runs, metric, names):
     the metric. Returns a dict: n, dropped, method ('replicates' or 'lenth'), df, effects (DataFrame: term, order,
     effect, lo, hi, p, aliases, se_ratio), sigma (the seed noise's std, with replicates), notes."""
     import statsmodels.api as sm
-    k = len(names)
     coded = runs[[f"level:{n}" for n in names]].to_numpy(dtype=float) * 2 - 1
     y = pd.to_numeric(runs[metric], errors="coerce").to_numpy(dtype=float)
     ok = np.isfinite(y)
@@ -243,7 +233,7 @@ def analyse(runs, metric, names):
     out = {"metric": metric, "n": int(ok.sum()), "dropped": int((~ok).sum()), "notes": [], "sigma": None}
     if ok.sum() < 2:
         return {**out, "error": f"{int(ok.sum())} runs with a finite {metric}: nothing to analyse"}
-    classes = effect_columns(coded, k)  # from every run of the design, finite or not: the design's own structure
+    classes = effect_columns(coded)  # from every run of the design, finite or not: the design's own structure
     X_all = np.column_stack([np.ones(len(coded))] + [coded[:, list(w)].prod(axis=1) for w, _ in classes])
     X, y = X_all[ok], y[ok]
     kept = list(range(len(classes)))
