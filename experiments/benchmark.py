@@ -5,6 +5,7 @@
     python experiments/benchmark.py --skip-sweep    # the sweep takes minutes
     python experiments/benchmark.py --profile       # also: the top costs of one training step (torch.profiler)
     python experiments/benchmark.py --llava-400m    # only: one LoRA step of the LLaVA-Pythia-400M shape, batch 2
+    python experiments/benchmark.py --lerobot       # only: the LeRobot reader on a LeRobot copy of the default data
 
 Each repeat measures every figure once, in turn (the core and the raw loop swap places every other repeat), and the
 table shows medians over repeats; every repeat's figures go to the JSON, rewritten after each repeat. The budget
@@ -24,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -235,6 +237,36 @@ def llava_400m(tmp, steps=3):
             "threads": torch.get_num_threads()}
 
 
+def lerobot_io(tmp, batch_size=8):
+    """The LeRobot reader on a LeRobot v3.0 (AV1 video) copy of the default data (data=tint, 200 episodes): frames/s
+    of the first decode into the cache and of reading the cache back (split and normalised), the loader's samples/s
+    against the raw loop's, and how far the decoded frames are from the originals."""
+    from vla_exp.episodes import episodes_dir, read_episode
+    from vla_exp.lerobot import write_dataset
+    hdf5 = episodes_dir(compose())  # the default data, generated once
+    files = sorted(hdf5.glob("*.hdf5"))
+    write_dataset(tmp / "tint-lerobot", (read_episode(f, "top") for f in files), "top", total=len(files))
+    cfg = compose("data=lerobot", f"data.root={tmp / 'tint-lerobot'}", f"paths.cache_dir={tmp / 'cache'}")
+    tick = time.perf_counter()
+    decoded = episodes_dir(cfg)
+    first_s = time.perf_counter() - tick
+    tick = time.perf_counter()
+    train_set, val_set = datasets(cfg)
+    cached_s = time.perf_counter() - tick
+    frames = sum(len(e["action"]) for e in train_set.episodes + val_set.episodes)
+    diffs = [np.abs(read_episode(a, "top")["images"].astype(np.int16) - read_episode(b, None)["images"])
+             for a, b in zip(files, sorted(decoded.glob("*.hdf5")))]
+    diff = np.concatenate([d.reshape(-1) for d in diffs])
+    mse = float(np.mean(diff.astype(np.float64) ** 2))
+    loader_s = loader_rate(cfg, train_set, batch_size)
+    raw = raw_loop(cfg, train_set, batch_size, 60)["samples_per_s"]
+    return {"frames": frames, "first_decode_frames_per_s": frames / first_s, "first_decode_s": first_s,
+            "cached_frames_per_s": frames / cached_s, "cached_s": cached_s, "loader_samples_per_s": loader_s,
+            "raw_samples_per_s": raw, "loader_over_raw": loader_s / raw, "pixel_mean_abs_diff": float(diff.mean()),
+            "pixel_max_abs_diff": int(diff.max()), "psnr_db": 10 * np.log10(255 ** 2 / mse),
+            "matmul_flops": matmul_flops(), "threads": torch.get_num_threads()}
+
+
 def save(path, data):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -342,7 +374,20 @@ def main():
     p.add_argument("--skip-sweep", action="store_true", help="leave out figure 6")
     p.add_argument("--profile", action="store_true", help="also profile one training step (top ops, parts)")
     p.add_argument("--llava-400m", action="store_true", help="only one LoRA step of model=llava_pythia_400m")
+    p.add_argument("--lerobot", action="store_true", help="only the LeRobot reader's figures")
     args = p.parse_args()
+    if args.lerobot:
+        with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
+            r = lerobot_io(Path(tmp))
+        print(f"LeRobot v3.0 copy of data=tint ({r['frames']} frames, AV1 64x64): first decode "
+              f"{r['first_decode_frames_per_s']:.0f} frames/s ({r['first_decode_s']:.1f} s), cached reads "
+              f"{r['cached_frames_per_s']:.0f} frames/s ({r['cached_s']:.2f} s); loader / model samples/s "
+              f"{r['loader_over_raw']:.1f}x ({r['loader_samples_per_s']:.0f} / {r['raw_samples_per_s']:.1f}, "
+              f"target >= 5x); decoded frames against the originals: mean |diff| {r['pixel_mean_abs_diff']:.2f}, "
+              f"max {r['pixel_max_abs_diff']} of 255, PSNR {r['psnr_db']:.1f} dB; {r['threads']} threads, matmul "
+              f"{r['matmul_flops'] / 1e9:.0f} GFLOP/s")
+        save(args.out.replace("benchmark.json", "lerobot.json"), r)
+        return
     if args.llava_400m:
         with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
             r = llava_400m(Path(tmp))

@@ -73,7 +73,7 @@ def reference_levels(conf_dir=CONF_DIR):
 def datasets(cfg):
     """The (train, validation) sets a run of `cfg` trains and evaluates on, checked against the model's sizes."""
     from vla_exp.data import load_split
-    from vla_exp.episodes import episodes_dir
+    from vla_exp.episodes import camera_name, episodes_dir
     d, m = cfg.data, cfg.model.config
-    return load_split(episodes_dir(cfg), d.camera, d.val_fraction, d.split_seed, m.horizon,
-                      m.vision_config.image_size, m.action_dim, m.state_dim, d.action_norm)
+    return load_split(episodes_dir(cfg), camera_name(d.camera), d.val_fraction, d.split_seed, m.horizon,
+                      m.vision_config.image_size, m.action_dim, m.state_dim, d.action_norm, d.past_end)

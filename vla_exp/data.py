@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from vla_exp import UsageError
-from vla_exp.episodes import check_episode, episode_files, read_episode
+from vla_exp.episodes import PAST_END, check_episode, episode_files, read_episode
 
 
 def split_episodes(files, val_fraction, seed):
@@ -70,11 +70,15 @@ class Normalizer:
 
 
 class ChunkDataset(torch.utils.data.Dataset):
-    """One sample per time step: image, state, instruction and the next `horizon` actions (the last one repeated
-    past the episode's end, where the robot holds its final pose)."""
+    """One sample per time step: image, state, instruction and the next `horizon` actions, the last one repeated
+    past the episode's end. `past_end="hold"`: those steps are targets like any other (the robot holds its final
+    pose); `"mask"`: they are padding, as LeRobot pads, and each sample's `pad` flags them so that neither the loss nor
+    the action errors count them."""
 
-    def __init__(self, episodes, normalizer, horizon):
-        self.episodes, self.norm, self.horizon = episodes, normalizer, horizon
+    def __init__(self, episodes, normalizer, horizon, past_end="hold"):
+        if past_end not in PAST_END:
+            raise UsageError(f"data.past_end={past_end}: not one of {', '.join(PAST_END)}")
+        self.episodes, self.norm, self.horizon, self.mask = episodes, normalizer, horizon, past_end == "mask"
         self.index = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["action"]))]
 
     def __len__(self):
@@ -87,10 +91,17 @@ class ChunkDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         e, t = self.index[i]
         ep = self.episodes[e]
-        return {"image": torch.from_numpy(ep["images"][t]).permute(2, 0, 1),
+        item = {"image": torch.from_numpy(ep["images"][t]).permute(2, 0, 1),
                 "state": torch.from_numpy(self.norm.qpos(ep["qpos"][t])),
                 "actions": torch.from_numpy(self.norm.actions(self.chunk(ep["action"], t))),
                 "instruction": ep["instruction"]}
+        if self.mask:
+            item["pad"] = torch.arange(t, t + self.horizon) >= len(ep["action"])
+        return item
+
+    def pads(self, indices):
+        """The `pad` flags of the samples `indices` (n, horizon), or None where nothing is padding."""
+        return np.stack([self[i]["pad"].numpy() for i in indices]) if self.mask else None
 
     def mean_chunk(self):
         """The mean normalised action chunk: the best predictor that sees nothing."""
@@ -109,8 +120,17 @@ class ChunkDataset(torch.utils.data.Dataset):
         return out
 
 
+def sample_errors(pred, target, pad=None):
+    """Each sample's mean squared error over its chunk (arrays or tensors (n, horizon, dim)), padded steps left out."""
+    sq = (pred - target) ** 2
+    if pad is None:
+        return sq.mean((1, 2))
+    real = ~pad[..., None]
+    return (sq * real).sum((1, 2)) / (real.sum((1, 2)) * sq.shape[-1])
+
+
 def load_split(data_dir, camera, val_fraction, seed, horizon, image_size=None, action_dim=None, state_dim=None,
-               action_norm="minmax"):
+               action_norm="minmax", past_end="hold"):
     """Train and validation sets. Every file is read and checked first, so bad data stops a run before it trains;
     the model's image size and dims, where given, are what the episodes must have."""
     data_dir = Path(data_dir).expanduser()
@@ -129,4 +149,4 @@ def load_split(data_dir, camera, val_fraction, seed, horizon, image_size=None, a
         check_episode(f, episodes[f], horizon, expected)
     train, val = [episodes[f] for f in train_files], [episodes[f] for f in val_files]
     norm = Normalizer.fit(train, action_norm)
-    return ChunkDataset(train, norm, horizon), ChunkDataset(val, norm, horizon)
+    return ChunkDataset(train, norm, horizon, past_end), ChunkDataset(val, norm, horizon, past_end)

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from vla_exp.data import sample_errors
 from vla_exp.diffusion import noise_prediction, sample_actions
 
 HEALTHY_OUTPUT_STD = (0.1, 1.5)
@@ -64,12 +65,12 @@ def held_out_metrics(policy, train_scheduler, ddim, dataset, indices, tokenizer,
         losses.append(loss.item())
         stds.append(pred.std().item())
         sampled = sample_actions(policy, ddim, batch, tokenizer, steps, gen)
-        sq.append(((ref(sampled) - ref(batch["actions"])) ** 2).mean((1, 2)))
+        sq.append(sample_errors(ref(sampled), ref(batch["actions"]), batch.get("pad")))
         targets.append(ref(batch["actions"].numpy()))
     policy.train()
-    targets = np.concatenate(targets)
+    targets, pads = np.concatenate(targets), dataset.pads(indices)
     err = torch.cat(sq).mean().item()
     return {"val_loss": float(np.mean(losses)), "val_output_std": float(np.mean(stds)),
             "val_action_error": err if math.isfinite(err) else float("nan"),
-            "baseline_action_errors": {name: float(((ref(pred) - targets) ** 2).mean())
+            "baseline_action_errors": {name: float(sample_errors(ref(pred), targets, pads).mean())
                                        for name, pred in dataset.baselines(indices, mean_chunk).items()}}

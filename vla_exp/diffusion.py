@@ -31,6 +31,9 @@ def noise_prediction(policy, train_scheduler, batch, tokenizer, generator=None, 
     noise, t = noise.to(device), t.to(device)
     noisy = train_scheduler.add_noise(batch["actions"].to(device), noise, t)
     pred = policy(*model_inputs(batch, tokenizer, device), noisy, t)
+    if "pad" in batch:  # padded steps past an episode's end (data.past_end=mask) are no targets
+        real = ~batch["pad"].to(device)[..., None].expand_as(noise)
+        return F.mse_loss(pred.float()[real], noise[real]), pred
     return F.mse_loss(pred.float(), noise), pred
 
 

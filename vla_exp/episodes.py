@@ -18,8 +18,12 @@ IMAGES, QPOS, ACTION, INSTRUCTION, BASELINES = "observations/images", "observati
     "baselines"
 # data.task -> the module that generates its episodes: `params(cfg)` is everything that decides the files (it names
 # the cache folder, with `version()`), `generate(out_dir, **params)` writes them. Imported on use: MetaWorld is an
-# optional extra.
-GENERATORS = {"tint": "vla_exp.tasks", "blocks": "vla_exp.tasks", "metaworld": "vla_exp.metaworld"}
+# optional extra. `lerobot` reads a LeRobot dataset from disk (data.root) into the cache the same way.
+GENERATORS = {"tint": "vla_exp.tasks", "blocks": "vla_exp.tasks", "metaworld": "vla_exp.metaworld",
+              "lerobot": "vla_exp.lerobot"}
+
+
+PAST_END = ("hold", "mask")  # data.past_end: what the steps of an action chunk past an episode's end are (data.py)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -36,11 +40,28 @@ def write_episode(path, images, qpos, actions, instruction, baselines, camera):
             f[f"{BASELINES}/{name}"] = chunks
 
 
+def camera_name(camera):
+    """The name a run's images go by in episode files: `data.camera`, or its cameras joined by '+' (several LeRobot
+    cameras side by side), or None (the file's only camera)."""
+    return camera if camera is None or isinstance(camera, str) else "+".join(camera)
+
+
+def only_camera(path):
+    """The one camera of an episode file; UsageError where it has several (naming them) or none."""
+    with h5py.File(path, "r") as f:
+        cameras = list(f[IMAGES]) if IMAGES in f else []
+    if len(cameras) != 1:
+        raise UsageError(f"{path}: name the camera (cameras there: {', '.join(cameras) or 'none'})")
+    return cameras[0]
+
+
 def read_episode(path, camera):
-    """One episode file as arrays. A file that is not a readable episode raises UsageError naming it."""
-    keys = (f"{IMAGES}/{camera}", QPOS, ACTION, INSTRUCTION)
+    """One episode file as arrays; camera None: the file's only one. A file that is not a readable episode raises
+    UsageError naming it."""
     try:
+        camera = camera or only_camera(path)
         with h5py.File(path, "r") as f:
+            keys = (f"{IMAGES}/{camera}", QPOS, ACTION, INSTRUCTION)
             if missing := [k for k in keys if k not in f]:
                 cameras = list(f[IMAGES]) if IMAGES in f else []
                 hint = f" (cameras there: {', '.join(cameras)})" if missing[0] == keys[0] and cameras else ""

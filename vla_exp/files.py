@@ -36,6 +36,26 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, default=str))
 
 
+def check_new(path):
+    if path.exists():
+        raise UsageError(f"{path} exists: give a new folder, or delete this one")
+    return path
+
+
+@contextmanager
+def staged_dir(path):
+    """A temporary folder beside `path` that becomes `path` when the block succeeds: a crash leaves nothing at
+    `path`. An existing `path` is refused before anything is written."""
+    path = check_new(Path(path).expanduser())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    try:
+        yield tmp
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 MANIFEST = "manifest.json"
 CACHE_HINT = "set VLA_EXP_CACHE to a writable folder with space"
 CACHE_FORMAT = 2  # 2: entries carry a manifest. Part of every entry's key: entries of another format are not used

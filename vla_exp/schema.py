@@ -8,7 +8,7 @@ import math
 from omegaconf import OmegaConf
 
 from vla_exp import UsageError
-from vla_exp.episodes import GENERATORS
+from vla_exp.episodes import GENERATORS, PAST_END
 
 ABSENT = object()
 
@@ -46,9 +46,10 @@ RULES = [  # key, (test, what is allowed)
     ("eval.rollouts", integer_from(0)),
     ("eval.rollout_every", integer_from(1)),
     ("diffusion.train_steps", integer_from(1)),
-    ("data.episodes", integer_from(2)),  # one for training, one for validation
-    ("data.steps", integer_from(1)),
+    ("data.episodes", (lambda v: v is None or integer(v) and v >= 2,  # one for training, one for validation
+                       "must be an integer >= 2, or null (data=lerobot: every episode)")),
     ("data.action_norm", one_of(("minmax", "meanstd"))),
+    ("data.past_end", one_of(PAST_END)),
     ("data.val_fraction", (lambda v: number(v) and 0 < v < 1, "must be a number in (0, 1)")),
     ("model.head_loading", one_of(("current", "legacy_zeros", "legacy_stale", "legacy_empty"))),  # see model.py
     ("model.stale_fraction", (lambda v: number(v) and 0 <= v <= 1, "must be a number in [0, 1]")),
@@ -62,6 +63,7 @@ RULES = [  # key, (test, what is allowed)
     ("skip_finished", (lambda v: isinstance(v, bool), "must be true or false")),
 ]
 OPTIONAL = [  # keys that only some options of a group have
+    ("data.steps", integer_from(1)),
     ("clipping.max_norm", POSITIVE),
     ("clipping.every_step", (lambda v: isinstance(v, bool), "must be true or false")),
     ("loss_handling.threshold", POSITIVE),
@@ -111,6 +113,8 @@ def validate(cfg):
                          f"(here data.task={cfg.data.task}); set eval.rollouts=0")
     if cfg.data.dir is None:  # the episodes are generated
         check(cfg, "data.task", one_of(tuple(GENERATORS)))
+        if cfg.data.task != "lerobot":
+            check(cfg, "data.episodes", integer_from(2))
         if cfg.data.task == "metaworld":  # an optional extra: its task names come from MetaWorld itself
             from vla_exp.metaworld import CAMERAS, task_names
             names = task_names()  # one line naming the install command where MetaWorld cannot be imported

@@ -1,0 +1,285 @@
+"""LeRobot datasets: written by vla_exp.lerobot the way LeRobot lays them out (pyarrow parquet, PyAV AV1 video),
+read back through `data=lerobot` with the HDF5 reader's split, normalisation and checks."""
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vla_exp import UsageError, lerobot, tasks
+from vla_exp.config import compose, datasets
+from vla_exp.convert import main as convert
+from vla_exp.data import sample_errors
+from vla_exp.episodes import episodes_dir, read_episode
+
+FAST = ("logger=none", "progress=false", "debug=smoke")
+LAYOUTS = [("v3.0", "video"), ("v3.0", "image"), ("v2.1", "video"), ("v2.1", "image")]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """Six short episodes of the embedded task, as HDF5 files."""
+    folder = tmp_path_factory.mktemp("src") / "tint"
+    tasks.generate(folder, **tasks.params(compose(*FAST)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def originals(source):
+    return [read_episode(f, "top") for f in sorted(source.glob("*.hdf5"))]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, originals):
+    """The episodes as LeRobot datasets in each layout."""
+    root = tmp_path_factory.mktemp("lerobot")
+    return {(v, i): lerobot.write_dataset(root / f"{v}-{i}", originals, "top", 20, v, i) for v, i in LAYOUTS}
+
+
+def lerobot_cfg(root, *overrides):
+    return compose(*FAST, "data=lerobot", f"data.root={root}", *overrides)
+
+
+def cached(root, *overrides):
+    """The episodes a run on the dataset at `root` trains on, read from the cache it decodes them into."""
+    cfg = lerobot_cfg(root, *overrides)
+    return [read_episode(f, None) for f in sorted(episodes_dir(cfg).glob("*.hdf5"))]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["-".join(x) for x in LAYOUTS])
+def test_every_layout_reads_back_actions_states_instructions_exactly(written, originals, layout):
+    got = cached(written[layout])
+    assert len(got) == len(originals)
+    for e, (g, o) in enumerate(zip(got, originals)):
+        assert g["instruction"] == o["instruction"]
+        np.testing.assert_array_equal(g["action"], o["action"])
+        np.testing.assert_array_equal(g["qpos"], o["qpos"])
+        assert g["baselines"].keys() == o["baselines"].keys()
+        for name in o["baselines"]:
+            np.testing.assert_array_equal(g["baselines"][name], o["baselines"][name])
+        diff = np.abs(g["images"].astype(int) - o["images"])
+        if layout[1] == "image":  # PNG is lossless
+            assert diff.max() == 0
+        else:  # AV1 at LeRobot's crf 30 with 4:2:0 chroma: close on average, and the episode's own frames
+            assert diff.mean() < 6
+            neighbour = originals[(e + 1) % len(originals)]["images"]
+            assert diff.mean() < np.abs(g["images"].astype(int) - neighbour).mean() / 2
+
+
+def test_v30_layout_is_lerobots(written, originals):
+    root = written[("v3.0", "video")]
+    info = json.loads((root / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["total_episodes"] == len(originals)
+    assert info["features"]["observation.images.top"]["dtype"] == "video"
+    assert info["features"]["action"]["shape"] == [2]
+    tasks_table = pd.read_parquet(root / "meta" / "tasks.parquet")
+    assert tasks_table.index.name == "task" and set(tasks_table.index) == {o["instruction"] for o in originals}
+    eps = pd.read_parquet(root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+    lengths = [len(o["action"]) for o in originals]
+    assert eps.length.tolist() == lengths
+    # one video file for every episode, back to back: episode e starts where e - 1 ends
+    starts = eps["videos/observation.images.top/from_timestamp"].to_numpy()
+    np.testing.assert_allclose(starts, np.concatenate([[0], np.cumsum(lengths)[:-1]]) / info["fps"])
+    assert eps.dataset_to_index.tolist() == np.cumsum(lengths).tolist()
+    data = pd.read_parquet(root / "data" / "chunk-000" / "file-000.parquet")
+    assert data["index"].tolist() == list(range(sum(lengths)))
+    np.testing.assert_allclose(data.timestamp, data.frame_index / info["fps"])
+    assert (root / "videos" / "observation.images.top" / "chunk-000" / "file-000.mp4").is_file()
+
+
+def test_v21_layout_is_one_file_per_episode(written, originals):
+    root = written[("v2.1", "video")]
+    assert [json.loads(line)["episode_index"] for line in (root / "meta" / "episodes.jsonl").open()] == \
+        list(range(len(originals)))
+    assert len(list(root.glob("data/chunk-000/episode_*.parquet"))) == len(originals)
+    assert len(list(root.glob("videos/chunk-000/observation.images.top/episode_*.mp4"))) == len(originals)
+
+
+def test_round_trip_hdf5_lerobot_hdf5_through_the_cli(source, originals, tmp_path):
+    convert([str(source), str(tmp_path / "ds")])
+    convert([str(tmp_path / "ds"), str(tmp_path / "back")])
+    back = [read_episode(f, None) for f in sorted((tmp_path / "back").glob("*.hdf5"))]
+    assert [b["instruction"] for b in back] == [o["instruction"] for o in originals]
+    for b, o in zip(back, originals):
+        np.testing.assert_array_equal(b["action"], o["action"])
+        np.testing.assert_array_equal(b["qpos"], o["qpos"])
+    with pytest.raises(SystemExit, match="exists"):  # nothing is overwritten
+        convert([str(source), str(tmp_path / "ds")])
+
+
+def test_convert_a_data_config(tmp_path):
+    convert(["data=tint data.episodes=3 data.steps=4", str(tmp_path / "ds"), "--codebase-version", "v2.1"])
+    info = json.loads((tmp_path / "ds" / "meta" / "info.json").read_text())
+    assert (info["codebase_version"], info["total_episodes"], info["total_frames"]) == ("v2.1", 3, 12)
+
+
+def test_the_split_and_normalisation_are_the_hdf5_ones(written, source):
+    """The same episodes split the same way: LeRobot data and their HDF5 originals give the same training set."""
+    train_h, val_h = datasets(compose(*FAST, f"data.dir={source}"))
+    train_l, val_l = datasets(lerobot_cfg(written[("v3.0", "image")], "data.past_end=hold"))
+    assert len(train_h) == len(train_l) and len(val_h) == len(val_l)
+    assert train_h.norm.state_dict() == train_l.norm.state_dict()
+    for a, b in ((train_h[5], train_l[5]), (val_h[0], val_l[0])):
+        assert a["instruction"] == b["instruction"] and torch.equal(a["actions"], b["actions"])
+
+
+def test_chunks_past_the_end_are_flagged_and_left_out_of_the_errors(written):
+    train, _ = datasets(lerobot_cfg(written[("v3.0", "image")]))
+    steps = len(train.episodes[0]["action"])
+    last = train[steps - 1]  # the episode's last step: only the first action of its chunk is real
+    assert last["pad"].tolist() == [False] + [True] * (train.horizon - 1)
+    assert train[0]["pad"].tolist() == [False] * steps + [True] * (train.horizon - steps)
+    pred, target = torch.zeros(2, 3, 2), torch.ones(2, 3, 2)
+    target[0, 1:] = 100.0  # padded: ignored
+    pad = torch.tensor([[False, True, True], [False, False, False]])
+    assert sample_errors(pred, target, pad).tolist() == [1.0, 1.0]
+    assert sample_errors(pred.numpy(), target.numpy(), pad.numpy()).tolist() == [1.0, 1.0]
+
+
+def test_the_loss_leaves_padded_steps_out(written, tmp_path):
+    from vla_exp.diffusion import noise_prediction
+    from vla_exp.train import build_parts
+    from vla_exp import ddp
+    cfg = lerobot_cfg(written[("v3.0", "image")])
+    p = build_parts(cfg, ddp.OneProcess(), torch.device("cpu"), False, tmp_path)
+    steps = len(p.train_set.episodes[0]["action"])
+    batch = torch.utils.data.default_collate([p.train_set[i] for i in range(steps - 4, steps)])
+    with torch.no_grad():
+        loss, pred = noise_prediction(p.policy, p.train_scheduler, batch, p.tokenizer, torch.Generator().manual_seed(3))
+    noise = torch.randn(batch["actions"].shape, generator=torch.Generator().manual_seed(3))
+    real = ~batch["pad"][..., None].expand_as(noise)
+    assert loss.item() == pytest.approx(((pred - noise) ** 2)[real].mean().item(), rel=1e-6)
+    assert loss.item() != pytest.approx(((pred - noise) ** 2).mean().item(), rel=1e-3)
+
+
+def test_several_cameras_are_placed_side_by_side(originals, tmp_path):
+    two = [{**o, "images": o["images"]} for o in originals]
+    root = lerobot.write_dataset(tmp_path / "a", two, "left", images="image")
+    # a second camera: the same frames upside down, as its own image feature
+    table = lerobot.data_file.__wrapped__(root / "data" / "chunk-000" / "file-000.parquet")
+    flipped = [{"bytes": lerobot.png(np.asarray(f)[::-1]), "path": None}
+               for o in originals for f in o["images"]]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(table.append_column("observation.images.right", pa.array(
+        flipped, table.schema.field("observation.images.left").type)), root / "data" / "chunk-000" / "file-000.parquet")
+    info = json.loads((root / "meta" / "info.json").read_text())
+    info["features"]["observation.images.right"] = info["features"]["observation.images.left"]
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(UsageError, match="name the camera with data.camera .cameras there: observation.images.left, "
+                                         "observation.images.right"):
+        datasets(lerobot_cfg(root))
+    got = cached(root, "data.camera=[observation.images.left,observation.images.right]")
+    frame = originals[0]["images"][0]
+    side_by_side = np.concatenate([frame, frame[::-1]], axis=1)  # 64 x 128, resized to the model's 64 x 64
+    assert got[0]["images"].shape == (len(originals[0]["action"]), 64, 64, 3)
+    assert np.abs(got[0]["images"][0].astype(int) - lerobot.resize(side_by_side[None], 64)[0]).max() == 0
+
+
+def test_the_cache_is_keyed_by_the_datasets_contents(written, tmp_path):
+    root = shutil.copytree(written[("v3.0", "video")], tmp_path / "ds")
+    first = episodes_dir(lerobot_cfg(root))
+    assert episodes_dir(lerobot_cfg(root)) == first  # decoded once
+    info = json.loads((root / "meta" / "info.json").read_text())
+    (root / "meta" / "info.json").write_text(json.dumps({**info, "robot_type": "other"}))
+    assert episodes_dir(lerobot_cfg(root)) != first
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: one line, before training, naming the file and what is allowed
+
+
+def broken(written, tmp_path, layout=("v3.0", "video")):
+    return shutil.copytree(written[layout], tmp_path / "ds")
+
+
+def edit_info(root, **changes):
+    info = json.loads((root / "meta" / "info.json").read_text())
+    (root / "meta" / "info.json").write_text(json.dumps({**info, **changes}))
+
+
+def refused(root, *overrides):
+    with pytest.raises(UsageError) as e:
+        datasets(lerobot_cfg(root, *overrides))
+    return str(e.value)
+
+
+def test_no_info_json(tmp_path):
+    (tmp_path / "ds").mkdir()
+    assert "ds: no meta/info.json, not a LeRobot dataset" in refused(tmp_path / "ds")
+
+
+def test_no_root():
+    assert refused("null").startswith("data=lerobot needs data.root=")
+
+
+def test_unsupported_version(written, tmp_path):
+    root = broken(written, tmp_path)
+    edit_info(root, codebase_version="v2.0")
+    assert refused(root).endswith("info.json: codebase_version 'v2.0' is not supported (supported: v2.1, v3.0)")
+
+
+def test_unknown_camera(written, tmp_path):
+    message = refused(written[("v3.0", "video")], "data.camera=observation.images.wrist")
+    assert message.endswith("(cameras there: observation.images.top)") and "observation.images.wrist" in message
+
+
+@pytest.mark.parametrize("layout", [("v3.0", "video"), ("v2.1", "video")], ids=["v3.0", "v2.1"])
+@pytest.mark.parametrize("kind", ["data", "video"])
+def test_missing_file(written, tmp_path, layout, kind):
+    root = broken(written, tmp_path, layout)
+    victim = sorted(root.glob("data/**/*.parquet" if kind == "data" else "videos/**/*.mp4"))[-1]
+    victim.unlink()
+    assert refused(root).startswith(f"{victim}: missing")
+
+
+def test_video_with_fewer_frames_than_its_episode(written, originals, tmp_path):
+    root = broken(written, tmp_path)
+    video = root / "videos" / "observation.images.top" / "chunk-000" / "file-000.mp4"
+    video.unlink()
+    with lerobot.Encoder(20) as encoder:
+        encoder.append(video, np.concatenate([o["images"] for o in originals])[:-3])
+    assert refused(root) == f"{video}: 5 frames from {(len(originals) - 1) * 8 / 20:.3f} s, but episode 5 has 8"
+
+
+def test_episode_length_that_disagrees_with_its_rows(written, tmp_path):
+    root = broken(written, tmp_path)
+    table = root / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
+    eps = pd.read_parquet(table)
+    eps.loc[2, "length"] += 1
+    eps.to_parquet(table)
+    assert refused(root).endswith("file-000.parquet: episode 2 has 8 rows but its length in meta/ is 9")
+
+
+@pytest.mark.parametrize("what", ["action", "qpos"])
+def test_nan_in_actions_or_states(originals, tmp_path, what):
+    bad = [dict(o) for o in originals]
+    bad[1] = {**bad[1], what: bad[1][what].copy()}
+    bad[1][what][3, 1] = np.nan
+    root = lerobot.write_dataset(tmp_path / "ds", bad, "top", images="image")
+    key = "action" if what == "action" else "observation.state"
+    assert refused(root).endswith(f"file-000.parquet: {key} of episode 1 holds NaN or inf (first at frame 3)")
+
+
+def test_width_that_differs_from_the_models(written):
+    assert refused(written[("v3.0", "video")], "data.action_dim=3").endswith(
+        "action is 2 wide but the model's action dim is 3: set data.action_dim=2")
+
+
+def test_one_episode(originals, tmp_path):
+    root = lerobot.write_dataset(tmp_path / "ds", originals[:1], "top", images="image")
+    assert refused(root).endswith("1 episode used, at least 2 are needed to split train and validation")
+
+
+def test_unknown_feature_key(written):
+    assert "data.keys.state=observation.joints is not a feature" in refused(
+        written[("v3.0", "video")], "data.keys.state=observation.joints")
+
+
+def test_the_cache_holds_hdf5_episodes_h5py_reads(written):
+    folder = episodes_dir(lerobot_cfg(written[("v2.1", "image")]))
+    with h5py.File(sorted(folder.glob("*.hdf5"))[0]) as f:
+        assert list(f["observations/images"]) == ["observation.images.top"]

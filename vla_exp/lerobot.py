@@ -1,0 +1,422 @@
+"""LeRobot datasets (codebase versions v3.0 and v2.1) as they lie on disk: read into vla-exp episodes, and written
+from them.
+
+The `lerobot` package pins older torch and transformers than vla-exp's and cannot be installed beside them, so the
+files are read and written here with pyarrow (the parquet tables) and PyAV (the mp4 videos: its wheels bundle FFmpeg
+with LeRobot's AV1 codec, libsvtav1 to write and dav1d to read), following the layout LeRobot's own writer produces.
+
+`data=lerobot` is a generator of vla_exp.episodes like the built-in tasks: the first run decodes every episode's
+frames (resized to the model's image size) and writes them with the episode's states, actions and task string as
+HDF5 episodes in the cache, keyed by the dataset's fingerprint; later runs and sweep jobs read the cache.
+"""
+import hashlib
+import io
+import json
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from vla_exp import UsageError
+from vla_exp.files import cache_entry, staged_dir
+from vla_exp.episodes import camera_name, write_episode
+
+SUPPORTED = ("v2.1", "v3.0")
+BASELINE = "baselines."  # features named baselines.<name>: a stored predictor's action chunks, (horizon, action dim)
+CHUNKS_SIZE = 1000
+PATHS = {"v3.0": ("data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+                  "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"),
+         "v2.1": ("data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+                  "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4")}
+VIDEO = {"vcodec": "libsvtav1", "pix_fmt": "yuv420p", "g": 2, "crf": 30}  # LeRobot's defaults
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+class Dataset:
+    """A LeRobot dataset's metadata: `info`, `features`, `cameras` (video and image features), `tasks`
+    {task_index: string} and `episodes` (one dict per episode: index, length, task, data file and, per camera,
+    its video file and the time the episode starts in it). Every file the episodes name is checked to exist."""
+
+    def __init__(self, root):
+        self.root = root = Path(root).expanduser()
+        if not (root / "meta" / "info.json").is_file():
+            raise UsageError(f"{root}: no meta/info.json, not a LeRobot dataset (data.root must be the folder that "
+                             "holds meta/, data/ and videos/)")
+        self.info = json.loads((root / "meta" / "info.json").read_text())
+        self.version = self.info.get("codebase_version")
+        if self.version not in SUPPORTED:
+            raise UsageError(f"{root / 'meta' / 'info.json'}: codebase_version {self.version!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED)})")
+        self.features, self.fps = self.info["features"], self.info["fps"]
+        self.cameras = [k for k, f in self.features.items() if f["dtype"] in ("video", "image")]
+        self.tasks, self.episodes = self.read_v30() if self.version == "v3.0" else self.read_v21()
+        missing = next((p for e in self.episodes for p in (e["data"], *e["videos"].values()) if not p.is_file()), None)
+        if missing:
+            raise UsageError(f"{missing}: missing (named by meta/info.json's data_path/video_path for the episodes "
+                             "in meta/)")
+
+    def read_v30(self):
+        tasks = pd.read_parquet(self.root / "meta" / "tasks.parquet")
+        tasks = dict(zip(tasks.task_index, tasks.index))
+        files = sorted((self.root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+        if not files:
+            raise UsageError(f"{self.root / 'meta' / 'episodes'}: no chunk-*/file-*.parquet episode tables")
+        table = pd.concat([pd.read_parquet(f) for f in files]).sort_values("episode_index")
+        data_path, video_path = self.info["data_path"], self.info["video_path"]
+        videos = [k for k in self.cameras if self.features[k]["dtype"] == "video"]
+        return tasks, [{
+            "index": int(r["episode_index"]), "length": int(r["length"]), "task": list(r["tasks"])[0],
+            "data": self.root / data_path.format(chunk_index=r["data/chunk_index"], file_index=r["data/file_index"]),
+            "videos": {k: self.root / video_path.format(video_key=k, chunk_index=r[f"videos/{k}/chunk_index"],
+                                                        file_index=r[f"videos/{k}/file_index"]) for k in videos},
+            "starts": {k: float(r[f"videos/{k}/from_timestamp"]) for k in videos}} for _, r in table.iterrows()]
+
+    def read_v21(self):
+        lines = lambda name: [json.loads(line) for line in (self.root / "meta" / name).read_text().splitlines()
+                              if line.strip()]
+        tasks = {t["task_index"]: t["task"] for t in lines("tasks.jsonl")}
+        chunks = self.info.get("chunks_size", CHUNKS_SIZE)
+        videos = [k for k in self.cameras if self.features[k]["dtype"] == "video"]
+        at = lambda template, e, **kw: self.root / template.format(episode_chunk=e // chunks, episode_index=e, **kw)
+        return tasks, [{
+            "index": e["episode_index"], "length": e["length"], "task": e["tasks"][0],
+            "data": at(self.info["data_path"], e["episode_index"]),
+            "videos": {k: at(self.info["video_path"], e["episode_index"], video_key=k) for k in videos},
+            "starts": {k: 0.0 for k in videos}} for e in sorted(lines("episodes.jsonl"), key=lambda e: e["episode_index"])]
+
+    def fingerprint(self):
+        """What identifies the dataset's contents: its metadata files' bytes and every data and video file's size."""
+        digest = hashlib.sha256()
+        for p in sorted(p for p in (self.root / "meta").rglob("*") if p.is_file()):
+            digest.update(f"{p.relative_to(self.root)}\0".encode() + p.read_bytes())
+        for p in sorted({p for e in self.episodes for p in (e["data"], *e["videos"].values())}):
+            digest.update(f"{p.relative_to(self.root)}\0{p.stat().st_size}\0".encode())
+        return digest.hexdigest()[:16]
+
+    def width(self, key):
+        return int(np.prod(self.features[key]["shape"]))
+
+
+def cameras_of(camera, ds):
+    """The camera keys a run reads: `data.camera` (one key or a list), or the dataset's only camera."""
+    there = ", ".join(ds.cameras) or "none"
+    if camera is None:
+        if len(ds.cameras) != 1:
+            raise UsageError(f"{ds.root}: name the camera with data.camera (cameras there: {there})")
+        return list(ds.cameras)
+    keys = [camera] if isinstance(camera, str) else list(camera)
+    if bad := [k for k in keys if k not in ds.cameras]:
+        raise UsageError(f"data.camera={bad[0]} is not a camera of {ds.root} (cameras there: {there})")
+    return keys
+
+
+def check_widths(ds, keys, action_dim, state_dim):
+    for what, key, want in (("state", keys["state"], state_dim), ("action", keys["action"], action_dim)):
+        if key not in ds.features:
+            raise UsageError(f"data.keys.{what}={key} is not a feature of {ds.root} "
+                             f"(features there: {', '.join(ds.features)})")
+        if ds.width(key) != want:
+            raise UsageError(f"{ds.root}: {key} is {ds.width(key)} wide but the model's {what} dim is {want}: "
+                             f"set data.{what}_dim={ds.width(key)}")
+
+
+def version():
+    """Part of the cache key: bump it when the reader changes what it writes."""
+    return "lerobot-1"
+
+
+def params(cfg):
+    """Everything that decides the episodes read from `data.root`; the dataset's metadata is checked here, before
+    anything is decoded."""
+    d = cfg.data
+    if not d.root:
+        raise UsageError("data=lerobot needs data.root=<the dataset's folder, the one holding meta/info.json>")
+    ds = Dataset(d.root)
+    n = len(ds.episodes) if d.episodes is None else min(d.episodes, len(ds.episodes))
+    if n < 2:
+        raise UsageError(f"{ds.root}: {n} episode{'s' * (n != 1)} used, at least 2 are needed to split train and "
+                         "validation")
+    keys = dict(d["keys"])  # d.keys is the DictConfig method
+    if set(keys) != {"state", "action"}:
+        raise UsageError(f"data.keys has {', '.join(keys)}: it maps exactly state and action to feature names")
+    check_widths(ds, keys, d.action_dim, d.state_dim)
+    return {"root": str(ds.root.resolve()), "fingerprint": ds.fingerprint(), "cameras": cameras_of(d.camera, ds),
+            "keys": keys, "episodes": n, "image_size": d.image_size}
+
+
+def generate(out_dir, root, fingerprint, cameras, keys, episodes, image_size):
+    """Decode the first `episodes` episodes of the dataset at `root` into HDF5 episodes in `out_dir` (created
+    atomically), each camera's frames side by side and resized to image_size x image_size (None: as they are)."""
+    ds = Dataset(root)
+    with cache_entry(out_dir, "data") as tmp, Frames() as frames:
+        for e in tqdm(ds.episodes[:episodes], desc=f"decoding {ds.root.name}", unit="episode", leave=False):
+            ep = read_episode(ds, e, cameras, keys, frames, image_size)
+            write_episode(tmp / f"episode_{e['index']:06d}.hdf5", ep["images"], ep["qpos"], ep["action"],
+                          ep["instruction"], ep["baselines"], camera_name(cameras))
+    return Path(out_dir)
+
+
+@lru_cache(maxsize=1)  # v3.0 files hold many episodes: read each once while its episodes are decoded in order
+def data_file(path):
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise UsageError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def column(table, name, shape):
+    """A feature's column as an array (rows, *shape): lists (fixed-size or not, nested or not) flattened."""
+    values = table.column(name).combine_chunks()
+    while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type) \
+            or pa.types.is_large_list(values.type):
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False).reshape(len(table), *shape)
+
+
+def read_episode(ds, e, cameras, keys, frames, image_size=None):
+    """One episode as vla_exp.episodes' readers return it; bad data raises UsageError naming its file."""
+    table = data_file(e["data"])
+    rows = table.filter(pa.compute.equal(table.column("episode_index"), e["index"]))
+    rows = rows.take(pa.compute.sort_indices(rows, [("frame_index", "ascending")]))
+    if len(rows) != e["length"]:
+        raise UsageError(f"{e['data']}: episode {e['index']} has {len(rows)} rows but its length in meta/ is "
+                         f"{e['length']}")
+    arrays = {what: column(rows, key, [ds.width(key)]).astype(np.float32) for what, key in keys.items()}
+    for what, a in arrays.items():
+        if not np.isfinite(a).all():
+            step = np.argwhere(~np.isfinite(a))[0][0]
+            raise UsageError(f"{e['data']}: {keys[what]} of episode {e['index']} holds NaN or inf (first at frame "
+                             f"{step})")
+    views = []
+    for key in cameras:
+        if key in e["videos"]:
+            views.append(frames.read(e["videos"][key], e["starts"][key], e["length"], ds.fps, e["index"]))
+        else:  # an image feature: encoded image files in the table
+            from PIL import Image
+            views.append(np.stack([np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB"))
+                                   for cell in rows.column(key).to_pylist()]))
+    baselines = {k[len(BASELINE):]: column(rows, k, ds.features[k]["shape"]).astype(np.float32)
+                 for k in ds.features if k.startswith(BASELINE)}
+    if len({v.shape[1] for v in views}) > 1:
+        raise UsageError(f"{ds.root}: cameras {', '.join(cameras)} have different heights "
+                         f"({', '.join(str(v.shape[1]) for v in views)}): they are placed side by side, so they must match")
+    return {"images": resize(np.concatenate(views, axis=2), image_size), "qpos": arrays["state"],
+            "action": arrays["action"], "instruction": e["task"], "baselines": baselines}
+
+
+def resize(images, size):
+    """(T, H, W, 3) uint8 frames at size x size (bilinear), unchanged where they have it or size is None."""
+    if size is None or images.shape[1:3] == (size, size):
+        return images
+    from PIL import Image
+    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR)) for f in images])
+
+
+class Frames:
+    """Frames of mp4 files, decoded forward: a file holding many episodes back to back is decoded once when its
+    episodes are read in order (one open file per path, reopened only to go back)."""
+
+    def __init__(self):
+        self.open = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for container, _, _ in self.open.values():
+            container.close()
+
+    def read(self, path, start, n, fps, episode):
+        """`n` frames from time `start` (seconds) of `path`, as (n, H, W, 3) uint8 RGB."""
+        import av
+        first = round(start * fps)
+        container, decoded, position = self.open.get(path, (None, None, math.inf))
+        if position > first:
+            if container:
+                container.close()
+            try:
+                container = av.open(str(path))
+                decoded, position = container.decode(video=0), 0
+            except (av.error.FFmpegError, IndexError) as e:
+                raise UsageError(f"{path}: not a readable video ({e})") from None
+        out = []
+        try:
+            for frame in decoded:
+                i = round(frame.time * fps) if frame.time is not None else position
+                position = i + 1
+                if i >= first:
+                    out.append(frame.to_ndarray(format="rgb24"))
+                    if len(out) == n:
+                        break
+        except av.error.FFmpegError as e:
+            raise UsageError(f"{path}: cannot decode it ({e})") from None
+        self.open[path] = (container, decoded, position)
+        if len(out) < n:
+            raise UsageError(f"{path}: {len(out)} frames from {start:.3f} s, but episode {episode} has {n}")
+        return np.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_dataset(out, episodes, camera, fps=20, version="v3.0", images="video", total=None):
+    """Write `episodes` (an iterable of the dicts vla_exp.episodes reads) as a LeRobot dataset at `out`: the images
+    as the camera `observation.images.<camera>` (AV1 video as LeRobot encodes it, or PNG image features), qpos as
+    `observation.state`, the instruction as the task, stored baselines as `baselines.<name>` features. One data file
+    and one video file (v3.0) or one of each per episode (v2.1). The folder appears when it is complete."""
+    if version not in SUPPORTED:
+        raise UsageError(f"codebase version {version!r} cannot be written (supported: {', '.join(SUPPORTED)})")
+    key = f"observation.images.{camera}"
+    data_path, video_path = PATHS[version]
+    tasks, rows, metas, features, start = {}, [], [], None, 0
+    with staged_dir(out) as tmp, Encoder(fps) as encoder:
+        for e, ep in enumerate(tqdm(episodes, f"writing {Path(out).name}", total, unit="episode", leave=False)):
+            T = len(ep["action"])
+            features = features or feature_spec(ep, key, fps, images)
+            table = {"observation.state": ep["qpos"], "action": ep["action"],
+                     "timestamp": np.arange(T, dtype=np.float32) / np.float32(fps), "frame_index": np.arange(T),
+                     "episode_index": np.full(T, e), "index": np.arange(start, start + T),
+                     "task_index": np.full(T, tasks.setdefault(ep["instruction"], len(tasks))),
+                     **{f"{BASELINE}{name}": chunks for name, chunks in ep["baselines"].items()}}
+            meta = {"episode_index": e, "tasks": [ep["instruction"]], "length": T}
+            if images == "image":
+                table[key] = [{"bytes": png(f), "path": None} for f in ep["images"]]
+            elif version == "v3.0":
+                at = encoder.append(tmp / video_path.format(video_key=key, chunk_index=0, file_index=0), ep["images"])
+                meta.update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
+                             f"videos/{key}/from_timestamp": at, f"videos/{key}/to_timestamp": at + T / fps})
+            else:
+                encoder.append(tmp / video_path.format(video_key=key, episode_chunk=0, episode_index=e), ep["images"])
+            if version == "v3.0":
+                meta.update({"data/chunk_index": 0, "data/file_index": 0, "dataset_from_index": start,
+                             "dataset_to_index": start + T})
+            else:
+                write_parquet(table, features, tmp / data_path.format(episode_chunk=0, episode_index=e))
+            meta["stats"] = {k: stats(v) for k, v in table.items() if k != key}
+            rows.append(table)
+            metas.append(meta)
+            start += T
+        if features is None:
+            raise UsageError(f"{out}: no episodes to write")
+        whole = {k: [x for r in rows for x in r[k]] if k == key else np.concatenate([r[k] for r in rows])
+                 for k in rows[0]}
+        if version == "v3.0":
+            write_parquet(whole, features, tmp / data_path.format(chunk_index=0, file_index=0))
+        write_meta(tmp / "meta", version, features, tasks, metas, fps, images == "video", data_path, video_path)
+        (tmp / "meta" / "stats.json").write_text(json.dumps({k: stats(v) for k, v in whole.items() if k != key}))
+    return Path(out)
+
+
+def png(frame):
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def feature_spec(ep, key, fps, images):
+    """info.json's `features` for episodes like `ep`, as LeRobot describes them."""
+    vector = lambda a, name: {"dtype": "float32", "shape": list(a.shape[1:]),
+                              "names": [f"{name}_{i}" for i in range(a.shape[1])]}
+    scalar = lambda dtype: {"dtype": dtype, "shape": [1], "names": None}
+    H, W = ep["images"].shape[1:3]
+    camera = {"dtype": images, "shape": [H, W, 3], "names": ["height", "width", "channels"]}
+    if images == "video":
+        camera["info"] = {"video.height": H, "video.width": W, "video.codec": "av1", "video.pix_fmt": VIDEO["pix_fmt"],
+                          "video.is_depth_map": False, "video.fps": fps, "video.channels": 3, "has_audio": False}
+    return {key: camera, "observation.state": vector(ep["qpos"], "state"), "action": vector(ep["action"], "action"),
+            **{f"{BASELINE}{n}": {"dtype": "float32", "shape": list(c.shape[1:]), "names": None}
+               for n, c in ep["baselines"].items()},
+            "timestamp": scalar("float32"), "frame_index": scalar("int64"), "episode_index": scalar("int64"),
+            "index": scalar("int64"), "task_index": scalar("int64")}
+
+
+def arrow(values, feature):
+    """A column as LeRobot's writer (Hugging Face datasets) stores it: vectors as fixed-size lists."""
+    if feature["dtype"] == "image":
+        return pa.array(values, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    values = np.asarray(values, dtype=feature["dtype"])
+    out = pa.array(values.reshape(-1))
+    for size in reversed(values.shape[1:]):
+        out = pa.FixedSizeListArray.from_arrays(out, size)
+    return out
+
+
+def write_parquet(table, features, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({k: arrow(v, features[k]) for k, v in table.items()}), path)
+
+
+def stats(values):
+    """A feature's statistics as LeRobot's meta files hold them (per dimension)."""
+    values = np.asarray(values, np.float64).reshape(len(values), -1)
+    return {"min": values.min(0).tolist(), "max": values.max(0).tolist(), "mean": values.mean(0).tolist(),
+            "std": values.std(0).tolist(), "count": [len(values)]}
+
+
+def write_meta(meta, version, features, tasks, metas, fps, video, data_path, video_path):
+    meta.mkdir(parents=True, exist_ok=True)
+    info = {"codebase_version": version, "robot_type": None, "total_episodes": len(metas),
+            "total_frames": sum(m["length"] for m in metas), "total_tasks": len(tasks), "chunks_size": CHUNKS_SIZE,
+            "fps": fps, "splits": {"train": f"0:{len(metas)}"}, "data_path": data_path,
+            "video_path": video_path if video else None, "features": features}
+    lines = lambda name, items: (meta / name).write_text("".join(json.dumps(i) + "\n" for i in items))
+    if version == "v3.0":  # per-episode statistics as flattened columns, as LeRobot's episode tables hold them
+        info.update(data_files_size_in_mb=100, video_files_size_in_mb=500)
+        pd.DataFrame({"task_index": list(tasks.values())}, index=pd.Index(list(tasks), name="task")).to_parquet(
+            meta / "tasks.parquet")
+        (meta / "episodes" / "chunk-000").mkdir(parents=True)
+        pd.DataFrame([{**{k: v for k, v in m.items() if k != "stats"},
+                       **{f"stats/{f}/{s}": v for f, st in m["stats"].items() for s, v in st.items()},
+                       "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0} for m in metas]).to_parquet(
+            meta / "episodes" / "chunk-000" / "file-000.parquet")
+    else:
+        info.update(total_chunks=1, total_videos=len(metas) if video else 0)
+        lines("tasks.jsonl", [{"task_index": i, "task": t} for t, i in tasks.items()])
+        lines("episodes.jsonl", [{k: v for k, v in m.items() if k != "stats"} for m in metas])
+        lines("episodes_stats.jsonl", [{"episode_index": m["episode_index"], "stats": m["stats"]} for m in metas])
+    (meta / "info.json").write_text(json.dumps(info, indent=4))
+
+
+class Encoder:
+    """Appends frames to AV1 mp4 files as LeRobot encodes them (libsvtav1, yuv420p, a key frame every 2 frames,
+    crf 30); a file holds many episodes back to back. `append` returns the time the frames start at."""
+
+    def __init__(self, fps):
+        self.fps, self.open = fps, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for container, stream, _ in self.open.values():
+            for packet in stream.encode():
+                container.mux(packet)
+            container.close()
+
+    def append(self, path, frames):
+        import av
+        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its settings to stderr for every file; errors only
+        if path not in self.open:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            container = av.open(str(path), "w")
+            stream = container.add_stream(VIDEO["vcodec"], rate=self.fps,
+                                          options={"g": str(VIDEO["g"]), "crf": str(VIDEO["crf"])})
+            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], VIDEO["pix_fmt"]
+            self.open[path] = (container, stream, 0)
+        container, stream, count = self.open[path]
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        self.open[path] = (container, stream, count + len(frames))
+        return count / self.fps
