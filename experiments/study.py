@@ -4,6 +4,7 @@
     python experiments/study.py leave_one_out      # the fixed recipe, and the fixed recipe minus each fix
     python experiments/study.py add_one            # the original recipe, and the original recipe plus each fix
     python experiments/study.py metaworld          # original vs fixed on MetaWorld: closed-loop success per epoch
+    python experiments/study.py budget             # original vs fixed for 16 epochs: action error by epoch, updates, time
     python experiments/study.py factorial --seeds 0,1 --jobs 1 --out DIR epochs=4   # trailing Hydra overrides
     python experiments/study.py factorial --dry-run   # print each run's overrides, one line a run; launch nothing
     python experiments/study.py screen --a recipe=original --b recipe=reported_script --split optim --seeds 0,1
@@ -40,11 +41,12 @@ from vla_exp.report import main as report
 # Sized so that the 48-run factorial fits in 30 minutes on 2 CPU cores; the recipes' own default is 4 epochs of 200.
 BUDGET = ["epochs=3", "data.episodes=100"]
 METAWORLD_BUDGET = ["data=metaworld", "epochs=12", "eval.rollouts=20", "eval.rollout_every=4"]
+CURVE_BUDGET = ["epochs=16"]  # the default data (180 training episodes), four times the recipes' epochs
 REFERENCES = ("expert", "mean_chunk", "random")
 
 
 def cells(study):
-    if study == "metaworld":
+    if study in ("metaworld", "budget"):
         return ["recipe=original,fixed"]
     original, fixed = recipe_levels("original"), recipe_levels("fixed")
     if study == "factorial":
@@ -56,7 +58,7 @@ def cells(study):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("study", choices=("factorial", "leave_one_out", "add_one", "metaworld", "screen"))
+    p.add_argument("study", choices=("factorial", "leave_one_out", "add_one", "metaworld", "budget", "screen"))
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2; 1 needs no launcher plugin)")
     p.add_argument("--out", help="sweep folder (default results/<study>)")
@@ -85,7 +87,7 @@ def main(argv=None):
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"] if args.jobs > 1 else []
     if args.study == "screen":
         return screen(args, p, Path(out), launcher)
-    budget = METAWORLD_BUDGET if args.study == "metaworld" else BUDGET
+    budget = {"metaworld": METAWORLD_BUDGET, "budget": CURVE_BUDGET}.get(args.study, BUDGET)
     runs = [*cells(args.study), f"seed={args.seeds}", *budget]
     if args.dry_run:
         from vla_exp.train import sweep_jobs
@@ -101,6 +103,8 @@ def main(argv=None):
     report([out])
     if args.study == "metaworld":
         success_table(Path(out))
+    if args.study == "budget":
+        budget_curve(Path(out))
     return sweep.returncode  # non-zero when a run failed: the report marks its cell
 
 
@@ -226,6 +230,38 @@ def success_table(out):
             f"task):\n\n{markdown(table.reset_index())}\n\nReference policies:\n\n"
             f"{markdown(ref.reset_index(names='policy'))}\n")
     write_text(out / "success.md", text)
+    print(text)
+
+
+def budget_curve(out):
+    """The budget study's figure (budget.png) and its table (budget.md): held-out action error per recipe and epoch
+    with updates and wall time, and the recipes compared at equal epochs and at equal optimiser updates."""
+    from vla_exp import dashboard
+    from vla_exp.config import reference_levels
+    from vla_exp.report import find_run_dirs, load_curves, load_runs
+    runs = load_runs(find_run_dirs([out]), reference_levels())
+    curves = load_curves(runs)
+    fig = dashboard.budget_figure(curves, runs)
+    fig.savefig(out / "budget.png", dpi=100, bbox_inches="tight")
+    epochs = curves[curves.kind == "epoch"].merge(runs[["run_dir", "wall_time_s", "epochs"]], on="run_dir")
+    epochs = epochs.assign(minutes=epochs.wall_time_s * epochs.epoch / epochs.epochs / 60)
+    agg = epochs.groupby(["cell", "epoch"]).agg(
+        error=("val_action_error", "mean"), std=("val_action_error", "std"), seeds=("seed", "nunique"),
+        updates=("step", "mean"), minutes=("minutes", "mean")).reset_index()
+    shown = agg.assign(error=[f"{m:.3g} ± {s:.2g}" for m, s in zip(agg.error, agg["std"])],
+                       minutes=agg.minutes.round(1)).drop(columns="std")
+    cells = list(agg.cell.unique())
+    same = agg[agg.cell == cells[0]].merge(agg[agg.cell == cells[-1]], on="updates", suffixes=("_a", "_b"))
+    equal = [f"{r.updates:.0f} updates: {cells[0]} (epoch {r.epoch_a}) {r.error_a:.3g} ± {r.std_a:.2g}, "
+             f"{cells[-1]} (epoch {r.epoch_b}) {r.error_b:.3g} ± {r.std_b:.2g}" for r in same.itertuples()]
+    baselines = ", ".join(f"{c.removeprefix('baseline_')} {runs[c].astype(float).mean():.3g}" for c in runs
+                          if c.startswith("baseline_"))
+    text = (f"# Budget curve, {out}\n\nHeld-out action error (mean ± std over seeds) per recipe and epoch; updates are "
+            f"optimiser steps, minutes the run's wall time spread evenly over its epochs.\n\n"
+            f"{markdown(shown)}\n\nBaselines: {baselines}\n\nAt equal optimiser updates:\n\n"
+            + ("\n".join(f"- {line}" for line in equal) or "- no epoch where both recipes made the same updates")
+            + "\n\n![budget](budget.png)\n")
+    write_text(out / "budget.md", text)
     print(text)
 
 

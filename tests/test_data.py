@@ -95,7 +95,7 @@ def test_generate_blocks(tmp_path):
 
 
 def test_unknown_task_names_the_valid_ones(make_cfg):
-    with pytest.raises(UsageError, match=r"^data\.task='pick_place': must be one of tint, blocks, metaworld$"):
+    with pytest.raises(UsageError, match=r"^data\.task='pick_place': must be one of tint, blocks, metaworld, lerobot$"):
         validate(make_cfg("data.task=pick_place"))
 
 

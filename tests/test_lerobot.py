@@ -265,8 +265,10 @@ def test_nan_in_actions_or_states(originals, tmp_path, what):
 
 
 def test_width_that_differs_from_the_models(written):
-    assert refused(written[("v3.0", "video")], "data.action_dim=3").endswith(
-        "action is 2 wide but the model's action dim is 3: set data.action_dim=2")
+    assert "action is 2 wide but the model's action dim (model.config.action_dim) is 3: set data.action_dim=2" in \
+        refused(written[("v3.0", "video")], "data.action_dim=3")
+    assert "observation.state is 2 wide but the model's state dim (model.config.state_dim) is 5" in \
+        refused(written[("v3.0", "video")], "model.config.state_dim=5")
 
 
 def test_one_episode(originals, tmp_path):
@@ -283,3 +285,27 @@ def test_the_cache_holds_hdf5_episodes_h5py_reads(written):
     folder = episodes_dir(lerobot_cfg(written[("v2.1", "image")]))
     with h5py.File(sorted(folder.glob("*.hdf5"))[0]) as f:
         assert list(f["observations/images"]) == ["observation.images.top"]
+
+
+@pytest.mark.slow
+def test_a_sweep_and_its_report_on_a_lerobot_dataset(written, tmp_path):
+    """Two runs through the CLI's multirun on a v2.1 video dataset (decoded once, by the first job), then the
+    report: the held-out errors leave padded steps out and the table holds both runs."""
+    import os
+    import subprocess
+    import sys
+    root = written[("v2.1", "video")]
+    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", "init=xavier,none", *FAST, "data=lerobot",
+                          f"data.root={root}", f"hydra.sweep.dir={tmp_path}"], capture_output=True, text=True,
+                         env=os.environ)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
+    assert len(summaries) == 2 and all(np.isfinite(s["val_action_error"]) for s in summaries)
+    assert len({s["data_dir"] for s in summaries}) == 1 and "lerobot-" in summaries[0]["data_dir"]
+    assert set(summaries[0]["baseline_action_errors"]) == {"mean_action", "hold_state", "ignore_image",
+                                                           "ignore_instruction"}
+    report = subprocess.run([sys.executable, "-m", "vla_exp.report", str(tmp_path)], capture_output=True, text=True,
+                            env=os.environ)
+    assert report.returncode == 0, report.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "report" / "table.csv")
+    assert sorted(table.init) == ["none", "xavier"] and table.n_runs.tolist() == [1, 1]

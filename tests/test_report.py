@@ -232,3 +232,26 @@ def test_a_run_beats_the_baselines_only_if_it_beats_every_one():
     runs = pd.DataFrame({"val_action_error": [0.5, 0.5, 0.5, float("nan")], "baseline_mean_action": [0.4, 0.6, 0.55, 1.0],
                          "baseline_hold_state": [0.6, 0.4, 0.6, 1.0]})
     assert analysis.beats(runs).tolist() == [False, False, True, False]
+
+
+def test_budget_curve_compares_recipes_at_equal_epochs_and_equal_updates(tmp_path):
+    """The budget study's table: the original recipe (batch 16) makes half the fixed recipe's (batch 8) updates an
+    epoch, so its epoch 2 meets the fixed recipe's epoch 1."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("study", Path(__file__).parents[1] / "experiments" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    for seed in range(2):
+        for name, choices, per_epoch in (("fixed", FIXED, 2), ("original", ORIGINAL, 1)):
+            run = tmp_path / f"{name}-s{seed}"
+            fake_run(run, choices, seed, error=0.1 if name == "fixed" else 0.3)
+            rows = [{"kind": "epoch", "step": per_epoch * e, "epoch": e, "val_action_error": e / 10 + seed / 100}
+                    for e in (1, 2)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            summary = json.loads((run / "summary.json").read_text())
+            (run / "summary.json").write_text(json.dumps({**summary, "wall_time_s": 120.0}))
+    study.budget_curve(tmp_path)
+    text = (tmp_path / "budget.md").read_text()
+    assert "- 2 updates: fixed (epoch 1) 0.105 ± 0.0071, original (epoch 2) 0.205 ± 0.0071" in text
+    assert "| original | 2 | 0.205 ± 0.0071 | 2 | 2.0 | 2.0 |" in text  # 120 s over 2 epochs
+    assert (tmp_path / "budget.png").stat().st_size > 10_000

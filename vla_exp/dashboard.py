@@ -108,6 +108,37 @@ def epoch_figure(curves, cells, column, references, ylabel, title, what):
     return fig
 
 
+def budget_figure(curves, runs):
+    """Held-out action error per epoch against the epoch, the optimiser updates and the wall time (each run's, spread
+    evenly over its epochs), mean over seeds with a band of ± one std, beside the baselines."""
+    epochs = curves[curves.kind == "epoch"].merge(runs[["run_dir", "wall_time_s", "epochs"]], on="run_dir")
+    epochs = epochs.assign(minutes=epochs.wall_time_s * epochs.epoch / epochs.epochs / 60)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), sharey=True)
+    axes_x = (("epoch", "epoch"), ("step", "optimiser updates"), ("minutes", "wall time (min, the run's, per epoch)"))
+    for i, (cell, g) in enumerate(epochs.groupby("cell", sort=False)):
+        agg = g.groupby("epoch").agg(mean=("val_action_error", "mean"), std=("val_action_error", "std"),
+                                     step=("step", "mean"), minutes=("minutes", "mean"), epoch=("epoch", "first"))
+        color, ls = style(i)
+        for ax, (x, _) in zip(axes, axes_x):
+            ax.plot(agg[x], agg["mean"], color=color, ls=ls, marker="o", ms=3,
+                    label=f"{cell} (n={g.run_dir.nunique()})")
+            ax.fill_between(agg[x], agg["mean"] - agg["std"].fillna(0), agg["mean"] + agg["std"].fillna(0),
+                            color=color, alpha=0.15)
+    for j, c in enumerate(c for c in runs if c.startswith("baseline_")):
+        for ax in axes:
+            ax.axhline(runs[c].astype(float).mean(), color="0.45", ls=BASELINE_STYLES[j % len(BASELINE_STYLES)], lw=1,
+                       label=f"{c.removeprefix('baseline_')} ({runs[c].astype(float).mean():.3g})")
+    for ax, (_, label) in zip(axes, axes_x):
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel="held-out sampled-action error", ylim=(0, None))
+    fig.suptitle("Held-out action error by epoch, by optimiser updates and by wall time: mean over seeds, band ± one "
+                 "std; grey: baselines")
+    fig.tight_layout()
+    legend_outside(axes[-1])
+    return fig
+
+
 def effects_figure(results):
     """One panel per metric: each fix's level minus the reference level, with its 95% CI (filled: p < 0.05)."""
     n = len(results)

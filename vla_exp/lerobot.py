@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -125,8 +126,9 @@ def check_widths(ds, keys, action_dim, state_dim):
             raise UsageError(f"data.keys.{what}={key} is not a feature of {ds.root} "
                              f"(features there: {', '.join(ds.features)})")
         if ds.width(key) != want:
-            raise UsageError(f"{ds.root}: {key} is {ds.width(key)} wide but the model's {what} dim is {want}: "
-                             f"set data.{what}_dim={ds.width(key)}")
+            raise UsageError(f"{ds.root}: {key} is {ds.width(key)} wide but the model's {what} dim "
+                             f"(model.config.{what}_dim) is {want}: set data.{what}_dim={ds.width(key)}, which the "
+                             "built models follow, or load a checkpoint of that width")
 
 
 def version():
@@ -148,7 +150,7 @@ def params(cfg):
     keys = dict(d["keys"])  # d.keys is the DictConfig method
     if set(keys) != {"state", "action"}:
         raise UsageError(f"data.keys has {', '.join(keys)}: it maps exactly state and action to feature names")
-    check_widths(ds, keys, d.action_dim, d.state_dim)
+    check_widths(ds, keys, cfg.model.config.action_dim, cfg.model.config.state_dim)
     return {"root": str(ds.root.resolve()), "fingerprint": ds.fingerprint(), "cameras": cameras_of(d.camera, ds),
             "keys": keys, "episodes": n, "image_size": d.image_size}
 
@@ -157,11 +159,14 @@ def generate(out_dir, root, fingerprint, cameras, keys, episodes, image_size):
     """Decode the first `episodes` episodes of the dataset at `root` into HDF5 episodes in `out_dir` (created
     atomically), each camera's frames side by side and resized to image_size x image_size (None: as they are)."""
     ds = Dataset(root)
-    with cache_entry(out_dir, "data") as tmp, Frames() as frames:
-        for e in tqdm(ds.episodes[:episodes], desc=f"decoding {ds.root.name}", unit="episode", leave=False):
-            ep = read_episode(ds, e, cameras, keys, frames, image_size)
-            write_episode(tmp / f"episode_{e['index']:06d}.hdf5", ep["images"], ep["qpos"], ep["action"],
-                          ep["instruction"], ep["baselines"], camera_name(cameras))
+    try:
+        with cache_entry(out_dir, "data") as tmp, Frames() as frames:
+            for e in tqdm(ds.episodes[:episodes], desc=f"decoding {ds.root.name}", unit="episode", leave=False):
+                ep = read_episode(ds, e, cameras, keys, frames, image_size)
+                write_episode(tmp / f"episode_{e['index']:06d}.hdf5", ep["images"], ep["qpos"], ep["action"],
+                              ep["instruction"], ep["baselines"], camera_name(cameras))
+    finally:
+        data_file.cache_clear()  # a file read again later may have changed
     return Path(out_dir)
 
 
@@ -185,8 +190,8 @@ def column(table, name, shape):
 def read_episode(ds, e, cameras, keys, frames, image_size=None):
     """One episode as vla_exp.episodes' readers return it; bad data raises UsageError naming its file."""
     table = data_file(e["data"])
-    rows = table.filter(pa.compute.equal(table.column("episode_index"), e["index"]))
-    rows = rows.take(pa.compute.sort_indices(rows, [("frame_index", "ascending")]))
+    rows = table.filter(pc.equal(table.column("episode_index"), e["index"]))
+    rows = rows.take(pc.sort_indices(rows, [("frame_index", "ascending")]))
     if len(rows) != e["length"]:
         raise UsageError(f"{e['data']}: episode {e['index']} has {len(rows)} rows but its length in meta/ is "
                          f"{e['length']}")
