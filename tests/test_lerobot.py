@@ -1,6 +1,7 @@
 """LeRobot datasets: written by vla_exp.lerobot the way LeRobot lays them out (pyarrow parquet, PyAV AV1 video),
 read back through `data=lerobot` with the HDF5 reader's split, normalisation and checks."""
 import json
+import os
 import shutil
 
 import h5py
@@ -88,6 +89,13 @@ def test_v30_layout_is_lerobots(written, originals):
     assert data["index"].tolist() == list(range(sum(lengths)))
     np.testing.assert_allclose(data.timestamp, data.frame_index / info["fps"])
     assert (root / "videos" / "observation.images.top" / "chunk-000" / "file-000.mp4").is_file()
+
+
+def test_writing_video_leaves_the_process_at_its_own_priority(originals, tmp_path):
+    """SVT-AV1 makes its caller real-time where it can; children of such a process livelock when they spin."""
+    before = os.sched_getscheduler(0), os.sched_getparam(0)
+    lerobot.write_dataset(tmp_path / "ds", originals[:2], "top")
+    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before
 
 
 def test_v21_layout_is_one_file_per_episode(written, originals):

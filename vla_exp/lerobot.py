@@ -399,15 +399,21 @@ class Encoder:
 
     def __init__(self, fps):
         self.fps, self.open = fps, {}
+        # SVT-AV1 raises the calling thread to real-time priority (SCHED_FIFO 99) where it may (as root): kept, every
+        # process started later inherits it, and two such processes that spin on 2 cores starve each other
+        self.policy, self.param = os.sched_getscheduler(0), os.sched_getparam(0)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for container, stream, _ in self.open.values():
-            for packet in stream.encode():
-                container.mux(packet)
-            container.close()
+        try:
+            for container, stream, _ in self.open.values():
+                for packet in stream.encode():
+                    container.mux(packet)
+                container.close()
+        finally:
+            os.sched_setscheduler(0, self.policy, self.param)
 
     def append(self, path, frames):
         import av
