@@ -3,7 +3,8 @@
     python experiments/study.py factorial          # all 16 mixes of the four fixes x 3 seeds
     python experiments/study.py leave_one_out      # the fixed recipe, and the fixed recipe minus each fix
     python experiments/study.py add_one            # the original recipe, and the original recipe plus each fix
-    python experiments/study.py metaworld          # original vs fixed on MetaWorld: closed-loop success per epoch
+    python experiments/study.py metaworld          # original vs fixed on MetaWorld: closed-loop success per epoch,
+                                                   # and at equal optimiser updates
     python experiments/study.py budget             # original vs fixed for 16 epochs: action error by epoch, updates, time
     python experiments/study.py factorial --seeds 0,1 --jobs 1 --out DIR epochs=4   # trailing Hydra overrides
     python experiments/study.py factorial --dry-run   # print each run's overrides, one line a run; launch nothing
@@ -15,7 +16,9 @@ with Hydra's joblib launcher (`pip install -e ".[sweeps]"`), the cores divided b
 
 The metaworld study (`pip install -e ".[metaworld]"`) generates the demonstrations first, rolls each run's policy
 out after every epoch, rolls out the reference policies (the scripted expert, the mean action chunk, random actions)
-from the first run's folder, and prints the success rates side by side (also in <out>/success.md).
+from the first run's folder, and prints the success rates side by side (also in <out>/success.md). The fixed recipe
+takes twice the optimiser steps of the original in an epoch (batch 8 against 16), so the study also trains it for
+the epochs that give it the original's number of updates (into <out>_equal_updates) and compares both ways.
 
 The screen study varies every difference between two configs A and B (each a quoted list of overrides or a run
 folder; `python -m vla_exp.diff A B` lists them) in a two-level design (vla_exp/screen.py), then confirms the
@@ -26,6 +29,7 @@ in one sentence (also in <out>/confirmation.md) and the report holds the effects
 import argparse
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 import time
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vla_exp import UsageError
 from vla_exp.analysis import markdown
 from vla_exp.config import GROUPS, compose, recipe_levels
 from vla_exp.files import write_json, write_text
@@ -89,15 +94,26 @@ def main(argv=None):
         return screen(args, p, Path(out), launcher)
     budget = {"metaworld": METAWORLD_BUDGET, "budget": CURVE_BUDGET}.get(args.study, BUDGET)
     runs = [*cells(args.study), f"seed={args.seeds}", *budget]
+    sweeps = [([*runs, *args.overrides], out)]  # each sweep's overrides and folder
+    if args.study == "metaworld":
+        try:
+            fixed = equal_updates(budget, args.overrides)
+        except UsageError as e:
+            sys.exit(f"error: {e}")
+        sweeps.append(([f"seed={args.seeds}", *budget, *args.overrides, *fixed], f"{out}_equal_updates"))
     if args.dry_run:
         from vla_exp.train import sweep_jobs
-        jobs = sweep_jobs([*runs, *args.overrides])
-        print("\n".join(" ".join(job) for job in jobs) + f"\n{len(jobs)} runs into {out}; nothing launched")
+        for overrides, folder in sweeps:
+            jobs = sweep_jobs(overrides)
+            print("\n".join(" ".join(job) for job in jobs) + f"\n{len(jobs)} runs into {folder}")
+        print("nothing launched")
         return 0
     if args.study == "metaworld":
         prepare(*budget, *args.overrides)
-    sweep = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *runs, *launcher, f"hydra.sweep.dir={out}",
-                            "progress=false", *args.overrides])
+    code = 0
+    for overrides, folder in sweeps:
+        code |= subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *overrides, *launcher,
+                                f"hydra.sweep.dir={folder}", "progress=false"]).returncode
     if args.study == "metaworld":
         references(Path(out))
     report([out])
@@ -105,12 +121,11 @@ def main(argv=None):
         success_table(Path(out))
     if args.study == "budget":
         budget_curve(Path(out))
-    return sweep.returncode  # non-zero when a run failed: the report marks its cell
+    return code  # non-zero when a run failed: the report marks its cell
 
 
 def screen(args, parser, out, launcher):
     """The screen: design, its multirun, the confirmation's multiruns one step at a time, the report."""
-    from vla_exp import UsageError
     from vla_exp import screen as sc
     from vla_exp.diff import Side
     from vla_exp.report import find_run_dirs, load_runs
@@ -196,6 +211,18 @@ def prepare(*overrides):
     print(f"demonstrations: {episodes_dir(cfg)}")
 
 
+def equal_updates(budget, overrides):
+    """Overrides of the fixed recipe at the original's optimiser updates: its epochs scaled by the two recipes'
+    batch sizes (the last, partial batch of an epoch aside, steps per epoch go as 1 / batch size)."""
+    original, fixed = (compose(f"recipe={r}", *budget, *overrides) for r in ("original", "fixed"))
+    epochs = original.epochs * fixed.optim.batch_size / original.optim.batch_size
+    if epochs != int(epochs) or epochs < 1:
+        raise UsageError(f"epochs={original.epochs}: the fixed recipe cannot make the original's updates in whole "
+                         f"epochs (it would need {epochs:g}); give epochs= a multiple of "
+                         f"{original.optim.batch_size // math.gcd(original.optim.batch_size, fixed.optim.batch_size)}")
+    return ["recipe=fixed", f"epochs={int(epochs)}"]
+
+
 def references(out):
     """The reference policies' success, rolled out from the first finished run's folder (its tasks and data) with
     as many episodes per task as the runs had."""
@@ -229,8 +256,48 @@ def success_table(out):
     text = (f"# Closed-loop success rate, {out}\n\nMean over seeds, by recipe and epoch ({episodes} episodes per "
             f"task):\n\n{markdown(table.reset_index())}\n\nReference policies:\n\n"
             f"{markdown(ref.reset_index(names='policy'))}\n")
+    text += updates_table(out, Path(f"{out}_equal_updates"))
     write_text(out / "success.md", text)
     print(text)
+
+
+def updates_table(out, equal):
+    """Final closed-loop success of each arm (recipe x epochs) of the study and of its equal-updates sweep, with
+    the optimiser updates each made, a 95% interval over seeds and the pooled episodes' Wilson interval; then the
+    fixed recipe against the original at equal epochs and at equal updates."""
+    from statsmodels.stats.weightstats import DescrStatsW
+
+    from vla_exp.analysis import num, welch
+    from vla_exp.evaluate import wilson
+    runs = [json.loads(p.read_text()) for d in (out, equal) for p in sorted(d.glob("*/summary.json"))]
+    runs = pd.DataFrame([{"recipe": s["choices"]["recipe"], "epochs": s["epochs"], "seed": s["seed"],
+                          "updates": s["updates"], "rate": s["closed_loop"]["success_rate"],
+                          "episodes": s["closed_loop"]["episodes_per_task"] * len(s["closed_loop"]["tasks"])}
+                         for s in runs if s.get("status") == "completed" and "closed_loop" in s])
+    if runs.empty or runs.recipe.nunique() < 2:
+        return ""
+    rows, arms = [], {}
+    for (recipe, epochs), arm in runs.groupby(["recipe", "epochs"]):
+        arms[recipe, epochs] = arm
+        low, high = DescrStatsW(arm.rate).tconfint_mean() if len(arm) > 1 else (float("nan"),) * 2
+        k, n = int(round((arm.rate * arm.episodes).sum())), int(arm.episodes.sum())
+        rows.append({"recipe": recipe, "epochs": epochs, "updates": f"{arm.updates.mean():.0f}",
+                     "success (mean over seeds)": f"{num(arm.rate.mean())} [{num(max(low, 0))}, {num(min(high, 1))}]",
+                     "seeds": " / ".join(num(r) for r in arm.rate),
+                     "pooled episodes": f"{k}/{n} [{', '.join(num(x) for x in wilson(k, n))}]"})
+    original = max((a for a in arms if a[0] == "original"), key=lambda a: a[1], default=None)
+    lines = []
+    if original:
+        updates = arms[original].updates.mean()
+        for (recipe, epochs), arm in arms.items():
+            if recipe == "fixed":
+                same = "equal epochs" if epochs == original[1] else "equal updates"  # the two arms the study runs
+                lines.append(f"- fixed ({epochs} epochs, {arm.updates.mean():.0f} updates) minus original "
+                             f"({original[1]} epochs, {updates:.0f} updates), {same}: "
+                             f"{welch(arm.rate, arms[original].rate)} (Welch 95% interval over seeds)")
+    return (f"\nFinal closed-loop success per arm: the fixed recipe at the original's epochs and at its optimiser "
+            f"updates (95% t interval over seeds; pooled episodes with a Wilson interval):\n\n"
+            f"{markdown(pd.DataFrame(rows))}\n\n" + "\n".join(lines) + "\n")
 
 
 def budget_curve(out):

@@ -223,19 +223,32 @@ def test_training_rolls_out_during_training_and_the_report_shows_success(make_cf
 @pytest.mark.slow
 def test_metaworld_study_reports_recipes_and_references_side_by_side(tmp_path):
     out = tmp_path / "study"
-    run = subprocess.run([sys.executable, "experiments/study.py", "metaworld", "--seeds", "0", "--jobs", "1",
-                          "--out", str(out), *SMALL, "data.tasks=[reach-v3]", "epochs=1", "eval.rollouts=2",
+    run = subprocess.run([sys.executable, "experiments/study.py", "metaworld", "--seeds", "0,1", "--jobs", "1",
+                          "--out", str(out), *SMALL, "data.tasks=[reach-v3]", "epochs=2", "eval.rollouts=2",
                           "eval.samples=8", "logger=none"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*/summary.json"))]
-    assert sorted(s["choices"]["recipe"] for s in summaries) == ["fixed", "original"]
+    assert sorted(s["choices"]["recipe"] for s in summaries) == ["fixed"] * 2 + ["original"] * 2
+    # the fixed recipe again at half the epochs: batch 8 against 16, so the original's number of updates
+    equal = [json.loads(p.read_text()) for p in sorted(Path(f"{out}_equal_updates").glob("*/summary.json"))]
+    assert [(s["choices"]["recipe"], s["epochs"], s["seed"]) for s in equal] == [("fixed", 1, 0), ("fixed", 1, 1)]
+    original = [s for s in summaries if s["choices"]["recipe"] == "original"]
+    assert abs(equal[0]["updates"] - original[0]["updates"]) <= 2  # the last, partial batch of each epoch aside
+    assert all(s["updates"] == 2 * equal[0]["updates"] for s in summaries if s["choices"]["recipe"] == "fixed")
     first = summaries[0]  # the references were rolled out from the first run, as many episodes as the runs had
     assert {k for k in first if k.startswith("closed_loop")} == \
         {"closed_loop", "closed_loop_expert", "closed_loop_mean_chunk", "closed_loop_random"}
     assert all(first[f"closed_loop_{r}"]["episodes_per_task"] == 2 for r in ("expert", "mean_chunk", "random"))
     table = (out / "success.md").read_text()
+    rates = {"fixed": [], "original": []}
     for s in summaries:
-        rate = s["closed_loop"]["success_rate"]
-        assert f"| {s['choices']['recipe']} | 1 | {round(rate, 2)} |" in table
+        rates[s["choices"]["recipe"]].append(s["closed_loop"]["success_rate"])
+    for recipe, r in rates.items():
+        assert f"| {recipe} | 2 | {round(np.mean(r), 2)} |" in table
     assert "| expert |" in table and "| random | 0.0 |" in table
+    diff = np.mean(rates["fixed"]) - np.mean(rates["original"])
+    assert f"minus original (2 epochs, {original[0]['updates']} updates), equal epochs: {diff:+.3g}" in table
+    diff = np.mean([s["closed_loop"]["success_rate"] for s in equal]) - np.mean(rates["original"])
+    assert f"equal updates: {diff:+.3g}" in table
+    assert f"| fixed | 1 | {equal[0]['updates']} |" in table
     assert (out / "report" / "success_rate.png").is_file()

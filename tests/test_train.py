@@ -52,6 +52,11 @@ def test_same_seed_same_metrics(make_cfg, tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rs]
     assert strip(rows(tmp_path / "a")) == strip(rows(tmp_path / "b"))
     assert a["val_action_error"] == b["val_action_error"]
+    # where the wall time went: every part of the run, adding up to the run's time in this process
+    assert set(a["time_s"]) == {"build", "init_report", "steps", "evaluation", "saving", "other"}
+    assert all(v > 0 for v in a["time_s"].values())
+    parts = sum(a["time_s"].values())  # the summary's wall time is taken before the policy is written
+    assert parts - a["time_s"]["saving"] - 0.05 <= a["wall_time_s"] <= parts
     wa, wb = (torch.load(tmp_path / d / "policy.pt") for d in "ab")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

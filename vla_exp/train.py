@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 import traceback
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,6 +75,16 @@ def device_and_precision(cfg, local_rank):
     if cfg.precision == "bf16" and not bf16_ok:
         raise UsageError(f"precision=bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use auto or fp32")
     return device, cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda" and bf16_ok)
+
+
+@contextmanager
+def timed(spent, part):
+    """Add the seconds spent in the block to `spent[part]`."""
+    tick = time.perf_counter()
+    try:
+        yield
+    finally:
+        spent[part] = spent.get(part, 0.0) + time.perf_counter() - tick
 
 
 def build(node):
@@ -156,6 +166,7 @@ def train_in(cfg, run_dir, procs, digest, stop):
 
     # -------------------------------------------------------------------------------- build
     start = time.time() - (ckpt["progress"]["elapsed_s"] if ckpt else 0)
+    spent, began = {}, time.perf_counter()  # seconds by part of the run in this process (summary.json's time_s)
     reset_peak_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -167,12 +178,14 @@ def train_in(cfg, run_dir, procs, digest, stop):
                "processes": procs.world, "versions": versions(),
                **({"design": OmegaConf.to_container(cfg.design)} if "design" in cfg else {})}
     try:
-        p = build_parts(cfg, procs, device, bf16, run_dir)
+        with timed(spent, "build"):
+            p = build_parts(cfg, procs, device, bf16, run_dir)
         summary.update(data_dir=str(episodes_dir(cfg)), missing_head_params=len(p.missing))
 
         # ---------------------------------------------------------------------------- init report
-        first = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(p.val_set, p.eval_idx), 64)))
-        report = init_report(p.policy, p.train_scheduler, first, p.tokenizer, cfg.seed)
+        with timed(spent, "init_report"):
+            first = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(p.val_set, p.eval_idx), 64)))
+            report = init_report(p.policy, p.train_scheduler, first, p.tokenizer, cfg.seed)
         names = [n for n, _ in p.policy.named_parameters() if "lora_" not in n]  # peft's adapters are new, not loaded
         report.update(checkpoint=p.source, missing_weights=p.missing, loaded_weights=len(names) - len(p.missing))
         if procs.is_main:
@@ -194,8 +207,9 @@ def train_in(cfg, run_dir, procs, digest, stop):
 
         def save():
             if procs.is_main:
-                checkpoint.save(run_dir, p.policy, p.optimizer, p.gen,
-                                {**asdict(state), "elapsed_s": time.time() - start}, rec.rows, digest, rec.tracker.id)
+                with timed(spent, "saving"):
+                    checkpoint.save(run_dir, p.policy, p.optimizer, p.gen, {**asdict(state), "elapsed_s":
+                                    time.time() - start}, rec.rows, digest, rec.tracker.id)
 
         per_epoch = math.ceil(len(p.train_set) / cfg.optim.batch_size)
         bar = tqdm(total=cfg.epochs * per_epoch, initial=state.step, desc=run_name(cfg),
@@ -207,7 +221,8 @@ def train_in(cfg, run_dir, procs, digest, stop):
             lr = p.optimizer.param_groups[0]["lr"]
             tick, seen = time.time(), 0
             for batch in epoch_batches(p.train_set, cfg.optim.batch_size, cfg.seed, state.epoch, state.batch):
-                raw_loss, grad_norm, pred = optimisation_step(p, batch, state, procs, cfg.log_every)
+                with timed(spent, "steps"):
+                    raw_loss, grad_norm, pred = optimisation_step(p, batch, state, procs, cfg.log_every)
                 seen += len(batch["actions"])
                 bar.update()
                 if state.step % cfg.log_every == 0:
@@ -225,7 +240,8 @@ def train_in(cfg, run_dir, procs, digest, stop):
                     break
             if stopping:
                 break
-            end_of_epoch(p, state, cfg, procs, rec, run_dir, start)
+            with timed(spent, "evaluation"):
+                end_of_epoch(p, state, cfg, procs, rec, run_dir, start)
             if cfg.checkpoint.every:
                 save()
         bar.close()
@@ -239,13 +255,8 @@ def train_in(cfg, run_dir, procs, digest, stop):
         # ---------------------------------------------------------------------------- summarise
         summary.update(summarise(state, cfg), wall_time_s=time.time() - start, peak_rss_mb=peak_memory_mb())
         if procs.is_main:
-            policy = p.policy
-            if policy.config.model_type == "llava_pythia":  # TinyVLA's layout: model.path=<run>/policy loads it back
-                from vla_exp.llava_pythia import save_policy
-                policy = save_policy(p.policy, p.tokenizer, cfg.model.path, run_dir / "policy")
-            elif hasattr(policy, "merge_and_unload"):  # LoRA: policy.pt holds the merged weights
-                policy = policy.merge_and_unload()
-            checkpoint.write({k: v.cpu() for k, v in policy.state_dict().items()}, run_dir / "policy.pt", "policy")
+            with timed(spent, "saving"):
+                write_policy(p, cfg, run_dir)
         if procs.is_main and not cfg.checkpoint.keep:
             (run_dir / checkpoint.NAME).unlink(missing_ok=True)
         return summary
@@ -258,12 +269,25 @@ def train_in(cfg, run_dir, procs, digest, stop):
         summary.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start)
         raise
     finally:
+        summary["time_s"] = {**spent, "other": time.perf_counter() - began - sum(spent.values())}
         try:
             rec.summary(summary)
         except OSError as e:  # a full disk: the error that brought the run here is the one to show
             print(f"{run_dir}: summary.json could not be written ({e.strerror})", file=sys.stderr)
         rec.finish(exit_code=int(summary["status"] in ("failed", "interrupted")))
         procs.finish()
+
+
+def write_policy(p, cfg, run_dir):
+    """The trained policy: policy.pt, and for a LLaVA-Pythia model TinyVLA's folder layout too."""
+    from vla_exp import checkpoint
+    policy = p.policy
+    if policy.config.model_type == "llava_pythia":  # TinyVLA's layout: model.path=<run>/policy loads it back
+        from vla_exp.llava_pythia import save_policy
+        policy = save_policy(p.policy, p.tokenizer, cfg.model.path, run_dir / "policy")
+    elif hasattr(policy, "merge_and_unload"):  # LoRA: policy.pt holds the merged weights
+        policy = policy.merge_and_unload()
+    checkpoint.write({k: v.cpu() for k, v in policy.state_dict().items()}, run_dir / "policy.pt", "policy")
 
 
 def build_parts(cfg, procs, device, bf16, run_dir):
