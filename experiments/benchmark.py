@@ -6,6 +6,7 @@
     python experiments/benchmark.py --profile       # also: the top costs of one training step (torch.profiler)
     python experiments/benchmark.py --llava-400m    # only: one LoRA step of the LLaVA-Pythia-400M shape, batch 2
     python experiments/benchmark.py --lerobot       # only: the LeRobot reader on a LeRobot copy of the default data
+    python experiments/benchmark.py --options       # only: a step under each speed option; a run's time by part
 
 Each repeat measures every figure once, in turn (the core and the raw loop swap places every other repeat), and the
 table shows medians over repeats; every repeat's figures go to the JSON, rewritten after each repeat. The budget
@@ -14,6 +15,7 @@ is `recipe=fixed clipping=none epochs=1 data.episodes=40`, so that the core and 
 for both. The data and backbone are cached by one warm-up run of the CLI before anything is timed.
 """
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -267,6 +269,77 @@ def lerobot_io(tmp, batch_size=8):
             "matmul_flops": matmul_flops(), "threads": torch.get_num_threads()}
 
 
+def step_options(cfg, data, steps=40, rounds=3, compiled=False):
+    """Milliseconds a training step (batch 8, forward, backward, fused AdamW) takes under each option for a faster
+    step, on the same batches, interleaved in `rounds` (medians): today's fp32; bfloat16 autocast; the instructions
+    tokenised before the step (what pre-tokenising could save at most); denormals flushed to zero; oneDNN off
+    (PyTorch's own convolutions); with `compiled`, torch.compile (its compile time apart: each new instruction
+    length is a new shape)."""
+    policy, tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
+    policy.train()
+    scheduler, _ = schedulers(cfg.diffusion)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, fused=True)
+    batches = [b for b in itertools.islice(loader(cfg, data, 8), steps) if len(b["actions"]) == 8]
+    gen = torch.Generator().manual_seed(0)
+
+    class Tokens:  # the batch's tokens computed before the clock starts
+        def __init__(self, batch):
+            self.text = tokenizer(list(batch["instruction"]), padding=True, return_tensors="pt")
+
+        def __call__(self, *args, **kwargs):
+            return self.text
+
+    def step(model, batch, tok=tokenizer):
+        loss, _ = noise_prediction(model, scheduler, batch, tok, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def timed(model=policy, context=contextlib.nullcontext, pretokenised=False):
+        tokens = [Tokens(b) if pretokenised else tokenizer for b in batches]
+        tick = time.perf_counter()
+        for b, tok in zip(batches, tokens):
+            with context():
+                step(model, b, tok)
+        return 1000 * (time.perf_counter() - tick) / len(batches)
+
+    def denormals_flushed():
+        torch.set_flush_denormal(True)
+        try:
+            yield
+        finally:
+            torch.set_flush_denormal(False)
+
+    options = {"fp32 (today)": lambda: timed(),
+               "bf16 autocast": lambda: timed(context=lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+               "pre-tokenised": lambda: timed(pretokenised=True),
+               "denormals flushed": lambda: timed(context=contextlib.contextmanager(denormals_flushed)),
+               "oneDNN off": lambda: timed(context=lambda: torch.backends.mkldnn.flags(enabled=False))}
+    out = {}
+    if compiled:
+        tick = time.perf_counter()
+        model = torch.compile(policy)
+        timed(model)  # compiles once per shape it meets: every instruction length of these batches
+        out["torch.compile: compile s"] = time.perf_counter() - tick
+        options["torch.compile"] = lambda: timed(model)
+    times = {k: [] for k in options}
+    timed()  # allocations and oneDNN's kernels for these shapes: not counted
+    for _ in range(rounds):
+        for name, fn in options.items():
+            times[name].append(fn())
+    out.update({f"{k} ms": statistics.median(v) for k, v in times.items()})
+    return out
+
+
+def run_breakdown(tmp, recipes=("original", "fixed")):
+    """Where the wall time of a run at the recipes' default budget goes (summary.json's time_s), per recipe."""
+    out = {}
+    for recipe in recipes:
+        s = train(compose(f"recipe={recipe}", "logger=wandb", "progress=false"), tmp / recipe)
+        out[recipe] = {"wall_time_s": s["wall_time_s"], "steps": s["steps"], **s["time_s"]}
+    return out
+
+
 def save(path, data):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +448,9 @@ def main():
     p.add_argument("--profile", action="store_true", help="also profile one training step (top ops, parts)")
     p.add_argument("--llava-400m", action="store_true", help="only one LoRA step of model=llava_pythia_400m")
     p.add_argument("--lerobot", action="store_true", help="only the LeRobot reader's figures")
+    p.add_argument("--options", action="store_true", help="only: a step under each speed option, and where a run's "
+                   "wall time goes at the default budget (minutes)")
+    p.add_argument("--compile", action="store_true", help="with --options: torch.compile too (minutes more)")
     args = p.parse_args()
     if args.lerobot:
         with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
@@ -387,6 +463,25 @@ def main():
               f"max {r['pixel_max_abs_diff']} of 255, PSNR {r['psnr_db']:.1f} dB; {r['threads']} threads, matmul "
               f"{r['matmul_flops'] / 1e9:.0f} GFLOP/s")
         save(args.out.replace("benchmark.json", "lerobot.json"), r)
+        return
+    if args.options:
+        cfg = make_cfg()
+        data = datasets(compose())[0]  # the default data: the runs below train on it
+        r = {"matmul_flops": matmul_flops(), "threads": torch.get_num_threads(),
+             "step": step_options(cfg, data, compiled=args.compile)}
+        with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
+            r["runs"] = run_breakdown(Path(tmp))
+        today = r["step"]["fp32 (today) ms"]
+        print(f"One training step, batch 8, {r['threads']} threads, matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s "
+              f"(medians of 3 interleaved rounds of the same batches):")
+        for k, v in r["step"].items():
+            print(f"  {k:<28} {v:8.1f}" + (f"   {today / v:.2f}x today's speed" if k.endswith(" ms") else ""))
+        print("Where a run's wall time goes at the recipes' default budget (4 epochs of 180 training episodes):")
+        for recipe, t in r["runs"].items():
+            parts = ", ".join(f"{k} {v:.1f} s ({v / t['wall_time_s']:.1%})" for k, v in t.items()
+                              if k not in ("wall_time_s", "steps"))
+            print(f"  {recipe}: {t['wall_time_s']:.0f} s, {t['steps']} steps: {parts}")
+        save(args.out.replace("benchmark.json", "options.json"), r)
         return
     if args.llava_400m:
         with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
