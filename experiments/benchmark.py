@@ -336,7 +336,7 @@ def run_breakdown(tmp, recipes=("original", "fixed")):
     out = {}
     for recipe in recipes:
         s = train(compose(f"recipe={recipe}", "logger=wandb", "progress=false"), tmp / recipe)
-        out[recipe] = {"wall_time_s": s["wall_time_s"], "steps": s["steps"], **s["time_s"]}
+        out[recipe] = {"wall_time_s": s["wall_time_s"], "updates": s["updates"], "time_s": s["time_s"]}
     return out
 
 
@@ -478,9 +478,8 @@ def main():
             print(f"  {k:<28} {v:8.1f}" + (f"   {today / v:.2f}x today's speed" if k.endswith(" ms") else ""))
         print("Where a run's wall time goes at the recipes' default budget (4 epochs of 180 training episodes):")
         for recipe, t in r["runs"].items():
-            parts = ", ".join(f"{k} {v:.1f} s ({v / t['wall_time_s']:.1%})" for k, v in t.items()
-                              if k not in ("wall_time_s", "steps"))
-            print(f"  {recipe}: {t['wall_time_s']:.0f} s, {t['steps']} steps: {parts}")
+            parts = ", ".join(f"{k} {v:.1f} s ({v / t['wall_time_s']:.1%})" for k, v in t["time_s"].items())
+            print(f"  {recipe}: {t['wall_time_s']:.0f} s, {t['updates']} updates: {parts}")
         save(args.out.replace("benchmark.json", "options.json"), r)
         return
     if args.llava_400m:
