@@ -101,8 +101,19 @@ def test_a_study_dry_run_prints_every_run_and_launches_nothing(tmp_path, capsys)
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     assert study.main(["factorial", "--dry-run", "--seeds", "0,1", "--out", str(tmp_path / "s"), "epochs=2"]) == 0
-    *runs, last = capsys.readouterr().out.strip().splitlines()
-    assert last == f"32 runs into {tmp_path / 's'}; nothing launched" and len(set(runs)) == 32
+    *runs, count, last = capsys.readouterr().out.strip().splitlines()
+    assert (count, last) == (f"32 runs into {tmp_path / 's'}", "nothing launched") and len(set(runs)) == 32
     assert runs[0] == "init=none loss_handling=scale_down optim=original clipping=none seed=0 epochs=2 " \
                       "data.episodes=100"  # what the user gave beats the study's budget
     assert {r.split()[4] for r in runs} == {"seed=0", "seed=1"} and not (tmp_path / "s").exists()
+    # metaworld: both recipes, then the fixed recipe at half the epochs (the original's updates) into a second folder
+    assert study.main(["metaworld", "--dry-run", "--seeds", "0", "--out", str(tmp_path / "m"), "epochs=8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2:] == [f"2 runs into {tmp_path / 'm'}", "seed=0 data=metaworld epochs=4 eval.rollouts=20 "
+                         "eval.rollout_every=4 recipe=fixed", f"1 runs into {tmp_path / 'm'}_equal_updates",
+                         "nothing launched"]
+    assert [r.split()[:3] for r in lines[:2]] == [["recipe=original", "seed=0", "data=metaworld"],
+                                                  ["recipe=fixed", "seed=0", "data=metaworld"]]
+    assert "epochs=8" in lines[0] and not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit, match="epochs=7: the fixed recipe cannot make the original's updates in whole"):
+        study.main(["metaworld", "--dry-run", "epochs=7"])
