@@ -69,7 +69,9 @@ def test_a_killed_distributed_run_resumes_from_its_checkpoint(one_process, tmp_p
     out = subprocess.run(command(TORCHRUN, run_dir), cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and 36 <= summary["resumed_at_step"] < written - 1 < 54
+    # resumed from the last checkpoint written before the kill (every 4 steps): step 36, or 40 where the kill landed
+    # after that one; never past what was logged
+    assert summary["status"] == "completed" and 36 <= summary["resumed_at_step"] <= written - 1 < 54
     assert_same_training(one_process, run_dir)
     ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1  # on in rank 0's W&B run
