@@ -223,15 +223,15 @@ def test_training_rolls_out_during_training_and_the_report_shows_success(make_cf
 @pytest.mark.slow
 def test_metaworld_study_reports_recipes_and_references_side_by_side(tmp_path):
     out = tmp_path / "study"
-    run = subprocess.run([sys.executable, "experiments/study.py", "metaworld", "--seeds", "0,1", "--jobs", "1",
+    run = subprocess.run([sys.executable, "experiments/study.py", "metaworld", "--seeds", "0", "--jobs", "1",
                           "--out", str(out), *SMALL, "data.tasks=[reach-v3]", "epochs=2", "eval.rollouts=2",
                           "eval.samples=8", "logger=none"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*/summary.json"))]
-    assert sorted(s["choices"]["recipe"] for s in summaries) == ["fixed"] * 2 + ["original"] * 2
+    assert sorted(s["choices"]["recipe"] for s in summaries) == ["fixed", "original"]
     # the fixed recipe again at half the epochs: batch 8 against 16, so the original's number of updates
     equal = [json.loads(p.read_text()) for p in sorted(Path(f"{out}_equal_updates").glob("*/summary.json"))]
-    assert [(s["choices"]["recipe"], s["epochs"], s["seed"]) for s in equal] == [("fixed", 1, 0), ("fixed", 1, 1)]
+    assert [(s["choices"]["recipe"], s["epochs"], s["seed"]) for s in equal] == [("fixed", 1, 0)]
     original = [s for s in summaries if s["choices"]["recipe"] == "original"]
     assert abs(equal[0]["updates"] - original[0]["updates"]) <= 2  # the last, partial batch of each epoch aside
     assert all(s["updates"] == 2 * equal[0]["updates"] for s in summaries if s["choices"]["recipe"] == "fixed")
