@@ -69,22 +69,39 @@ def loader(cfg, data, batch_size):  # the core's loader for epoch 0
                                        generator=torch.Generator().manual_seed(cfg.seed * 1000))
 
 
+class Raw:
+    """A minimal training step on the core's model: noise_prediction, backward and the fused AdamW step alone."""
+
+    def __init__(self, cfg):
+        self.policy, self.tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
+        self.policy.train()
+        self.scheduler, _ = schedulers(cfg.diffusion)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.adamw.betas),
+                                           weight_decay=cfg.adamw.weight_decay, fused=True)
+
+    def step(self, batch, gen=None, model=None, tokenizer=None, extra=None):
+        """One step on `batch` (through `model`, default the policy; `extra` runs between backward and the
+        optimizer's step); returns the loss tensor."""
+        loss, _ = noise_prediction(self.policy if model is None else model, self.scheduler, batch,
+                                   self.tokenizer if tokenizer is None else tokenizer, gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if extra:
+            extra()
+        self.optimizer.step()
+        return loss
+
+
 def raw_loop(cfg, data, batch_size, steps):
     """Samples/s and steps/s of forward, backward and optimizer step alone, over the first `steps` batches."""
-    policy, tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
-    policy.train()
-    scheduler, _ = schedulers(cfg.diffusion)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.adamw.betas),
-                                  weight_decay=cfg.adamw.weight_decay, fused=True)
+    raw = Raw(cfg)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     seen, done, tick = 0, 0, time.perf_counter()
     for batch in itertools.islice(loader(cfg, data, batch_size), steps):
-        loss, pred = noise_prediction(policy, scheduler, batch, tokenizer, gen)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        seen, done = seen + len(pred), done + 1
+        raw.step(batch, gen)
+        seen, done = seen + len(batch["actions"]), done + 1
     seconds = time.perf_counter() - tick
     return {"samples_per_s": seen / seconds, "steps_per_s": done / seconds}
 
@@ -162,24 +179,12 @@ def profile(cfg, data, steps=30, top=10):
     the fixed recipe's clipping), top `top`, and each part of a step timed alone, in ms."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
-    policy, tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
-    policy.train()
-    scheduler, _ = schedulers(cfg.diffusion)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, fused=True)
+    raw = Raw(cfg)
+    tokenizer, params = raw.tokenizer, raw.params
     batches = list(itertools.islice(loader(cfg, data, cfg.optim.batch_size), steps))
     parts = {"forward+backward+step": [], "+ gradient norm (clipping=none)": [], "+ clip_grad_norm_ (grad_norm)": [],
              "tokenizer": [], "loader (per batch)": []}
-
-    def step(batch, extra=None):
-        loss, _ = noise_prediction(policy, scheduler, batch, tokenizer)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if extra:
-            extra()
-        optimizer.step()
-        return loss.item()
-
+    step = lambda batch, extra=None: raw.step(batch, extra=extra).item()
     norm = lambda: torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
     clip = lambda: torch.nn.utils.clip_grad_norm_(params, 1.0).item()
     for batch in batches:  # interleaved, so that all parts see the same load
@@ -275,34 +280,26 @@ def step_options(cfg, data, steps=40, rounds=3, compiled=False):
     tokenised before the step (what pre-tokenising could save at most); denormals flushed to zero; oneDNN off
     (PyTorch's own convolutions); with `compiled`, torch.compile (its compile time apart: each new instruction
     length is a new shape)."""
-    policy, tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
-    policy.train()
-    scheduler, _ = schedulers(cfg.diffusion)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, fused=True)
+    raw = Raw(cfg)
     batches = [b for b in itertools.islice(loader(cfg, data, 8), steps) if len(b["actions"]) == 8]
     gen = torch.Generator().manual_seed(0)
 
     class Tokens:  # the batch's tokens computed before the clock starts
         def __init__(self, batch):
-            self.text = tokenizer(list(batch["instruction"]), padding=True, return_tensors="pt")
+            self.text = raw.tokenizer(list(batch["instruction"]), padding=True, return_tensors="pt")
 
         def __call__(self, *args, **kwargs):
             return self.text
 
-    def step(model, batch, tok=tokenizer):
-        loss, _ = noise_prediction(model, scheduler, batch, tok, gen)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def timed(model=policy, context=contextlib.nullcontext, pretokenised=False):
-        tokens = [Tokens(b) if pretokenised else tokenizer for b in batches]
+    def timed(model=None, context=contextlib.nullcontext, pretokenised=False):
+        tokens = [Tokens(b) if pretokenised else None for b in batches]
         tick = time.perf_counter()
         for b, tok in zip(batches, tokens):
             with context():
-                step(model, b, tok)
+                raw.step(b, gen, model, tok)
         return 1000 * (time.perf_counter() - tick) / len(batches)
 
+    @contextlib.contextmanager
     def denormals_flushed():
         torch.set_flush_denormal(True)
         try:
@@ -313,12 +310,12 @@ def step_options(cfg, data, steps=40, rounds=3, compiled=False):
     options = {"fp32 (today)": lambda: timed(),
                "bf16 autocast": lambda: timed(context=lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
                "pre-tokenised": lambda: timed(pretokenised=True),
-               "denormals flushed": lambda: timed(context=contextlib.contextmanager(denormals_flushed)),
+               "denormals flushed": lambda: timed(context=denormals_flushed),
                "oneDNN off": lambda: timed(context=lambda: torch.backends.mkldnn.flags(enabled=False))}
     out = {}
     if compiled:
         tick = time.perf_counter()
-        model = torch.compile(policy)
+        model = torch.compile(raw.policy)
         timed(model)  # compiles once per shape it meets: every instruction length of these batches
         out["torch.compile: compile s"] = time.perf_counter() - tick
         options["torch.compile"] = lambda: timed(model)
