@@ -104,7 +104,7 @@ def test_a_study_dry_run_prints_every_run_and_launches_nothing(tmp_path, capsys)
     *runs, count, last = capsys.readouterr().out.strip().splitlines()
     assert (count, last) == (f"32 runs into {tmp_path / 's'}", "nothing launched") and len(set(runs)) == 32
     assert runs[0] == "init=none loss_handling=scale_down optim=original clipping=none seed=0 epochs=2 " \
-                      "data.episodes=100"  # what the user gave beats the study's budget
+                      "data.episodes=100 eval.epoch_samples=64"  # what the user gave beats the study's budget
     assert {r.split()[4] for r in runs} == {"seed=0", "seed=1"} and not (tmp_path / "s").exists()
     # metaworld: both recipes, then the fixed recipe at half the epochs (the original's updates) into a second folder
     assert study.main(["metaworld", "--dry-run", "--seeds", "0", "--out", str(tmp_path / "m"), "epochs=8"]) == 0

@@ -269,6 +269,20 @@ def test_the_action_error_is_a_mean_over_samples_steps_and_dimensions(make_cfg, 
     assert s["val_action_error"] == pytest.approx(0.25, rel=1e-6)
 
 
+@pytest.mark.slow
+def test_epochs_before_the_last_evaluate_the_first_epoch_samples_and_the_last_all(make_cfg, tmp_path):
+    """eval.epoch_samples=8 of eval.samples=32: epoch 1 reads what a run evaluating only 8 samples reads, epoch 2
+    what a run evaluating all 32 reads; the training itself is the same."""
+    held_out = ("val_loss", "val_output_std", "val_action_error")
+    run = lambda name, *o: (train(make_cfg(*FAST, "epochs=2", "data.episodes=30", *o), tmp_path / name),
+                            [{k: r[k] for k in held_out} for r in rows(tmp_path / name, "epoch")])
+    cheap, cheap_rows = run("cheap", "eval.samples=32", "eval.epoch_samples=8")
+    full, full_rows = run("full", "eval.samples=32")
+    few, few_rows = run("few", "eval.samples=8")
+    assert cheap_rows[0] == few_rows[0] != full_rows[0] and cheap_rows[1] == full_rows[1] != few_rows[1]
+    assert cheap["val_action_error"] == full["val_action_error"] and cheap["final_loss"] == few["final_loss"]
+
+
 def test_early_stopping_counts_epochs_without_a_fall_in_the_training_loss():
     from types import SimpleNamespace
     from vla_exp.train import early_stop

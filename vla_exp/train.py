@@ -364,14 +364,15 @@ def optimisation_step(p, batch, state, procs, log_every):
 def end_of_epoch(p, state, cfg, procs, rec, run_dir, start):
     """Held-out figures, closed-loop rollouts where due, the epoch's row, convergence; then the next epoch."""
     from vla_exp.diagnostics import held_out_metrics
-    state.held_out = held_out = held_out_metrics(p.policy, p.train_scheduler, p.ddim, p.val_set, p.eval_idx,
-                                                 p.tokenizer, cfg.diffusion.inference_steps, p.mean_chunk)
     losses = state.epoch_losses
-    state.epoch_row = {"kind": "epoch", "step": state.step, "epoch": state.epoch + 1,
-                       "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                       **{k: v for k, v in held_out.items() if k != "baseline_action_errors"}}
-    early_stop(state, state.epoch_row["train_loss"], cfg.early_stop)
+    train_loss = float(np.mean(losses)) if losses else float("nan")
+    early_stop(state, train_loss, cfg.early_stop)
     last = state.epoch + 1 == cfg.epochs or state.diverged or state.stopped_early
+    idx = p.eval_idx if last else p.eval_idx[:cfg.eval.epoch_samples]  # the same samples' first ones: comparable
+    state.held_out = held_out = held_out_metrics(p.policy, p.train_scheduler, p.ddim, p.val_set, idx,
+                                                 p.tokenizer, cfg.diffusion.inference_steps, p.mean_chunk)
+    state.epoch_row = {"kind": "epoch", "step": state.step, "epoch": state.epoch + 1, "train_loss": train_loss,
+                       **{k: v for k, v in held_out.items() if k != "baseline_action_errors"}}
     if procs.is_main and cfg.eval.rollouts and ((state.epoch + 1) % cfg.eval.rollout_every == 0 or last):
         from vla_exp.evaluate import closed_loop  # the simulator: imported only for data=metaworld
         state.closed_loop = cl = closed_loop(p.policy, p.tokenizer, p.train_set.norm, cfg, cfg.eval.rollouts,
