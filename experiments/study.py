@@ -43,7 +43,8 @@ from vla_exp.config import GROUPS, compose, recipe_levels
 from vla_exp.files import write_json, write_text
 from vla_exp.report import main as report
 
-# Sized so that the 48-run factorial fits in 30 minutes on 2 CPU cores; the recipes' own default is 4 epochs of 200.
+# Sized for the 48-run factorial to fit in 30 minutes on 2 CPU cores (README: how long it takes on which machine);
+# the recipes' own default is 4 epochs of 200.
 # The studies read the last epoch's figures (all 256 held-out samples); the epochs before it use the first 64.
 BUDGET = ["epochs=3", "data.episodes=100", "eval.epoch_samples=64"]
 METAWORLD_BUDGET = ["data=metaworld", "epochs=12", "eval.rollouts=20", "eval.rollout_every=4"]

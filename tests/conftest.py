@@ -16,6 +16,16 @@ def cache_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """test_resume's short run, never stopped, in one process: what the stopped, resumed and distributed runs of
+    the same config are compared with."""
+    from test_resume import ROOT, command
+    path = tmp_path_factory.mktemp("uninterrupted") / "run"
+    subprocess.run(command(path, "logger=none"), cwd=ROOT, check=True, capture_output=True)
+    return path
+
+
 @pytest.fixture
 def make_cfg():
     """Compose the real config, as the CLI would, from a list of overrides."""

@@ -33,27 +33,20 @@ def assert_same_training(one, two, rel=1e-4):
     assert max((p[k] - q[k]).abs().max().item() for k in p) < 1e-4
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("one") / "run"
-    subprocess.run(command([sys.executable], run_dir, "logger=none"), cwd=ROOT, check=True, capture_output=True)
-    return run_dir
-
-
-def test_two_processes_train_the_model_one_process_trains(one_process, tmp_path):
+def test_two_processes_train_the_model_one_process_trains(uninterrupted, tmp_path):
     run_dir = tmp_path / "two"
     # an empty cache: the processes must not race to write the data and the backbone
     env = {**os.environ, "VLA_EXP_CACHE": str(tmp_path / "cache")}
     out = subprocess.run(command(TORCHRUN, run_dir), cwd=ROOT, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert_same_training(one_process, run_dir)
+    assert_same_training(uninterrupted, run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["processes"] == 2 and summary["device"] == "cpu"
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # only rank 0 logged to W&B
     assert not (run_dir / "checkpoint.pt").exists()  # removed when the run finished, as with one process
 
 
-def test_a_killed_distributed_run_resumes_from_its_checkpoint(one_process, tmp_path):
+def test_a_killed_distributed_run_resumes_from_its_checkpoint(uninterrupted, tmp_path):
     run_dir = tmp_path / "cut"
     proc = subprocess.Popen(command(TORCHRUN, run_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -72,12 +65,12 @@ def test_a_killed_distributed_run_resumes_from_its_checkpoint(one_process, tmp_p
     # resumed from the last checkpoint written before the kill (every 4 steps): step 36, or 40 where the kill landed
     # after that one; never past what was logged
     assert summary["status"] == "completed" and 36 <= summary["resumed_at_step"] <= written - 1 < 54
-    assert_same_training(one_process, run_dir)
+    assert_same_training(uninterrupted, run_dir)
     ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1  # on in rank 0's W&B run
 
 
-def test_submitit_tasks_train_as_one_distributed_run(one_process, tmp_path):
+def test_submitit_tasks_train_as_one_distributed_run(uninterrupted, tmp_path):
     """The cluster path: the submitit launcher's tasks_per_node=2 (here submitit_local; submitit_slurm on a cluster)
     starts 2 tasks of one job, which join one process group as torchrun's processes do."""
     out = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *RUN, "logger=none",
@@ -86,4 +79,4 @@ def test_submitit_tasks_train_as_one_distributed_run(one_process, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = [p.parent for p in tmp_path.glob("*/summary.json")]
     assert json.loads((run_dir / "summary.json").read_text())["processes"] == 2
-    assert_same_training(one_process, run_dir)
+    assert_same_training(uninterrupted, run_dir)

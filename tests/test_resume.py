@@ -31,14 +31,6 @@ def rows(run_dir):
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def full(tmp_path_factory):
-    """The run never stopped, to compare the stopped and resumed ones with."""
-    path = tmp_path_factory.mktemp("full")
-    subprocess.run(command(path, "logger=none"), cwd=ROOT, check=True, capture_output=True)
-    return path
-
-
 def wait_for_rows(run_dir, n, proc):
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (
@@ -55,7 +47,7 @@ def same_run(a, b):
         json.loads((b / "summary.json").read_text())["val_action_error"]
 
 
-def test_a_killed_run_resumes_bit_for_bit(full, tmp_path):
+def test_a_killed_run_resumes_bit_for_bit(uninterrupted, tmp_path):
     cut = tmp_path / "cut"
     proc = subprocess.Popen(command(cut), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_rows(cut, 40, proc)  # row 40 is step 39, mid-way through the second epoch, past the checkpoint at step 36
@@ -68,7 +60,7 @@ def test_a_killed_run_resumes_bit_for_bit(full, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["status"] == "completed" and 36 <= summary["resumed_at_step"] < written - 1 < 54
-    same_run(cut, full)
+    same_run(cut, uninterrupted)
     # the resumed run goes on in the same W&B run
     ids = {p.name.rsplit("-", 1)[1] for p in (cut / "wandb").glob("offline-run-*")}
     assert len(list((cut / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
@@ -76,7 +68,7 @@ def test_a_killed_run_resumes_bit_for_bit(full, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signalled_run_saves_says_interrupted_in_one_line_and_resumes_bit_for_bit(full, tmp_path, sig,
+def test_a_signalled_run_saves_says_interrupted_in_one_line_and_resumes_bit_for_bit(uninterrupted, tmp_path, sig,
                                                                                      wandb_records):
     """Both signals take one path: SIGTERM's run is resumed and compared, SIGINT's stops there."""
     cut = tmp_path / "cut"
@@ -102,7 +94,7 @@ def test_a_signalled_run_saves_says_interrupted_in_one_line_and_resumes_bit_for_
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = json.loads((cut / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["resumed_at_step"] == s["steps"]
-    same_run(cut, full)
+    same_run(cut, uninterrupted)
 
 
 def submitit_job(sweep):
@@ -117,7 +109,7 @@ def submitit_job(sweep):
     raise AssertionError(f"no submitit job process for {sweep}")
 
 
-def test_submitit_requeues_a_preempted_job_which_resumes_bit_for_bit(full, tmp_path):
+def test_submitit_requeues_a_preempted_job_which_resumes_bit_for_bit(uninterrupted, tmp_path):
     """submitit_local, as on SLURM: the job gets submitit's preemption signal (USR2), checkpoints, and submitit's
     handler requeues it; the requeued job resumes. (On a cluster, SLURM also sends it before a time limit, and the
     requeued job may start on another node: what only a cluster can show.)"""
@@ -135,7 +127,7 @@ def test_submitit_requeues_a_preempted_job_which_resumes_bit_for_bit(full, tmp_p
     assert proc.returncode == 0, err[-3000:]
     s = json.loads((job_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["resumed_at_step"] >= 10
-    same_run(job_dir, full)
+    same_run(job_dir, uninterrupted)
     log = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
     assert "interrupted by SIGUSR2" in log and "Requeued job" in log
 
