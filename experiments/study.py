@@ -116,6 +116,8 @@ def main(argv=None):
     for overrides, folder in sweeps:
         code |= subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *overrides, *launcher,
                                 f"hydra.sweep.dir={folder}", "progress=false"]).returncode
+    if code and nothing_ran([folder for _, folder in sweeps]):
+        return code
     if args.study == "metaworld":
         references(Path(out))
     report([out])
@@ -124,6 +126,11 @@ def main(argv=None):
     if args.study == "budget":
         budget_curve(Path(out))
     return code  # non-zero when a run failed: the report marks its cell
+
+
+def nothing_ran(folders):
+    """No run in these sweep folders has a summary: the sweep refused its configs (and said why) or none started."""
+    return not any(next(Path(f).glob("*/summary.json"), None) for f in folders)
 
 
 def screen(args, parser, out, launcher):
@@ -168,6 +175,8 @@ def screen(args, parser, out, launcher):
         return 0
     launched = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *sweep(list(matrix), "design"),
                                *launcher]).returncode
+    if launched and nothing_ran([out]):
+        return launched
 
     def runs():
         found = load_runs(find_run_dirs([out]), reference_levels())

@@ -109,6 +109,16 @@ def test_study_rejects_bad_arguments():
     assert out.returncode == 2 and "factorial" in out.stderr
 
 
+@pytest.mark.parametrize("study", [["add_one"], ["screen", "--a", "recipe=original", "--b", "recipe=fixed"]])
+def test_a_study_whose_configs_are_refused_says_so_and_stops(tmp_path, study):
+    """The sweep names each refused job in one line; the study stops there, with no report and no traceback."""
+    out = cli("experiments/study.py", *study, "--seeds", "0,1", "--jobs", "1", "--out", str(tmp_path / "s"),
+              "optim.lr=-1", "logger=none")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith("optim.lr=-1: must be a number > 0")
+    assert not (tmp_path / "s" / "report").exists()
+
+
 def test_a_finished_run_is_skipped_and_a_changed_config_reruns(make_cfg, tmp_path):
     first = train(make_cfg(*SMOKE, "logger=none", "recipe=fixed"), tmp_path)
     mtime = (tmp_path / "metrics.jsonl").stat().st_mtime_ns

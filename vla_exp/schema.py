@@ -43,6 +43,7 @@ RULES = [  # key, (test, what is allowed)
     ("optim.lr", POSITIVE),
     ("optim.batch_size", integer_from(1)),
     ("eval.samples", integer_from(1)),
+    ("eval.epoch_samples", (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")),
     ("eval.rollouts", integer_from(0)),
     ("eval.rollout_every", integer_from(1)),
     ("diffusion.train_steps", integer_from(1)),
@@ -106,9 +107,6 @@ def validate(cfg):
     steps = cfg.diffusion.train_steps
     check(cfg, "diffusion.inference_steps",
           (lambda v: integer(v) and 1 <= v <= steps, f"must be an integer from 1 to diffusion.train_steps={steps}"))
-    n = cfg.eval.samples
-    check(cfg, "eval.epoch_samples", (lambda v: v is None or integer(v) and 1 <= v <= n,
-                                      f"must be null or an integer from 1 to eval.samples={n}"))
     if cfg.logger.kind == "wandb":
         check(cfg, "logger.mode", one_of(("offline", "online", "disabled")))
     if cfg.eval.rollouts and cfg.data.task != "metaworld":
