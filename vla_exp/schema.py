@@ -31,6 +31,7 @@ def one_of(options):
 
 
 POSITIVE = (lambda v: number(v) and v > 0, "must be a number > 0")
+NULL_OR_COUNT = (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")
 RULES = [  # key, (test, what is allowed)
     # numpy's seeds are 32-bit, and the data order of epoch e is seeded with seed * 1000 + e
     ("seed", (lambda v: integer(v) and 0 <= v < 2 ** 32, f"must be an integer from 0 to {2 ** 32 - 1}")),
@@ -39,11 +40,11 @@ RULES = [  # key, (test, what is allowed)
     ("converge_loss", (number, "must be a number")),
     ("device", one_of(("auto", "cpu", "cuda"))),
     ("precision", one_of(("auto", "fp32", "bf16"))),
-    ("threads", (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")),
+    ("threads", NULL_OR_COUNT),
     ("optim.lr", POSITIVE),
     ("optim.batch_size", integer_from(1)),
     ("eval.samples", integer_from(1)),
-    ("eval.epoch_samples", (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")),
+    ("eval.epoch_samples", NULL_OR_COUNT),
     ("eval.rollouts", integer_from(0)),
     ("eval.rollout_every", integer_from(1)),
     ("diffusion.train_steps", integer_from(1)),
@@ -56,8 +57,8 @@ RULES = [  # key, (test, what is allowed)
     ("model.stale_fraction", (lambda v: number(v) and 0 <= v <= 1, "must be a number in [0, 1]")),
     ("model.train", one_of(("full", "head", "lora"))),  # see model.trainable
     ("logger.kind", one_of(("wandb", "none"))),
-    ("diverge_after", (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")),
-    ("early_stop.patience", (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")),
+    ("diverge_after", NULL_OR_COUNT),
+    ("early_stop.patience", NULL_OR_COUNT),
     ("early_stop.min_delta", (lambda v: number(v) and v >= 0, "must be a number >= 0")),
     ("checkpoint.every", integer_from(0)),
     ("checkpoint.keep", (lambda v: isinstance(v, bool), "must be true or false")),
