@@ -7,6 +7,8 @@
     python experiments/benchmark.py --llava-400m    # only: one LoRA step of the LLaVA-Pythia-400M shape, batch 2
     python experiments/benchmark.py --lerobot       # only: the LeRobot reader on a LeRobot copy of the default data
     python experiments/benchmark.py --options       # only: a step under each speed option; a run's time by part
+    python experiments/benchmark.py --gpu           # only: the GPU figures (steps, jobs per GPU, the factorial and
+                                                    # the headline table on the GPU; docs/scale.md)
 
 Each repeat measures every figure once, in turn (the core and the raw loop swap places every other repeat), and the
 table shows medians over repeats; every repeat's figures go to the JSON, rewritten after each repeat. The budget
@@ -20,10 +22,12 @@ import gc
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,9 +76,9 @@ def loader(cfg, data, batch_size):  # the core's loader for epoch 0
 class Raw:
     """A minimal training step on the core's model: noise_prediction, backward and the fused AdamW step alone."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, device="cpu"):
         self.policy, self.tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
-        self.policy.train()
+        self.policy.to(device).train()
         self.scheduler, _ = schedulers(cfg.diffusion)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.adamw.betas),
@@ -130,6 +134,15 @@ def flops_per_step(cfg, data):
     with FlopCounterMode(display=False) as counter:
         noise_prediction(policy, schedulers(cfg.diffusion)[0], batch, tokenizer)[0].backward()
     return counter.get_total_flops()
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gpu_peak_mb(device):
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if torch.device(device).type == "cuda" else None
 
 
 def matmul_flops(n=1024, reps=20):
@@ -206,7 +219,7 @@ def profile(cfg, data, steps=30, top=10):
                          "ms_per_step": e.self_cpu_time_total / 1000 / steps} for e in ops[:top]]}
 
 
-def llava_400m(tmp, steps=3):
+def llava_400m(tmp, steps=3, device="cpu", bf16=False):
     """Seconds per LoRA step (TinyVLA's recipe) and peak memory of model=llava_pythia_400m at batch 2 on a
     random-weight folder of that shape in TinyVLA's format, written first (no weights can be downloaded here)."""
     from omegaconf import OmegaConf
@@ -217,10 +230,11 @@ def llava_400m(tmp, steps=3):
     cfg = compose("model=llava_pythia_400m", f"model.path={tmp / 'llava_400m'}", "recipe=fixed")
     shape = OmegaConf.to_container(cfg.model.config, resolve=True)
     start = time.time()
-    write_random_folder(tmp / "llava_400m", shape["text_config"], shape["vision_config"])
+    if not (tmp / "llava_400m" / "config.json").exists():  # --gpu measures it twice
+        write_random_folder(tmp / "llava_400m", shape["text_config"], shape["vision_config"])
     written_s = time.time() - start
     policy, tokenizer, missing = load_policy(cfg.model, cfg.paths.cache_dir, 0)
-    policy, groups = trainable(policy.train(), cfg.model, cfg.optim.lr)
+    policy, groups = trainable(policy.to(device).train(), cfg.model, cfg.optim.lr)
     optimizer = torch.optim.AdamW(groups, fused=True)
     train_scheduler, _ = schedulers(cfg.diffusion)
     g = torch.Generator().manual_seed(0)
@@ -232,13 +246,16 @@ def llava_400m(tmp, steps=3):
     times = []
     for _ in range(steps + 1):  # the first step pays for allocations: not counted
         start = time.time()
-        loss, _ = noise_prediction(policy, train_scheduler, batch, tokenizer, g)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = noise_prediction(policy, train_scheduler, batch, tokenizer, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        synchronize(device)
         times.append(time.time() - start)
     n = sum(q.numel() for q in policy.parameters())
     return {"s_per_step": statistics.median(times[1:]), "first_step_s": times[0], "peak_rss_mb": peak_memory_mb(),
+            "peak_gpu_mb": gpu_peak_mb(device),
             "params": n, "trainable": sum(q.numel() for gr in groups for q in gr["params"]),
             "missing_head_params": len(missing), "folder_written_s": written_s, "matmul_flops": matmul_flops(),
             "threads": torch.get_num_threads()}
@@ -436,6 +453,177 @@ def table(res):
     return rows, m, s
 
 
+# The smallest budget at which the fixed recipe beats every baseline (3 epochs of the default data's 180 training
+# episodes), with the studies' cheaper evaluation at the epochs before the last.
+WORKING_BUDGET = ["epochs=3", "eval.epoch_samples=64"]
+
+
+class GpuLoad:
+    """nvidia-smi's utilisation and memory of GPU 0, sampled every 250 ms in the background, read by time window
+    (nothing where nvidia-smi is missing)."""
+
+    def __init__(self):
+        self.samples = []
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", "-i", "0", "--query-gpu=utilization.gpu,memory.used",
+                                          "--format=csv,noheader,nounits", "-lms", "250"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+            return
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self):
+        for line in self.proc.stdout:
+            try:
+                util, mem = (float(x) for x in line.split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((time.time(), util, mem))
+
+    def window(self, start, end):
+        inside = [(u, m) for t, u, m in self.samples if start <= t <= end]
+        return {"gpu_util_mean": statistics.mean(u for u, _ in inside),
+                "gpu_mem_used_max_mb": max(m for _, m in inside)} if inside else {}
+
+    def close(self):
+        if self.proc:
+            self.proc.kill()
+
+
+def step_ms(device, bf16, batch_size=8, steps=30, warmup=5):
+    """Milliseconds per training step of model=tiny (fixed recipe, clipping off) at `batch_size` on `device`."""
+    cfg = compose("recipe=fixed", "clipping=none")
+    data = datasets(cfg)[0]
+    raw = Raw(cfg, device)
+    gen = torch.Generator().manual_seed(0)
+    batches = list(itertools.islice(loader(cfg, data, batch_size), steps + warmup))
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            synchronize(device)
+            tick = time.perf_counter()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = noise_prediction(raw.policy, raw.scheduler, batch, raw.tokenizer, gen)
+        raw.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        raw.optimizer.step()
+    synchronize(device)
+    return {"ms_per_step": 1000 * (time.perf_counter() - tick) / steps, "peak_gpu_mb": gpu_peak_mb(device)}
+
+
+def summaries(folder):
+    return [json.loads(p.read_text()) for p in Path(folder).glob("*/summary.json")]
+
+
+def jobs_at_once(folder, k, runs, extra, load, timeout):
+    """Runs per minute of `runs` working-budget runs (half each optimiser: the factorial's mix of step counts) with
+    the joblib launcher at k jobs side by side on the one GPU; its wall time includes the workers' start."""
+    cmd = [*CLI, "-m", "optim=original,fixed", f"seed=range(0,{max(1, runs // 2)})", *WORKING_BUDGET, "logger=none",
+           "progress=false", f"hydra.sweep.dir={folder}", "hydra/launcher=joblib", f"hydra.launcher.n_jobs={k}",
+           *extra]
+    start = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    end = time.time()
+    runs_done = [s for s in summaries(folder) if s["status"] == "completed"]
+    if done.returncode or not runs_done:
+        raise RuntimeError(f"k={k}: exit {done.returncode}, {len(runs_done)} runs completed:\n{done.stderr[-2000:]}")
+    return {"k": k, "runs": len(runs_done), "wall_s": end - start, "runs_per_min": 60 * len(runs_done) / (end - start),
+            "run_wall_s_median": statistics.median(s["wall_time_s"] for s in runs_done),
+            "peak_gpu_mb_max": max((s.get("peak_gpu_mb") or 0) for s in runs_done),
+            "device": runs_done[0]["device"], "threads": runs_done[0]["threads"], **load.window(start, end)}
+
+
+def gpu_figures(args, tmp):
+    """The GPU figures, most wanted first; each stage runs only while the deadline leaves it room, and the JSON is
+    rewritten after each, so a run cut short keeps what it measured."""
+    deadline = time.time() + args.deadline_s
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    extra = args.gpu_overrides.split()
+    res = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
+           "cpus": os.cpu_count(), "overrides": extra, "working_budget": WORKING_BUDGET, "stages": {}}
+    load = GpuLoad()
+
+    def stage(name, need_s, fn):
+        left = deadline - time.time()
+        if left < need_s:
+            res["stages"][name] = f"skipped: {left:.0f} s left, needs about {need_s}"
+        else:
+            tick = time.time()
+            try:
+                res["stages"][name] = {**fn(left), "stage_s": time.time() - tick}
+            except (RuntimeError, subprocess.TimeoutExpired, torch.OutOfMemoryError) as e:
+                res["stages"][name] = f"failed: {type(e).__name__}: {e}"
+        save(args.out, res)
+        print(f"{name}: {res['stages'][name]}", flush=True)
+
+    stage("machine", 5, lambda _: {"matmul_fp32_tflops": gpu_matmul(device, torch.float32),
+                                   "matmul_bf16_tflops": gpu_matmul(device, torch.bfloat16),
+                                   "gpu_memory_gb": torch.cuda.get_device_properties(0).total_memory / 1e9
+                                   if device == "cuda" else None})
+    stage("tiny_step_fp32", 20, lambda _: step_ms(device, False))
+    stage("tiny_step_bf16", 20, lambda _: step_ms(device, device == "cuda"))
+    rates = []
+    for k in args.gpu_k:
+        def measure_k(left, k=k):
+            rates.append(jobs_at_once(tmp / f"k{k}", k, max(2, k), extra, load, left))
+            return rates[-1]
+        stage(f"jobs_per_gpu_{k}", 60, measure_k)
+    best = max(rates, key=lambda r: r["runs_per_min"])["k"] if rates else max(args.gpu_k)
+
+    def factorial(left):
+        out = tmp / "factorial"
+        cmd = [sys.executable, str(Path(__file__).parent / "study.py"), "factorial", "--jobs", str(best), "--out",
+               str(out), "--seeds", args.gpu_seeds, "data.episodes=200", *WORKING_BUDGET, "logger=none", *extra]
+        start = time.time()
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, left - 180))  # room for the rest
+        end = time.time()
+        runs = summaries(out)
+        shutil.copytree(out / "report", Path(args.out).parent / "factorial_report", dirs_exist_ok=True)
+        return {"k": best, "exit": done.returncode, "runs": len(runs), "wall_s": end - start,
+                "completed": sum(s["status"] == "completed" for s in runs), **load.window(start, end),
+                "peak_gpu_mb_max": max((s.get("peak_gpu_mb") or 0) for s in runs) if runs else None,
+                "stdout_tail": done.stdout[-1500:]}
+    stage("factorial", 120, factorial)
+
+    def headline(left):  # both precisions side by side: the table's figures, not its times, are what is compared
+        procs = {p: subprocess.Popen([sys.executable, str(Path(__file__).parent / "reproduce_table.py"), "--out",
+                                      str(tmp / f"table_{p}"), f"precision={p}", "logger=none",
+                                      f"threads={max(1, os.cpu_count() // 2)}", *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for p in ("auto", "fp32")}
+        out = {}
+        for p, proc in procs.items():
+            try:
+                text, _ = proc.communicate(timeout=max(1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                text = "timed out"
+            out[p] = {"exit": proc.returncode, "stdout_tail": text[-3000:]}
+            table_md = tmp / f"table_{p}" / "table.md"
+            if table_md.exists():
+                shutil.copy(table_md, Path(args.out).parent / f"table_{p}.md")
+        return out
+    stage("headline_table", 60, headline)
+    stage("llava_400m_lora_bf16", 45, lambda _: llava_400m(tmp, 3, device, device == "cuda"))
+    stage("llava_400m_lora_fp32", 45, lambda _: llava_400m(tmp, 3, device, False))
+    load.close()
+    return res
+
+
+def gpu_matmul(device, dtype, n=4096, reps=20):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    synchronize(device)
+    tick = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    synchronize(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - tick) / 1e12
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/benchmark/benchmark.json", help="the JSON file to write")
@@ -448,7 +636,20 @@ def main():
     p.add_argument("--options", action="store_true", help="only: a step under each speed option, and where a run's "
                    "wall time goes at the default budget (minutes)")
     p.add_argument("--compile", action="store_true", help="with --options: torch.compile too (minutes more)")
+    g = p.add_argument_group("--gpu")
+    g.add_argument("--gpu", action="store_true", help="only the GPU figures, written beside --out as gpu.json")
+    g.add_argument("--gpu-k", type=lambda t: [int(k) for k in t.split(",")], default=[1, 4, 8, 16],
+                   help="jobs side by side on the GPU to measure runs per minute at (default 1,4,8,16)")
+    g.add_argument("--gpu-seeds", default="0,1,2", help="the factorial's seeds (default 0,1,2)")
+    g.add_argument("--gpu-overrides", default="", help="Hydra overrides for every run (to shrink a trial run)")
+    g.add_argument("--deadline-s", type=float, default=3600, help="stop starting stages after this many seconds")
     args = p.parse_args()
+    if args.gpu:
+        args.out = args.out.replace("benchmark.json", "gpu.json")
+        with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
+            res = gpu_figures(args, Path(tmp))
+        print(json.dumps(res, indent=1))
+        return
     if args.lerobot:
         with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
             r = lerobot_io(Path(tmp))

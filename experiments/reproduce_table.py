@@ -92,8 +92,9 @@ def notes(summaries):
         "original recipe no longer starts broken. The legacy columns redo the old behaviour (model.head_loading): "
         + "; ".join(f"{h}: {s.get('nonfinite_head_params')} non-finite head weights and output std "
                     f"{fmt(s.get('initial_output_std'))} at start" for h, s in stale.items()) + ".",
-        f"Time: the reported {REPORTED['fixed']['time']} was TinyVLA on the reported run's hardware; here a tiny model on the "
-        "CPU, so only the epoch counts compare, and the convergence threshold (converge_loss) is this project's.",
+        f"Time: the reported {REPORTED['fixed']['time']} was TinyVLA on the reported run's hardware; here a tiny model on "
+        f"{fixed.get('device', 'this machine')} ({fixed.get('precision', 'fp32')}), so only the epoch counts compare, "
+        "and the convergence threshold (converge_loss) is this project's.",
         "Action error: mean squared error of DDIM-sampled action chunks on held-out episodes (normalised to [-1, 1]); "
         "a loss that falls is no proof the policy uses its inputs, the baselines are.",
     ]

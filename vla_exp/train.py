@@ -168,6 +168,8 @@ def train_in(cfg, run_dir, procs, digest, stop):
     start = time.time() - (ckpt["progress"]["elapsed_s"] if ckpt else 0)
     spent, began = {}, time.perf_counter()  # seconds by part of the run in this process (summary.json's time_s)
     reset_peak_memory()
+    if device.type == "cuda":  # a job's own peak, also where a worker process runs several jobs
+        torch.cuda.reset_peak_memory_stats(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     config = {**OmegaConf.to_container(cfg, resolve=True), "choices": choices(cfg)}
@@ -253,7 +255,9 @@ def train_in(cfg, run_dir, procs, digest, stop):
                                    f"{cfg.epochs * per_epoch}, checkpoint saved; run the same command again to resume")
 
         # ---------------------------------------------------------------------------- summarise
-        summary.update(summarise(state, cfg), wall_time_s=time.time() - start, peak_rss_mb=peak_memory_mb())
+        summary.update(summarise(state, cfg), wall_time_s=time.time() - start, peak_rss_mb=peak_memory_mb(),
+                       **({"peak_gpu_mb": torch.cuda.max_memory_reserved(device) / 2 ** 20}
+                          if device.type == "cuda" else {}))
         if procs.is_main:
             with timed(spent, "saving"):
                 write_policy(p, cfg, run_dir)
