@@ -32,7 +32,9 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
@@ -40,7 +42,7 @@ import pandas as pd
 from vla_exp import UsageError
 from vla_exp.analysis import markdown
 from vla_exp.config import GROUPS, compose, recipe_levels
-from vla_exp.files import write_json, write_text
+from vla_exp.files import exclusive, write_json, write_text
 from vla_exp.report import main as report
 
 # Sized for the 48-run factorial to fit in 30 minutes on 2 CPU cores (README: how long it takes on which machine);
@@ -137,8 +139,6 @@ def screen(args, parser, out, launcher):
     """The screen: design, its multirun, the confirmation's multiruns one step at a time, the report."""
     from vla_exp import screen as sc
     from vla_exp.diff import Side
-    from vla_exp.report import find_run_dirs, load_runs
-    from vla_exp.config import reference_levels
     if not (args.a and args.b):
         parser.error("screen needs --a and --b: each a quoted list of overrides or a run folder")
     start = time.time()
@@ -146,6 +146,7 @@ def screen(args, parser, out, launcher):
         a, b = Side(args.a, "--a"), Side(args.b, "--b")
         facs, _ = sc.factors(a, b, args.split)
         matrix, desc = sc.design(len(facs), args.max_runs, args.resolution, args.foldover)
+        sc.budget_conflicts([*BUDGET, *args.overrides], facs)
     except UsageError as e:
         sys.exit(f"error: {e}")
     names = [f["name"] for f in facs]
@@ -159,20 +160,42 @@ def screen(args, parser, out, launcher):
           f"runs" + (f", resolution {desc['resolution']}, I = {' = '.join(desc['defining_relation'][:6])}"
                      + (" ..." if len(desc["defining_relation"]) > 6 else "") if desc["resolution"] else ""))
     configs = out / "design"
-    base = [*sc.base_overrides(a), f"seed={args.seeds}", *BUDGET, f"hydra.searchpath=[file://{configs.resolve()}]",
+    # each configuration's file spells out its whole config (screen.target): A's own overrides are not repeated here
+    base = [f"seed={args.seeds}", *BUDGET, f"hydra.searchpath=[file://{configs.resolve()}]",
             f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${design.name}-s${seed}", "progress=false"]
 
-    def sweep(levels_list, part):
-        names_run = sc.write_configs(configs, [(lv, part) for lv in levels_list], facs, args.a, args.b)
+    def sweep(levels_list, part, folder=configs):
+        try:
+            names_run = sc.write_configs(folder, [(lv, part) for lv in levels_list], facs, a, b)
+        except UsageError as e:
+            sys.exit(f"error: {e}")
         return [*base, "+screen=" + ",".join(dict.fromkeys(names_run)), *args.overrides]
 
     if args.dry_run:
         from vla_exp.train import sweep_jobs
-        jobs = sweep_jobs([*base, "+screen=" + ",".join(sc.config_name(r) for r in matrix), *args.overrides])
+        with tempfile.TemporaryDirectory(prefix="vla_screen_") as scratch:  # every configuration checked, none kept
+            jobs = sweep_jobs(sweep(list(matrix), "design", Path(scratch)))
         print("\n".join(" ".join(job) for job in jobs))
         print(f"{len(jobs)} runs into {out}, then A, B and the confirmation's steps where the design lacks them "
               f"({len(seeds)} runs each, at most {2 * len(facs) - 1}); nothing launched")
         return 0
+    with ExitStack() as hold:  # the study holds its folder before writing anything; a refused one writes nothing
+        try:
+            if (out / ".lock").exists():
+                with exclusive(out, "a run or sweep"):
+                    pass
+            hold.enter_context(exclusive(configs, "another screen"))
+        except UsageError as e:
+            sys.exit(f"error: {e}")
+        return run_screen(args, out, launcher, sweep, matrix, facs, start)
+
+
+def run_screen(args, out, launcher, sweep, matrix, facs, start):
+    """The screen's design, its confirmation one step at a time, and the report, in a folder the study holds."""
+    from vla_exp import screen as sc
+    from vla_exp.config import reference_levels
+    from vla_exp.report import find_run_dirs, load_runs
+    names = [f["name"] for f in facs]
     launched = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *sweep(list(matrix), "design"),
                                *launcher]).returncode
     if launched and nothing_ran([out]):

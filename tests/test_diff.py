@@ -91,3 +91,20 @@ def test_run_folders_show_what_differs_outside_the_config_too(tmp_path):
     assert o["data"][0] != o["data"][1] and all("(" in x for x in o["data"])  # another cache entry, with its hash
     assert set(o["normalization"]) <= {"action_min", "action_max", "action_mean", "action_std", "qpos_mean",
                                        "qpos_std"} and o["normalization"]
+
+
+def test_a_saved_configs_environment_is_not_read(tmp_path, monkeypatch):
+    """${oc.env:...} in a run folder's config is shown as written: its value may be a secret, or unset here."""
+    from omegaconf import OmegaConf
+    from vla_exp.config import compose
+    from vla_exp.diff import text
+    for name, token in (("a", "${oc.env:VLA_TEST_SECRET}"), ("b", "${oc.env:VLA_TEST_UNSET}")):
+        cfg = compose("recipe=fixed")
+        cfg.paths.cache_dir = token
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        OmegaConf.save(cfg, tmp_path / name / ".hydra" / "config.yaml")
+    monkeypatch.setenv("VLA_TEST_SECRET", "hunter2")
+    monkeypatch.delenv("VLA_TEST_UNSET", raising=False)
+    d = diff(Side(str(tmp_path / "a"), "A"), Side(str(tmp_path / "b"), "B"))
+    assert d["not_results"] == {"paths.cache_dir": ["${oc.env:VLA_TEST_SECRET}", "${oc.env:VLA_TEST_UNSET}"]}
+    assert "hunter2" not in text(d) and "${oc.env:VLA_TEST_SECRET}" in text(d)

@@ -91,6 +91,12 @@ BAD_VALUES = [  # overrides, the exact message
      "model.head_loading='legacy': must be one of current, legacy_zeros, legacy_stale, legacy_empty"),
     (["model.stale_fraction=1.5"], "model.stale_fraction=1.5: must be a number in [0, 1]"),
     (["model.stale_fraction=-0.1"], "model.stale_fraction=-0.1: must be a number in [0, 1]"),
+    (["init._target_=numpy.savetxt", "+init.fname=/tmp/x"], "init._target_='numpy.savetxt': must be one of the "
+     "project's own classes (ConstantLR, CosineLR, GradNormClip, NoClip, NoInit, ReportedXavierInit, "
+     "ReportedXavierMoreInit, ScaleDown, SkipNonFinite, TorchDefaultInit, XavierAllInit in vla_exp)"),
+    (["+optim.schedule.extra={_target_: shutil.copyfile}"], "optim.schedule.extra._target_='shutil.copyfile': must "
+     "be one of the project's own classes (ConstantLR, CosineLR, GradNormClip, NoClip, NoInit, ReportedXavierInit, "
+     "ReportedXavierMoreInit, ScaleDown, SkipNonFinite, TorchDefaultInit, XavierAllInit in vla_exp)"),
 ]
 
 
@@ -139,6 +145,9 @@ def cli(tmp_path, *overrides):
 @pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("optim.lr=-1", "optim.lr=-1: must be a number > 0"),
+    ("clipping._target_=os.symlink", "clipping._target_='os.symlink': must be one of the project's own classes "
+     "(ConstantLR, CosineLR, GradNormClip, NoClip, NoInit, ReportedXavierInit, ReportedXavierMoreInit, ScaleDown, "
+     "SkipNonFinite, TorchDefaultInit, XavierAllInit in vla_exp)"),
     ("model.head_loading=legacy", "model.head_loading='legacy': must be one of current, legacy_zeros, legacy_stale, "
                                   "legacy_empty"),
 ])

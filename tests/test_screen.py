@@ -151,8 +151,8 @@ def test_a_configuration_file_composes_to_a_with_the_chosen_factors_at_b(tmp_pat
     facs, _ = screen.factors(a, b, ["optim"])
     names = [f["name"] for f in facs]
     levels = [int(n in ("init", "optim.schedule", "data.action_norm", "adamw.betas")) for n in names]
-    (name,) = screen.write_configs(tmp_path, [(levels, "design")], facs, "recipe=original", "recipe=reported_script")
-    cfg = compose("recipe=original", f"hydra.searchpath=[file://{tmp_path}]", f"+screen={name}")
+    (name,) = screen.write_configs(tmp_path, [(levels, "design")], facs, a, b)
+    cfg = compose(f"hydra.searchpath=[file://{tmp_path}]", f"+screen={name}")
     got = leaves(OmegaConf.to_container(cfg, resolve=True))
     for f, x in zip(facs, levels):
         side = b if x else a
@@ -160,6 +160,109 @@ def test_a_configuration_file_composes_to_a_with_the_chosen_factors_at_b(tmp_pat
         assert keys and all(got[k] == side.leaves[k] for k in keys), f["name"]
     assert got["design.label"] == "A + init, adamw.betas, data.action_norm, optim.schedule"
     assert got["optim.lr"] == 0.001 and got["optim.schedule._target_"] == "vla_exp.fixes.CosineLR"
+
+
+def composed(folder, name):
+    return leaves(OmegaConf.to_container(compose(f"hydra.searchpath=[file://{folder}]", f"+screen={name}"),
+                                        resolve=True))
+
+
+@pytest.mark.parametrize("a_text, b_text, split", [
+    ("recipe=original", "recipe=fixed optim.lr=0.0005", []),  # B's own value inside a group it switches
+    ("optim=original", "optim=fixed optim.lr=0.0005 clipping=grad_norm", []),  # A names the group on its line
+    ("recipe=original", "recipe=reported_script optim.lr=0.0005", ["optim"]),
+    ("recipe=fixed init=none data.episodes=40", "recipe=original model.config.horizon=8 diffusion.train_steps=50", []),
+])
+def test_every_configuration_composes_to_each_sides_own_values(tmp_path, a_text, b_text, split):
+    """A, B and mixed configurations, composed as the study runs them, hold every resolved leaf of the side whose
+    level each factor is at: checked key by key against the sides' own compositions."""
+    a, b = Side(a_text, "A"), Side(b_text, "B")
+    facs, _ = screen.factors(a, b, split)
+    k = len(facs)
+    rows = [[1] * k, [-1] * k, *([1 if i == j else -1 for i in range(k)] for j in range(k)),
+            [-1 if i == 0 else 1 for i in range(k)]]
+    names = screen.write_configs(tmp_path, [(r, "design") for r in rows], facs, a, b)
+    ignored = ("logger", "progress", "threads", "paths", "skip_finished", "checkpoint", "resume", "design", "seed")
+    for levels, name in zip(rows, names):
+        got = composed(tmp_path, name)
+        for f, x in zip(facs, levels):
+            side = b if x > 0 else a
+            prefix = f["group"] or f["name"]
+            keys = [key for key in side.leaves if key == prefix or key.startswith(prefix + ".")]
+            assert keys and {key: got.get(key) for key in keys} == {key: side.leaves[key] for key in keys}, (name, f)
+        decided = {key for f in facs for key in (*a.leaves, *b.leaves)
+                   if key == (f["group"] or f["name"]) or key.startswith((f["group"] or f["name"]) + ".")}
+        rest = {key: v for key, v in a.leaves.items() if key not in decided and key.split(".")[0] not in ignored
+                and key != "recipe"}
+        assert {key: got.get(key) for key in rest} == rest, name  # every other leaf is A's (= B's)
+    assert composed(tmp_path, "B")["optim.lr"] == b.leaves["optim.lr"]
+
+
+def saved_run(folder, *overrides, drop=()):
+    """A run folder's .hydra as Hydra saves it (OmegaConf.save of the job's config and of the hydra node), with the
+    keys `drop` left out of the config, as in a run made before they existed."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from vla_exp.config import CONF_DIR
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("train", list(overrides), return_hydra_config=True)
+    (folder / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"hydra": cfg.hydra}), folder / ".hydra" / "hydra.yaml")
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra" and k not in drop])
+    OmegaConf.save(job, folder / ".hydra" / "config.yaml")
+    return folder
+
+
+def test_a_configuration_that_cannot_compose_to_its_side_is_refused_and_writes_nothing(tmp_path):
+    a = Side(str(saved_run(tmp_path / "old", "recipe=original", drop=("diverge_after",))), "A")
+    b = Side("recipe=fixed", "B")
+    facs, _ = screen.factors(a, b)
+    assert "diverge_after" in [f["name"] for f in facs]
+    with pytest.raises(UsageError, match=r"configuration A \(A\) composes diverge_after=100, not A's \(absent\): "
+                                         "the screen cannot run it as A and B were given"):
+        screen.write_configs(tmp_path / "design", [([-1] * len(facs), "design")], facs, a, b)
+    assert not (tmp_path / "design").exists()
+
+
+def test_a_run_folder_cannot_make_the_screen_run_foreign_code(tmp_path):
+    a = Side(str(saved_run(tmp_path / "a", "recipe=original", "init._target_=numpy.savetxt", "+init.fname=x")), "A")
+    facs, _ = screen.factors(a, Side("recipe=fixed", "B"))
+    with pytest.raises(UsageError, match=r"configuration A \(A\): init._target_='numpy.savetxt': must be one of the "
+                                         "project's own classes"):
+        screen.write_configs(tmp_path / "design", [([-1] * len(facs), "design")], facs, a, Side("recipe=fixed", "B"))
+    assert not (tmp_path / "design").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_run_folder_side_composes_to_its_saved_config(tmp_path):
+    a = Side(str(saved_run(tmp_path / "a", "optim=original", "data.episodes=40")), "A")
+    b = Side(str(saved_run(tmp_path / "b", "optim=fixed", "optim.lr=0.0005", "data.episodes=40")), "B")
+    facs, _ = screen.factors(a, b)
+    assert [f["name"] for f in facs] == ["optim"]
+    with pytest.raises(UsageError, match="1 factor differs"):
+        screen.design(len(facs))
+    screen.write_configs(tmp_path / "design", [([1], "design"), ([-1], "design")], facs, a, b)
+    for name, side in (("B", b), ("A", a)):
+        got = composed(tmp_path / "design", name)
+        assert {k: got[k] for k in side.leaves if k.startswith("optim.")} == \
+               {k: v for k, v in side.leaves.items() if k.startswith("optim.")}
+        assert got["data.episodes"] == 40
+
+
+def test_an_override_for_every_run_that_sets_a_factor_is_refused():
+    facs, _ = screen.factors(Side("recipe=original", "A"), Side("recipe=original epochs=5", "B"))
+    with pytest.raises(UsageError, match=r"epochs=3 is set for every run of the study, but epochs differs between A "
+                                         r"and B \(4 -> 5\): it would not vary"):
+        screen.budget_conflicts(["data.episodes=100", "epochs=3"], facs)
+    facs, _ = screen.factors(Side("recipe=original", "A"), Side("recipe=fixed", "B"))
+    with pytest.raises(UsageError, match="optim.lr=0.01 is set for every run"):
+        screen.budget_conflicts(["optim.lr=0.01"], facs)
+    with pytest.raises(UsageError, match="optim=fixed is set for every run"):
+        screen.budget_conflicts(["optim=fixed"], facs)
+    screen.budget_conflicts(["epochs=3", "data.episodes=100", "optimizer_note=1"], facs)  # none of them a factor
+
+
+def test_literal_interpolation_text_stays_literal_in_a_configuration():
+    assert screen.literal("a ${oc.env:HOME} b") == "a \\${oc.env:HOME} b"
+    assert OmegaConf.create({"x": screen.literal("${oc.env:HOME}")}).x == "${oc.env:HOME}"
 
 
 def plan_runs(values):
@@ -205,12 +308,33 @@ def test_the_confirmation_says_when_no_subset_short_of_all_recovers_b():
                                      "but init it is 0.305 ± 0.0071 against B's 0.1 ± 0")
 
 
-def test_a_study_dry_run_of_a_screen_prints_its_runs_and_writes_nothing(tmp_path, capsys):
+def load_study():
     import importlib.util
     from pathlib import Path
     spec = importlib.util.spec_from_file_location("study", Path(__file__).parent.parent / "experiments" / "study.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
+    return study
+
+
+def test_a_screen_into_a_folder_held_by_another_screen_or_a_run_is_refused_and_writes_nothing(tmp_path):
+    from vla_exp.files import exclusive
+    study = load_study()
+    screen_args = ["screen", "--a", "recipe=original", "--b", "recipe=fixed", "--seeds", "0,1", "--jobs", "1"]
+    out = tmp_path / "s"
+    with exclusive(out / "design", "a screen"), pytest.raises(SystemExit) as e:
+        study.main([*screen_args, "--out", str(out)])
+    assert f"{out / 'design'} is in use by another screen (pid" in str(e.value.code)
+    assert [p.name for p in (out / "design").iterdir()] == [".lock"]  # the first screen's files stay its own
+    out = tmp_path / "r"
+    with exclusive(out, "a run"), pytest.raises(SystemExit) as e:
+        study.main([*screen_args, "--out", str(out)])
+    assert f"{out} is in use by a run or sweep (pid" in str(e.value.code)
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_a_study_dry_run_of_a_screen_prints_its_runs_and_writes_nothing(tmp_path, capsys):
+    study = load_study()
     out = tmp_path / "s"
     assert study.main(["screen", "--a", "recipe=original", "--b", "recipe=reported_script", "--split", "optim",
                        "--seeds", "0,1", "--dry-run", "--out", str(out)]) == 0

@@ -113,9 +113,9 @@ def test_study_rejects_bad_arguments():
 def test_a_study_whose_configs_are_refused_says_so_and_stops(tmp_path, study):
     """The sweep names each refused job in one line; the study stops there, with no report and no traceback."""
     out = cli("experiments/study.py", *study, "--seeds", "0,1", "--jobs", "1", "--out", str(tmp_path / "s"),
-              "optim.lr=-1", "logger=none")
+              "eval.samples=0", "logger=none")
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1].endswith("optim.lr=-1: must be a number > 0")
+    assert out.stderr.strip().splitlines()[-1].endswith("eval.samples=0: must be an integer >= 1")
     assert not (tmp_path / "s" / "report").exists()
 
 

@@ -60,6 +60,9 @@ class Side:
                                  f"({' '.join(str(e).split()).split(' Config search path')[0][:300]})") from None
             self.choices = dict(cfg.hydra.runtime.choices)
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        for key, v in leaves(OmegaConf.to_container(cfg, resolve=False)).items():
+            if isinstance(v, str) and "${oc.env:" in v:  # the environment's value may be a secret, or unset here
+                OmegaConf.update(cfg, key, v.replace("${", "\\${"), force_add=True)
         self.leaves = leaves(OmegaConf.to_container(cfg, resolve=True))
 
     def read(self, name):

@@ -8,9 +8,15 @@ import math
 from omegaconf import OmegaConf
 
 from vla_exp import UsageError
+from vla_exp.config import CONF_DIR, leaves
 from vla_exp.episodes import GENERATORS, PAST_END
 
 ABSENT = object()
+# The classes a config may name for instantiation: those the project's own config files name. A run folder or a
+# command line is data, so `init._target_=numpy.savetxt` must not reach hydra.utils.instantiate.
+OWN_TARGETS = frozenset(v for f in CONF_DIR.rglob("*.yaml")
+                        for k, v in leaves(OmegaConf.to_container(OmegaConf.load(f))).items()
+                        if k.rsplit(".", 1)[-1] == "_target_" and not k.startswith("hydra."))
 
 
 def number(v):
@@ -101,6 +107,11 @@ def check(cfg, key, rule, optional=False):
 
 def validate(cfg):
     """Raise UsageError for the first key of `cfg` that breaks a rule."""
+    job = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=False)
+    for key, v in leaves(job).items():
+        if key.rsplit(".", 1)[-1] == "_target_" and v not in OWN_TARGETS:
+            raise UsageError(f"{key}={shown(v)}: must be one of the project's own classes "
+                             f"({', '.join(sorted(t.rsplit('.', 1)[-1] for t in OWN_TARGETS))} in vla_exp)")
     for key, rule in RULES:
         check(cfg, key, rule)
     for key, rule in OPTIONAL:

@@ -13,7 +13,7 @@ analysis, and the confirmation of the smallest set of changes that recovers B.
 """
 import itertools
 import math
-import shlex
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from scipy import stats
 
 from vla_exp import UsageError
 from vla_exp.analysis import ALPHA, finite
+from vla_exp.config import NOT_RESULTS, leaves
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"  # pyDOE3 names factors by letters
 
@@ -64,16 +65,6 @@ def level_text(level):
     if isinstance(level, dict):
         return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in level.items() if v != "(absent)") or "(absent)"
     return str(level)
-
-
-def base_overrides(side):
-    """The Hydra overrides that compose a side: its own text, or for a run folder the overrides it was run with
-    (composed with today's configs; its seed and any screen configuration left out: the screen sets its own)."""
-    if side.folder is None:
-        return shlex.split(side.label)
-    path = side.folder / ".hydra" / "overrides.yaml"
-    return [o for o in OmegaConf.load(path) if not o.startswith(("hydra.", "hydra/", "seed=", "+screen="))] \
-        if path.is_file() else []
 
 
 # ------------------------------------------------------------------------------------------------ the design
@@ -165,32 +156,109 @@ def label(levels, names):
     return f"A + {', '.join(at_b)}" if len(at_b) <= len(at_a) else f"B - {', '.join(at_a)}"
 
 
-def config_yaml(levels, facs, part, a_label, b_label):
-    """The config file of one configuration: A's config (from the command line) with the factors at +1 set to B's
-    values; the `design` node says what it is (a label, never part of the results' fingerprint)."""
+def owned(f, side):
+    """The keys of `side`'s resolved config that factor `f` decides: a group's every leaf, or a factor's keys."""
+    if f["group"]:
+        return [k for k in side.leaves if k.split(".")[0] == f["group"]]
+    return [k for k in f["values"] if k in side.leaves]
+
+
+def target(levels, facs, a, b):
+    """({group: option}, {key: value}) of one configuration: A's resolved config with the factors at +1 taken from
+    B, every result-deciding leaf spelled out (what logs, where files go and the labels are left to the command
+    line), so nothing given on A's or B's command line or inside a preset can override or drop a value."""
+    from vla_exp.diff import LABELS, groups
     at_b = [f for x, f in zip(levels, facs) if x > 0]
-    defaults = [{f"override /{f['group']}": f["b"]} for f in at_b if f["group"]]
-    body = OmegaConf.create({"defaults": defaults} if defaults else {})
-    for key, v in ((k, v) for f in at_b for k, v in f["values"].items()):
-        OmegaConf.update(body, key, v)
+    by_group = {f["group"]: f for f in facs if f["group"]}
+    options = {g: (b if g in by_group and by_group[g] in at_b else a).choices[g]
+               for g in groups() if g not in NOT_RESULTS and g in a.choices}
+    values = {k: v for k, v in a.leaves.items() if k.split(".")[0] not in (*NOT_RESULTS, "seed")}
+    for f in facs:
+        values = {k: v for k, v in values.items() if k not in owned(f, a)}
+        side = b if f in at_b else a
+        values.update({k: side.leaves[k] for k in owned(f, side)})
+    return options, {k: v for k, v in values.items() if k.split(".")[-1] not in LABELS}
+
+
+def literal(value):
+    """A resolved value as a config file must hold it: `${...}` in a string stays text, not an interpolation."""
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, list):
+        return [literal(v) for v in value]
+    return value
+
+
+def config_yaml(levels, facs, part, a, b):
+    """The config file of one configuration (`target`); the `design` node says what it is (a label, never part of
+    the results' fingerprint)."""
+    options, values = target(levels, facs, a, b)
+    body = OmegaConf.create({"defaults": [{f"override /{g}": o} for g, o in options.items()]})
+    for key, v in values.items():
+        OmegaConf.update(body, key, literal(v), force_add=True)
     names = [f["name"] for f in facs]
     body.design = {"name": config_name(levels), "label": label(levels, names), "part": part, "factors": names,
-                   "levels": [int(x > 0) for x in levels], "a": a_label, "b": b_label}
+                   "levels": [int(x > 0) for x in levels], "a": a.label, "b": b.label}
     return "# @package _global_\n" + OmegaConf.to_yaml(body)
 
 
-def write_configs(folder, configs, facs, a_label, b_label):
-    """Write each (levels, part) configuration as <folder>/screen/<name>.yaml; returns their names."""
+def write_configs(folder, configs, facs, a, b):
+    """Write each (levels, part) configuration as <folder>/screen/<name>.yaml, each checked first in a scratch folder
+    (`check_config`), so a refused one writes nothing; returns their names."""
     from vla_exp.files import write_text
-    (Path(folder) / "screen").mkdir(parents=True, exist_ok=True)
-    names = []
+    texts = {}
     for levels, part in configs:
         name = config_name(levels)
-        names.append(name)
-        if part == "confirm" and (Path(folder) / "screen" / f"{name}.yaml").exists():
-            continue  # a configuration of the design: its runs count for both
-        write_text(Path(folder) / "screen" / f"{name}.yaml", config_yaml(levels, facs, part, a_label, b_label))
-    return names
+        if not (part == "confirm" and (Path(folder) / "screen" / f"{name}.yaml").exists()):
+            texts[name] = config_yaml(levels, facs, part, a, b)  # else one of the design's: its runs count for both
+    with tempfile.TemporaryDirectory(prefix="vla_screen_") as scratch:
+        (Path(scratch) / "screen").mkdir()
+        for levels, _ in configs:
+            if (name := config_name(levels)) in texts:
+                (Path(scratch) / "screen" / f"{name}.yaml").write_text(texts[name])
+                check_config(scratch, levels, facs, a, b)
+    (Path(folder) / "screen").mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        write_text(Path(folder) / "screen" / f"{name}.yaml", text)
+    return [config_name(levels) for levels, _ in configs]
+
+
+def check_config(folder, levels, facs, a, b):
+    """Compose a written configuration as its runs will (without the study's budget) and refuse in one line unless
+    every result-deciding leaf is A's, or B's for the factors at +1."""
+    from vla_exp.config import compose
+    from vla_exp.diff import LABELS
+    from vla_exp.schema import validate
+    name = config_name(levels)
+    cfg = compose(f"hydra.searchpath=[file://{Path(folder).resolve()}]", f"+screen={name}")
+    try:
+        validate(cfg)  # a side's classes are the project's own, whatever its folder says
+    except UsageError as e:
+        raise UsageError(f"configuration {name} ({label(levels, [f['name'] for f in facs])}): {e}") from None
+    got = leaves(OmegaConf.to_container(cfg, resolve=True))
+    got = {k: v for k, v in got.items() if k.split(".")[0] not in (*NOT_RESULTS, "seed")
+           and k.split(".")[-1] not in LABELS}
+    _, want = target(levels, facs, a, b)
+    for key in sorted(set(got) | set(want)):
+        if got.get(key, "(absent)") != want.get(key, "(absent)"):
+            owner = next((f for f in facs if key in owned(f, a) + owned(f, b)), None)
+            side = "B" if owner and levels[facs.index(owner)] > 0 else "A"
+            raise UsageError(f"configuration {name} ({label(levels, [f['name'] for f in facs])}) composes {key}="
+                             f"{got.get(key, '(absent)')}, not {side}'s {want.get(key, '(absent)')}: the screen "
+                             "cannot run it as A and B were given")
+
+
+def budget_conflicts(overrides, facs):
+    """Refuse in one line an override for every run (the study's budget, trailing overrides) that sets a factor's
+    key: the factor would not vary."""
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~").split("@")[0]
+        for f in facs:
+            keys = [f["group"]] if f["group"] else list(f["values"]) or [f["name"]]
+            if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in keys):
+                raise UsageError(f"{o} is set for every run of the study, but {f['name']} differs between A and B "
+                                 f"({level_text(f['a'])} -> {level_text(f['b'])}): it would not vary; give A and B "
+                                 "the same value, or leave the override out")
 
 
 # ------------------------------------------------------------------------------------------------ analysis
