@@ -108,3 +108,22 @@ def test_a_saved_configs_environment_is_not_read(tmp_path, monkeypatch):
     d = diff(Side(str(tmp_path / "a"), "A"), Side(str(tmp_path / "b"), "B"))
     assert d["not_results"] == {"paths.cache_dir": ["${oc.env:VLA_TEST_SECRET}", "${oc.env:VLA_TEST_UNSET}"]}
     assert "hunter2" not in text(d) and "${oc.env:VLA_TEST_SECRET}" in text(d)
+
+
+def test_the_head_loading_line_is_at_transformers_4_54():
+    from vla_exp.diff import older
+    assert older("4.53.3") and not older("4.54.0") and not older("5.24.0")
+
+
+def test_settings_that_decide_nothing_are_still_a_difference(capsys):
+    from vla_exp.diff import text
+    shown = text(diff(Side("recipe=fixed", "A"), Side("recipe=fixed threads=2 progress=false", "B")))
+    assert "same config" not in shown and "not results (never factors):" in shown and "threads: null -> 2" in shown
+
+
+def test_a_data_folders_fingerprint_follows_its_manifest(tmp_path):
+    from vla_exp.diff import fingerprint
+    (tmp_path / "manifest.json").write_text('{"a": 1}')
+    before = fingerprint(str(tmp_path))
+    (tmp_path / "manifest.json").write_text('{"a": 2}')
+    assert fingerprint(str(tmp_path)) != before and str(tmp_path) in before

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
+from scipy import stats
 
 from vla_exp import UsageError, screen
 from vla_exp.config import compose, leaves
@@ -371,3 +372,31 @@ def test_a_screen_study_runs_its_design_confirms_the_smallest_fix_and_reports(tm
     assert "2 factors (a = init, b = optim.lr); 4 configurations of the design, 4 runs; full factorial" in analysis
     assert "Lenth's pseudo standard error" in analysis and f"## Confirmation\n\n{sentence}" in analysis
     assert "Half normal" in (tmp_path / "report" / "dashboard.html").read_text()
+
+
+def test_run_counts_of_the_smallest_fractions():
+    # resolution III needs 2^ceil(log2(k + 1)) runs: k = 4 factors and the intercept do not fit 4 runs
+    assert [screen.min_runs(k, 3) for k in (3, 4, 7, 8)] == [4, 8, 8, 16]
+    assert [screen.min_runs(k, 4) for k in (4, 5, 8, 9)] == [8, 16, 16, 32]
+
+
+def test_lenths_pseudo_standard_error_by_hand():
+    # |c| = 1, 2, 3, 4, 9: s0 = 1.5 x 3 = 4.5 keeps all five (< 11.25), PSE = 1.5 x 3 = 4.5; with s0 = median the 9
+    # would be dropped (PSE 3.75)
+    margin, pse = screen.lenth(np.array([1.0, -2.0, 3.0, -4.0, 9.0]))
+    assert pse == pytest.approx(4.5) and margin == pytest.approx(stats.t.ppf(0.975, 5 / 3) * 4.5)
+
+
+def test_the_confirmations_margin_counts_both_means_and_a_zero_threshold():
+    ok, margin = screen.reached([1.0, 1.1], [1.0, 1.2, 1.4], sigma=0.1, df=4)
+    assert margin == pytest.approx(stats.t.ppf(0.975, 4) * 0.1 * np.sqrt(1 / 2 + 1 / 3)) and ok
+    assert screen.reached([1.0], [1.0], 0.1, 4, threshold=0) == (True, 0)
+    assert screen.reached([1.0], [1.01], 0.1, 4, threshold=0) == (False, 0)  # 0 is a threshold, not "none"
+
+
+def test_one_replicate_degree_of_freedom_is_used_not_lenth():
+    matrix, _ = screen.design(2)
+    runs = synthetic(matrix, ["f0", "f1"], [0.2, 0.1], ((0, 1), 0.0), seeds=2, noise=0.01)
+    one_more = pd.concat([runs[runs.seed == 0], runs[runs.seed == 1].head(1)])  # 5 runs, 4 columns: df 1
+    result = screen.analyse(one_more, "val_action_error", ["f0", "f1"])
+    assert result["method"] == "replicates" and result["df"] == 1
