@@ -250,7 +250,47 @@ def test_video_with_fewer_frames_than_its_episode(written, originals, tmp_path):
     video.unlink()
     with lerobot.Encoder(20) as encoder:
         encoder.append(video, np.concatenate([o["images"] for o in originals])[:-3])
-    assert refused(root) == f"{video}: 5 frames from {(len(originals) - 1) * 8 / 20:.3f} s, but episode 5 has 8"
+    assert refused(root) == (f"{video}: episode 5, camera observation.images.top: no frame at 2.250 s (the video "
+                             f"ends at 2.200 s; the episode has 8 frames from 2.000 s)")
+
+
+def encode_with_gap(path, frames, missing, fps=20):
+    """An AV1 mp4 as LeRobot encodes one, each frame stamped with its own time, the frames `missing` left out (a
+    camera that dropped frames)."""
+    from fractions import Fraction
+
+    import av
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(lerobot.VIDEO["vcodec"], rate=fps, options={"g": str(lerobot.VIDEO["g"]),
+                                                                                  "crf": str(lerobot.VIDEO["crf"])})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], lerobot.VIDEO["pix_fmt"]
+        for i, frame in enumerate(frames):
+            if i not in missing:
+                f = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                f.pts, f.time_base = i, Fraction(1, fps)
+                container.mux(stream.encode(f))
+        container.mux(stream.encode())
+
+
+def test_a_gap_in_a_video_is_refused_not_filled_from_the_next_episode(written, originals, tmp_path):
+    root = broken(written, tmp_path)
+    video = root / "videos" / "observation.images.top" / "chunk-000" / "file-000.mp4"
+    video.unlink()
+    encode_with_gap(video, np.concatenate([o["images"] for o in originals]), missing={10, 11, 12})
+    assert refused(root) == (f"{video}: episode 1, camera observation.images.top: no frame at 0.500 s (the next "
+                             "frame there is at 0.650 s)")
+    video.unlink()  # the same file without the gap reads back frame for frame as the one LeRobot's writer made
+    encode_with_gap(video, np.concatenate([o["images"] for o in originals]), missing=set())
+    got, expected = cached(root), cached(written[("v3.0", "video")])
+    assert all(np.array_equal(g["images"], x["images"]) for g, x in zip(got, expected))
+
+
+@pytest.mark.parametrize("fps, shown", [(0, "0"), ("20", "'20'"), (None, "None"), (-5, "-5")])
+def test_fps_that_cannot_place_frames(written, tmp_path, fps, shown):
+    root = broken(written, tmp_path)
+    edit_info(root, fps=fps)
+    assert refused(root) == (f"{root / 'meta' / 'info.json'}: fps={shown}: must be a number > 0 (frames a second, "
+                             "which place each frame in its video)")
 
 
 def test_episode_length_that_disagrees_with_its_rows(written, tmp_path):

@@ -57,7 +57,10 @@ class Dataset:
         if self.version not in SUPPORTED:
             raise UsageError(f"{root / 'meta' / 'info.json'}: codebase_version {self.version!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED)})")
-        self.features, self.fps = self.info["features"], self.info["fps"]
+        self.features, self.fps = self.info["features"], self.info.get("fps")
+        if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not self.fps > 0:
+            raise UsageError(f"{root / 'meta' / 'info.json'}: fps={self.fps!r}: must be a number > 0 (frames a "
+                             "second, which place each frame in its video)")
         self.cameras = [k for k, f in self.features.items() if f["dtype"] in ("video", "image")]
         self.tasks, self.episodes = self.read_v30() if self.version == "v3.0" else self.read_v21()
         missing = next((p for e in self.episodes for p in (e["data"], *e["videos"].values()) if not p.is_file()), None)
@@ -204,7 +207,9 @@ def read_episode(ds, e, cameras, keys, frames, image_size=None):
     views = []
     for key in cameras:
         if key in e["videos"]:
-            views.append(frames.read(e["videos"][key], e["starts"][key], e["length"], ds.fps, e["index"]))
+            times = e["starts"][key] + (column(rows, "timestamp", [1])[:, 0].astype(np.float64)
+                                        if "timestamp" in rows.column_names else np.arange(len(rows)) / ds.fps)
+            views.append(frames.read(e["videos"][key], times, ds.fps, e["index"], key))
         else:  # an image feature: encoded image files in the table
             from PIL import Image
             views.append(np.stack([np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB"))
@@ -237,36 +242,43 @@ class Frames:
         return self
 
     def __exit__(self, *exc):
-        for container, _, _ in self.open.values():
+        for container, *_ in self.open.values():
             container.close()
 
-    def read(self, path, start, n, fps, episode):
-        """`n` frames from time `start` (seconds) of `path`, as (n, H, W, 3) uint8 RGB."""
+    def read(self, path, times, fps, episode, camera):
+        """The frames of `path` at `times` (seconds into the video), as (n, H, W, 3) uint8 RGB: each the frame whose
+        timestamp is within half a frame of its time, so a gap in the video is refused, never filled from the next
+        episode."""
         import av
-        first = round(start * fps)
-        container, decoded, position = self.open.get(path, (None, None, math.inf))
-        if position > first:
+        half = 0.5 / fps
+        container, decoded, position, last = self.open.get(path, (None, None, 0, math.inf))
+        if last >= times[0] - half:  # the frame wanted was decoded already: start again
             if container:
                 container.close()
             try:
                 container = av.open(str(path))
-                decoded, position = container.decode(video=0), 0
+                decoded, position, last = container.decode(video=0), 0, -math.inf
             except (av.error.FFmpegError, IndexError) as e:
                 raise UsageError(f"{path}: not a readable video ({e})") from None
         out = []
         try:
             for frame in decoded:
-                i = round(frame.time * fps) if frame.time is not None else position
-                position = i + 1
-                if i >= first:
-                    out.append(frame.to_ndarray(format="rgb24"))
-                    if len(out) == n:
-                        break
+                last = frame.time if frame.time is not None else position / fps
+                position += 1
+                if last < times[len(out)] - half:
+                    continue
+                if last > times[len(out)] + half:
+                    raise UsageError(f"{path}: episode {episode}, camera {camera}: no frame at {times[len(out)]:.3f} s "
+                                     f"(the next frame there is at {last:.3f} s)")
+                out.append(frame.to_ndarray(format="rgb24"))
+                if len(out) == len(times):
+                    break
         except av.error.FFmpegError as e:
             raise UsageError(f"{path}: cannot decode it ({e})") from None
-        self.open[path] = (container, decoded, position)
-        if len(out) < n:
-            raise UsageError(f"{path}: {len(out)} frames from {start:.3f} s, but episode {episode} has {n}")
+        self.open[path] = (container, decoded, position, last)
+        if len(out) < len(times):
+            raise UsageError(f"{path}: episode {episode}, camera {camera}: no frame at {times[len(out)]:.3f} s (the "
+                             f"video ends at {last:.3f} s; the episode has {len(times)} frames from {times[0]:.3f} s)")
         return np.stack(out)
 
 
