@@ -181,10 +181,10 @@ def sweep(sweep_dir, parallel):
     out = subprocess.run([*CLI, "-m", "init=xavier,none", "seed=0,1", *SWEEP_BUDGET, "logger=none",
                           "progress=false", f"hydra.sweep.dir={sweep_dir}", *launcher], capture_output=True, text=True)
     seconds = time.perf_counter() - tick
-    summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
-    if out.returncode or len(summaries) != 4:
-        raise RuntimeError(f"sweep into {sweep_dir} failed ({len(summaries)}/4 summaries):\n{out.stderr[-3000:]}")
-    return seconds, max(s["peak_rss_mb"] for s in summaries)
+    runs = summaries(sweep_dir)
+    if out.returncode or len(runs) != 4:
+        raise RuntimeError(f"sweep into {sweep_dir} failed ({len(runs)}/4 summaries):\n{out.stderr[-3000:]}")
+    return seconds, max(s["peak_rss_mb"] for s in runs)
 
 
 def profile(cfg, data, steps=30, top=10):

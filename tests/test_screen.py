@@ -262,8 +262,9 @@ def test_an_override_for_every_run_that_sets_a_factor_is_refused():
 
 
 def test_literal_interpolation_text_stays_literal_in_a_configuration():
-    assert screen.literal("a ${oc.env:HOME} b") == "a \\${oc.env:HOME} b"
-    assert OmegaConf.create({"x": screen.literal("${oc.env:HOME}")}).x == "${oc.env:HOME}"
+    from vla_exp.config import literal
+    assert literal("a ${oc.env:HOME} b") == "a \\${oc.env:HOME} b"
+    assert OmegaConf.create({"x": literal("${oc.env:HOME}")}).x == "${oc.env:HOME}"
 
 
 def plan_runs(values):

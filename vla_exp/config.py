@@ -35,6 +35,15 @@ def leaves(node, prefix=""):
     return {prefix[:-1]: node}
 
 
+def literal(value):
+    """A value as a config must hold it to stay as it is: `${...}` in a string is text, not an interpolation."""
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, list):
+        return [literal(v) for v in value]
+    return value
+
+
 def run_name(cfg):
     c = choices(cfg)
     return f"{c['recipe'] or 'custom'}-" + "-".join(c[g] for g in GROUPS) + f"-{c['head_loading']}-s{cfg.seed}"

@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from vla_exp import UsageError
-from vla_exp.config import CONF_DIR, NOT_RESULTS, leaves
+from vla_exp.config import CONF_DIR, NOT_RESULTS, leaves, literal
 
 LABELS = ("name", "recipe")  # say which option a group or preset is; they decide nothing by themselves
 HEAD_LOADING_CHANGED = "4.54"  # transformers: how from_pretrained fills weights a checkpoint lacks (model.head_loading)
@@ -62,7 +62,7 @@ class Side:
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         for key, v in leaves(OmegaConf.to_container(cfg, resolve=False)).items():
             if isinstance(v, str) and "${oc.env:" in v:  # the environment's value may be a secret, or unset here
-                OmegaConf.update(cfg, key, v.replace("${", "\\${"), force_add=True)
+                OmegaConf.update(cfg, key, literal(v), force_add=True)
         self.leaves = leaves(OmegaConf.to_container(cfg, resolve=True))
 
     def read(self, name):

@@ -23,7 +23,7 @@ from scipy import stats
 
 from vla_exp import UsageError
 from vla_exp.analysis import ALPHA, finite
-from vla_exp.config import NOT_RESULTS, leaves
+from vla_exp.config import NOT_RESULTS, leaves, literal
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"  # pyDOE3 names factors by letters
 
@@ -180,15 +180,6 @@ def target(levels, facs, a, b):
     return options, {k: v for k, v in values.items() if k.split(".")[-1] not in LABELS}
 
 
-def literal(value):
-    """A resolved value as a config file must hold it: `${...}` in a string stays text, not an interpolation."""
-    if isinstance(value, str):
-        return value.replace("${", "\\${")
-    if isinstance(value, list):
-        return [literal(v) for v in value]
-    return value
-
-
 def config_yaml(levels, facs, part, a, b):
     """The config file of one configuration (`target`); the `design` node says what it is (a label, never part of
     the results' fingerprint)."""
@@ -254,7 +245,7 @@ def budget_conflicts(overrides, facs):
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~").split("@")[0]
         for f in facs:
-            keys = [f["group"]] if f["group"] else list(f["values"]) or [f["name"]]
+            keys = [f["group"]] if f["group"] else list(f["values"])
             if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in keys):
                 raise UsageError(f"{o} is set for every run of the study, but {f['name']} differs between A and B "
                                  f"({level_text(f['a'])} -> {level_text(f['b'])}): it would not vary; give A and B "
