@@ -35,16 +35,17 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vla_exp.config import compose, datasets
-from vla_exp.diffusion import noise_prediction, schedulers
-from vla_exp.model import load_policy
-from vla_exp.train import train
+from vla_exp.config import compose
+from vla_exp.data.sources import datasets
+from vla_exp.policy.diffusion import noise_prediction, schedulers
+from vla_exp.policy.load import load_policy
+from vla_exp.training.loop import train
 
 BUDGET = ["recipe=fixed", "clipping=none", "epochs=1", "data.episodes=40"]
 # the sweep's jobs train 4x longer than figures 1-5 take, so start-up (paid once by the basic launcher, per worker
 # by joblib) does not hide what running side by side buys
 SWEEP_BUDGET = [o for o in BUDGET if not o.startswith("data.episodes=")] + ["data.episodes=160"]
-CLI = [sys.executable, "-m", "vla_exp.train"]
+CLI = [sys.executable, "-m", "vla_exp.training.main"]
 HOW = {
     "core": "train(cfg, run_dir) in this process (lean: clipping.every_step=false), W&B offline, log_every=10: samples_per_s of its last metrics.jsonl "
             "step row (samples since the epoch began / time since); the init report and evaluation fall outside it",
@@ -224,9 +225,9 @@ def llava_400m(tmp, steps=3, device="cpu", bf16=False):
     random-weight folder of that shape in TinyVLA's format, written first (no weights can be downloaded here)."""
     from omegaconf import OmegaConf
 
-    from vla_exp.llava_pythia import write_random_folder
-    from vla_exp.model import trainable
-    from vla_exp.train import peak_memory_mb, reset_peak_memory
+    from vla_exp.policy.llava_pythia import write_random_folder
+    from vla_exp.policy.model import trainable
+    from vla_exp.training.loop import peak_memory_mb, reset_peak_memory
     cfg = compose("model=llava_pythia_400m", f"model.path={tmp / 'llava_400m'}", "recipe=fixed")
     shape = OmegaConf.to_container(cfg.model.config, resolve=True)
     start = time.time()
@@ -265,8 +266,9 @@ def lerobot_io(tmp, batch_size=8):
     """The LeRobot reader on a LeRobot v3.0 (AV1 video) copy of the default data (data=tint, 200 episodes): frames/s
     of the first decode into the cache and of reading the cache back (split and normalised), the loader's samples/s
     against the raw loop's, and how far the decoded frames are from the originals."""
-    from vla_exp.episodes import episodes_dir, read_episode
-    from vla_exp.lerobot import write_dataset
+    from vla_exp.data.episodes import read_episode
+    from vla_exp.data.sources import episodes_dir
+    from vla_exp.data.lerobot import write_dataset
     hdf5 = episodes_dir(compose())  # the default data, generated once
     files = sorted(hdf5.glob("*.hdf5"))
     write_dataset(tmp / "tint-lerobot", (read_episode(f, "top") for f in files), "top", total=len(files))

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from study import cells
+from vla_exp.attribution.studies import cells
 
 
 def main(argv=None):
@@ -20,7 +20,7 @@ def main(argv=None):
     p.add_argument("--out", default="results/load_test", help="sweep folder (default results/load_test)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = p.parse_intermixed_args(argv)
-    sweep = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *cells("factorial"), "epochs=1",
+    sweep = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *cells("factorial"), "epochs=1",
                             "data.episodes=40", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                             f"hydra.sweep.dir={args.out}", "progress=false", "logger=none", *args.overrides])
     summaries = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*/summary.json"))}

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vla_exp.config import compose
-from vla_exp.train import train
+from vla_exp.training.loop import train
 
 RECIPES = ("original", "fixed")
 LOADERS = {"current": "today's loader", "legacy_stale": "legacy loader, stale memory",

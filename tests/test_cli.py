@@ -19,7 +19,7 @@ def run(*args, cwd=ROOT):
 
 
 def test_help_lists_groups_and_options():
-    out = run("-m", "vla_exp.train", "--help")
+    out = run("-m", "vla_exp.training.main", "--help")
     for group, option in [("init", "xavier_all"), ("loss_handling", "skip_nonfinite"), ("optim", "fixed"),
                           ("clipping", "grad_norm"), ("recipe", "original"), ("debug", "smoke"), ("model", "tiny")]:
         line = next(l for l in out.splitlines() if l.startswith(f"{group}:"))
@@ -27,12 +27,12 @@ def test_help_lists_groups_and_options():
 
 
 def test_cfg_job_prints_the_composed_config():
-    out = run("-m", "vla_exp.train", "recipe=fixed", "init=none", "--cfg", "job")
+    out = run("-m", "vla_exp.training.main", "recipe=fixed", "init=none", "--cfg", "job")
     assert "recipe: fixed" in out and "_target_: vla_exp.fixes.NoInit" in out and "lr: 0.0001" in out
 
 
 def test_single_run_writes_into_the_hydra_run_dir(tmp_path):
-    run("-m", "vla_exp.train", "recipe=fixed", "init=none", "debug=smoke", f"hydra.run.dir={tmp_path}")
+    run("-m", "vla_exp.training.main", "recipe=fixed", "init=none", "debug=smoke", f"hydra.run.dir={tmp_path}")
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["status"] == "completed" and s["choices"]["init"] == "none" and s["choices"]["optim"] == "fixed"
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -42,7 +42,7 @@ def test_single_run_writes_into_the_hydra_run_dir(tmp_path):
 
 
 def test_multirun_one_job_per_choice(tmp_path):
-    run("-m", "vla_exp.train", "-m", "init=xavier,none", "debug=smoke", "logger=none", f"hydra.sweep.dir={tmp_path}")
+    run("-m", "vla_exp.training.main", "-m", "init=xavier,none", "debug=smoke", "logger=none", f"hydra.sweep.dir={tmp_path}")
     summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
     assert sorted(s["choices"]["init"] for s in summaries) == ["none", "xavier"]
     assert all(s["status"] == "completed" for s in summaries)
@@ -73,10 +73,10 @@ def test_installed_package_finds_its_configs(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
                     str(target), str(source)], check=True, capture_output=True, cwd=tmp_path)
     env = {**os.environ, "PYTHONPATH": str(target)}
-    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "recipe=fixed", "--cfg", "job"], cwd=elsewhere,
+    out = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "recipe=fixed", "--cfg", "job"], cwd=elsewhere,
                          env=env, capture_output=True, text=True, check=True).stdout
     assert "name: skip_nonfinite" in out
-    probe = "import vla_exp.train as t; print(t.CONF_DIR)"
+    probe = "import vla_exp.config as c; print(c.CONF_DIR)"
     conf = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True).stdout
     assert conf.strip() == str(target / "vla_exp" / "conf")
 
@@ -88,7 +88,7 @@ def test_reproduce_table_rejects_an_unknown_loader():
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "logger=none", f"data.dir={tmp_path}",
+    out = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "logger=none", f"data.dir={tmp_path}",
                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.strip() == f"error: data.dir={tmp_path}: no *.hdf5 episode files there"

@@ -1,5 +1,4 @@
 """Config composition: every group option and preset, and the precedence rule (command line beats preset)."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -90,16 +89,14 @@ def test_model_options(make_cfg, model):
 
 def test_the_report_path_imports_neither_torch_nor_transformers():
     """Reading runs, analysing and composing configs never load the training stack."""
-    code = ("import sys, vla_exp.report, vla_exp.analysis, vla_exp.dashboard, vla_exp.config, vla_exp.schema; "
+    code = ("import sys, vla_exp.attribution.report, vla_exp.attribution.analysis, vla_exp.attribution.dashboard, vla_exp.config, vla_exp.schema; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_a_study_dry_run_prints_every_run_and_launches_nothing(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    from vla_exp.attribution import studies as study
     assert study.main(["factorial", "--dry-run", "--seeds", "0,1", "--out", str(tmp_path / "s"), "epochs=2"]) == 0
     *runs, count, last = capsys.readouterr().out.strip().splitlines()
     assert (count, last) == (f"32 runs into {tmp_path / 's'}", "nothing launched") and len(set(runs)) == 32

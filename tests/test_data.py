@@ -1,5 +1,5 @@
-"""Task generators (vla_exp/tasks.py), the episode format (vla_exp/episodes.py) and the data pipeline
-(vla_exp/data.py)."""
+"""Task generators (vla_exp/data/tasks.py), the episode format (vla_exp/data/episodes.py) and the data pipeline
+(vla_exp/data/chunks.py)."""
 import math
 import re
 
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from vla_exp import UsageError, data, episodes, tasks
-from vla_exp.schema import validate
+from vla_exp import UsageError
+from vla_exp.data import chunks, episodes, tasks
+from vla_exp.data.sources import validate
 
 STEPS, HORIZON, SPEED, SIZE = 24, 16, tasks.SPEED, 64  # data=tint, model=tiny
 N_EPISODES = 6
@@ -41,7 +42,7 @@ def tint_episodes(tint_dir):
 
 @pytest.fixture(scope="module")
 def split(tint_dir):
-    return data.load_split(tint_dir, "top", val_fraction=0.34, seed=0, horizon=HORIZON)
+    return chunks.load_split(tint_dir, "top", val_fraction=0.34, seed=0, horizon=HORIZON)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,22 +186,22 @@ def test_read_episode_without_baselines(tmp_path):
 @pytest.mark.parametrize("n, fraction, n_val", [(10, 0.2, 2), (10, 0.01, 1), (5, 0.0, 1), (10, 0.99, 9), (2, 0.5, 1)])
 def test_split_episodes(n, fraction, n_val):
     files = [f"episode_{i:05d}.hdf5" for i in range(n)]
-    train, val = data.split_episodes(files, fraction, seed=0)
+    train, val = chunks.split_episodes(files, fraction, seed=0)
     assert len(val) == n_val and len(train) == n - n_val
     assert not set(train) & set(val)
     assert sorted(train + val) == files
     assert train == sorted(train) and val == sorted(val)
-    assert data.split_episodes(files, fraction, seed=0) == (train, val)
+    assert chunks.split_episodes(files, fraction, seed=0) == (train, val)
 
 
 def test_split_needs_two_episodes():
     with pytest.raises(ValueError, match="at least 2"):
-        data.split_episodes(["episode_00000.hdf5"], 0.1, seed=0)
+        chunks.split_episodes(["episode_00000.hdf5"], 0.1, seed=0)
 
 
 def test_split_depends_on_the_seed():
     files = [f"episode_{i:05d}.hdf5" for i in range(20)]
-    splits = {tuple(data.split_episodes(files, 0.2, seed)[1]) for seed in range(5)}
+    splits = {tuple(chunks.split_episodes(files, 0.2, seed)[1]) for seed in range(5)}
     assert len(splits) > 1
 
 
@@ -223,10 +224,10 @@ def test_normalizer_statistics_come_from_train_only(split):
     train, val = split
     assert len(train.episodes) == 4 and len(val.episodes) == 2  # round(6 * 0.34) = 2
     assert val.norm is train.norm
-    fit = data.Normalizer.fit(train.episodes)
+    fit = chunks.Normalizer.fit(train.episodes)
     for k, v in vars(fit).items():
         np.testing.assert_array_equal(getattr(train.norm, k), v, err_msg=k)
-    both = data.Normalizer.fit(train.episodes + val.episodes)
+    both = chunks.Normalizer.fit(train.episodes + val.episodes)
     assert not np.array_equal(both.qpos_mean, train.norm.qpos_mean)
     # a validation episode reaching beyond the training range is normalised beyond [-1, 1]
     outside = np.stack([train.norm.action_max + 0.5, train.norm.action_min - 0.5])
@@ -237,33 +238,33 @@ def test_normalizer_statistics_come_from_train_only(split):
 def test_normalizer_fit_is_min_max_and_mean_std():
     eps = [{"action": np.array([[0.0, -2.0], [1.0, 2.0]], np.float32), "qpos": np.array([[0.0, 0.0]], np.float32)},
            {"action": np.array([[0.5, 0.0]], np.float32), "qpos": np.array([[2.0, 4.0]], np.float32)}]
-    norm = data.Normalizer.fit(eps)
+    norm = chunks.Normalizer.fit(eps)
     np.testing.assert_array_equal(norm.action_min, [0, -2])
     np.testing.assert_array_equal(norm.action_max, [1, 2])
     np.testing.assert_allclose(norm.qpos_mean, [1, 2])
     np.testing.assert_allclose(norm.qpos_std, [1 + 1e-6, 2 + 1e-6])
     np.testing.assert_allclose(norm.actions(np.array([[0.5, 0.0]])), [[0, 0]], atol=1e-7)
-    assert data.Normalizer(**norm.state_dict()).state_dict() == norm.state_dict()
+    assert chunks.Normalizer(**norm.state_dict()).state_dict() == norm.state_dict()
 
 
 def test_mean_std_action_normalisation_and_its_min_max_reference():
     eps = [{"action": np.array([[0.0, -2.0], [1.0, 2.0]], np.float32), "qpos": np.array([[0.0, 0.0]], np.float32)},
            {"action": np.array([[0.5, 3.0]], np.float32), "qpos": np.array([[2.0, 4.0]], np.float32)}]
-    norm = data.Normalizer.fit(eps, "meanstd")
+    norm = chunks.Normalizer.fit(eps, "meanstd")
     actions = np.concatenate([e["action"] for e in eps])
     np.testing.assert_allclose(norm.action_mean, actions.mean(0))
     np.testing.assert_allclose(norm.action_std, actions.std(0) + 1e-6)
     z = norm.actions(actions)
     np.testing.assert_allclose(z, (actions - actions.mean(0)) / (actions.std(0) + 1e-6), rtol=1e-6)
     np.testing.assert_allclose(norm.unactions(z), actions, atol=1e-6)
-    minmax = data.Normalizer.fit(eps)  # the scale every action error is measured on
+    minmax = chunks.Normalizer.fit(eps)  # the scale every action error is measured on
     np.testing.assert_allclose(norm.reference(z), minmax.actions(actions), atol=1e-6)
     np.testing.assert_allclose(norm.reference(torch.from_numpy(z)).numpy(), minmax.actions(actions), atol=1e-6)
     assert minmax.reference(z) is z  # min-max runs: their figures untouched
     saved = norm.state_dict()
-    assert saved["action_norm"] == "meanstd" and data.Normalizer(**saved).state_dict() == saved
+    assert saved["action_norm"] == "meanstd" and chunks.Normalizer(**saved).state_dict() == saved
     old = {k: saved[k] for k in ("action_min", "action_max", "qpos_mean", "qpos_std")}  # an earlier run's file
-    assert data.Normalizer(**old).action_norm == "minmax"
+    assert chunks.Normalizer(**old).action_norm == "minmax"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,7 +315,7 @@ def test_baselines(split):
 
 
 def test_baselines_follow_a_shorter_horizon(tint_dir):
-    _, val = data.load_split(tint_dir, "top", val_fraction=0.34, seed=0, horizon=8)
+    _, val = chunks.load_split(tint_dir, "top", val_fraction=0.34, seed=0, horizon=8)
     out = val.baselines([0, 3], np.zeros((8, 2), np.float32))
     assert {v.shape for v in out.values()} == {(2, 8, 2)}
     e, t = val.index[3]
@@ -324,7 +325,7 @@ def test_baselines_follow_a_shorter_horizon(tint_dir):
 def test_load_split_empty_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("no episodes")
     with pytest.raises(UsageError, match=re.escape(str(tmp_path))):
-        data.load_split(tmp_path, "top", 0.1, 0, HORIZON)
+        chunks.load_split(tmp_path, "top", 0.1, 0, HORIZON)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,19 +357,19 @@ def test_tint_goal_is_the_column_of_the_words_and_the_row_of_the_colour(tint_epi
 def test_tint_ignore_image_is_the_mean_over_the_rows_of_its_column(tint_episodes):
     for ep in tint_episodes:
         x = tasks.COLUMNS[column_of(ep["instruction"])]
-        chunks = np.stack([tasks.expert_chunk(ep["qpos"], np.array([x, y]), HORIZON, SPEED)
-                           for y in tasks.ROWS.values()])  # (3, T, horizon, 2)
-        np.testing.assert_allclose(ep["baselines"]["ignore_image"], chunks.mean(0), rtol=0, atol=1e-6)
+        per_row = np.stack([tasks.expert_chunk(ep["qpos"], np.array([x, y]), HORIZON, SPEED)
+                            for y in tasks.ROWS.values()])  # (3, T, horizon, 2)
+        np.testing.assert_allclose(ep["baselines"]["ignore_image"], per_row.mean(0), rtol=0, atol=1e-6)
         # the expert's real chunk is the one towards this episode's row (up to the episode's float32 steps)
         true_row = list(tasks.ROWS).index(row_of(ep["images"][0]))
-        real = data.ChunkDataset([ep], None, HORIZON).chunk(ep["action"], 0)
-        np.testing.assert_allclose(real, chunks[true_row, 0], atol=1e-5)
+        real = chunks.ChunkDataset([ep], None, HORIZON).chunk(ep["action"], 0)
+        np.testing.assert_allclose(real, per_row[true_row, 0], atol=1e-5)
         # without the image, each row is equally likely (rng.choice over ROWS): the mean has the lowest expected
         # squared error among image-blind guesses, e.g. below committing to any one row
         def risk(pred):
-            return ((chunks - pred) ** 2).mean()
+            return ((per_row - pred) ** 2).mean()
         base = risk(ep["baselines"]["ignore_image"])
-        assert all(base < risk(chunks[r]) for r in range(3))
+        assert all(base < risk(per_row[r]) for r in range(3))
 
 
 def test_tint_ignore_instruction_is_the_mean_over_the_columns_of_its_row(tint_episodes):

@@ -1,4 +1,4 @@
-"""python -m vla_exp.diff: every difference between two recipes or runs, grouped into factors."""
+"""python -m vla_exp.attribution.diff: every difference between two recipes or runs, grouped into factors."""
 import json
 import os
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vla_exp.diff import Side, diff, main
+from vla_exp.attribution.diff import Side, diff, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,19 +69,19 @@ def test_bad_sides_are_one_line_naming_them(args, message):
 def test_a_folder_that_is_no_run_is_named(tmp_path):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path), "recipe=fixed"])
-    assert str(e.value) == (f"error: A: {tmp_path} is a folder without .hydra/config.yaml (the config a run of python "
-                            "-m vla_exp.train saves): give a run folder or a list of overrides")
+    assert str(e.value) == (f"error: A: {tmp_path} is a folder without .hydra/config.yaml (the config a run of "
+                            "vla-exp-train saves): give a run folder or a list of overrides")
 
 
 @pytest.mark.slow
 def test_run_folders_show_what_differs_outside_the_config_too(tmp_path):
     for name, extra in (("a", []), ("b", ["optim.lr=0.0003", "data.episodes=7"])):
-        subprocess.run([sys.executable, "-m", "vla_exp.train", "debug=smoke", "logger=none", "progress=false", *extra,
+        subprocess.run([sys.executable, "-m", "vla_exp.training.main", "debug=smoke", "logger=none", "progress=false", *extra,
                         f"hydra.run.dir={tmp_path / name}"], cwd=ROOT, check=True, capture_output=True, env=os.environ)
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     summary["versions"]["transformers"] = "4.37.1"  # as a run made with an older transformers records it
     (tmp_path / "a" / "summary.json").write_text(json.dumps(summary))
-    out = subprocess.run([sys.executable, "-m", "vla_exp.diff", str(tmp_path / "a"), str(tmp_path / "b"), "--json"],
+    out = subprocess.run([sys.executable, "-m", "vla_exp.attribution.diff", str(tmp_path / "a"), str(tmp_path / "b"), "--json"],
                          cwd=ROOT, capture_output=True, text=True, env=os.environ)
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)
@@ -97,7 +97,7 @@ def test_a_saved_configs_environment_is_not_read(tmp_path, monkeypatch):
     """${oc.env:...} in a run folder's config is shown as written: its value may be a secret, or unset here."""
     from omegaconf import OmegaConf
     from vla_exp.config import compose
-    from vla_exp.diff import text
+    from vla_exp.attribution.diff import text
     for name, token in (("a", "${oc.env:VLA_TEST_SECRET}"), ("b", "${oc.env:VLA_TEST_UNSET}")):
         cfg = compose("recipe=fixed")
         cfg.paths.cache_dir = token
@@ -111,18 +111,18 @@ def test_a_saved_configs_environment_is_not_read(tmp_path, monkeypatch):
 
 
 def test_the_head_loading_line_is_at_transformers_4_54():
-    from vla_exp.diff import older
+    from vla_exp.attribution.diff import older
     assert older("4.53.3") and not older("4.54.0") and not older("5.24.0")
 
 
 def test_settings_that_decide_nothing_are_still_a_difference(capsys):
-    from vla_exp.diff import text
+    from vla_exp.attribution.diff import text
     shown = text(diff(Side("recipe=fixed", "A"), Side("recipe=fixed threads=2 progress=false", "B")))
     assert "same config" not in shown and "not results (never factors):" in shown and "threads: null -> 2" in shown
 
 
 def test_a_data_folders_fingerprint_follows_its_manifest(tmp_path):
-    from vla_exp.diff import fingerprint
+    from vla_exp.attribution.diff import fingerprint
     (tmp_path / "manifest.json").write_text('{"a": 1}')
     before = fingerprint(str(tmp_path))
     (tmp_path / "manifest.json").write_text('{"a": 2}')

@@ -18,7 +18,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def command(launcher, run_dir, *extra):
-    return [*launcher, "-m", "vla_exp.train", *RUN, *extra, f"hydra.run.dir={run_dir}"]
+    return [*launcher, "-m", "vla_exp.training.main", *RUN, *extra, f"hydra.run.dir={run_dir}"]
 
 
 def assert_same_training(one, two, rel=1e-4):
@@ -73,7 +73,7 @@ def test_a_killed_distributed_run_resumes_from_its_checkpoint(uninterrupted, tmp
 def test_submitit_tasks_train_as_one_distributed_run(uninterrupted, tmp_path):
     """The cluster path: the submitit launcher's tasks_per_node=2 (here submitit_local; submitit_slurm on a cluster)
     starts 2 tasks of one job, which join one process group as torchrun's processes do."""
-    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *RUN, "logger=none",
+    out = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *RUN, "logger=none",
                           "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
                           f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,5 +1,5 @@
 """Bad input gets one clear line before any work: config values (vla_exp/schema.py), episode files
-(vla_exp/episodes.py) and checkpoints (vla_exp/model.py). Every broken file here is a real one, written by the project and then damaged."""
+(vla_exp/data/episodes.py) and checkpoints (vla_exp/policy/model.py). Every broken file here is a real one, written by the project and then damaged."""
 import json
 import os
 import re
@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from vla_exp import UsageError, data, tasks
+from vla_exp import UsageError
+from vla_exp.data import chunks, tasks
 from vla_exp.config import CONF_DIR, compose
-from vla_exp.model import TinyVLAForCausalLM, backbone_path, load_policy
-from vla_exp.schema import validate
+from vla_exp.policy.load import backbone_path, load_policy
+from vla_exp.policy.model import TinyVLAForCausalLM
+from vla_exp.data.sources import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 HORIZON, SIZE, STEPS = 16, 64, 8
@@ -137,7 +139,7 @@ def test_every_shipped_option_and_recipe_passes(make_cfg, override):
 
 def cli(tmp_path, *overrides):
     run_dir = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "vla_exp.train", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "vla_exp.training.main", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
                          capture_output=True, text=True)
     return out, run_dir
 
@@ -187,7 +189,7 @@ def episodes(good_dir, tmp_path):
 
 def load(folder, camera="top", **expected):
     expected = {"image_size": SIZE, "action_dim": 2, "state_dim": 2, **expected}
-    return data.load_split(folder, camera, 0.34, 0, HORIZON, **expected)
+    return chunks.load_split(folder, camera, 0.34, 0, HORIZON, **expected)
 
 
 def load_error(folder, **kwargs):
@@ -326,7 +328,7 @@ def test_episode_without_time_steps(episodes):
 
 
 def test_episode_shorter_than_the_horizon_is_fine(episodes):
-    """Chunks past an episode's end repeat its last action (data.ChunkDataset), so one step is enough."""
+    """Chunks past an episode's end repeat its last action (chunks.ChunkDataset), so one step is enough."""
     bad = episodes / "episode_00001.hdf5"
     for key in PER_STEP:
         rewrite(bad, key, lambda a: a[:1])
@@ -355,7 +357,7 @@ def test_instruction_that_is_not_a_string(episodes):
 
 def test_a_bad_validation_file_stops_loading_too(episodes):
     """Every file is checked when the split is loaded, whichever side of the split it falls on."""
-    _, val_files = data.split_episodes(sorted(episodes.glob("*.hdf5")), 0.34, 0)
+    _, val_files = chunks.split_episodes(sorted(episodes.glob("*.hdf5")), 0.34, 0)
     rewrite(val_files[0], "action", lambda a: a * np.nan)
     assert load_error(episodes) == f"{val_files[0]}: /action holds NaN or inf (first at step 0)"
 
@@ -473,7 +475,7 @@ def test_without_metaworld_data_metaworld_says_how_to_install_it(tmp_path):
     hide = tmp_path / "hide"
     hide.mkdir()
     (hide / "metaworld.py").write_text('raise ImportError("No module named \'metaworld\'")\n')
-    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "data=metaworld", "logger=none",
+    out = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "data=metaworld", "logger=none",
                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(hide)})
     assert out.returncode == 1

@@ -8,7 +8,7 @@ from torch import nn
 from vla_exp.fixes import (ConstantLR, CosineLR, GradNormClip, NoClip, NoInit, ReportedXavierInit,
                            ReportedXavierMoreInit, ScaleDown,
                            SkipNonFinite, TorchDefaultInit, XavierAllInit)
-from vla_exp.head import ConditionalUnet1D
+from vla_exp.policy.head import ConditionalUnet1D
 
 ACTION_DIM = 2
 HEAD_KW = dict(action_dim=ACTION_DIM, state_dim=2, global_cond_dim=32, down_dims=(64, 128, 256), step_embed_dim=32)
@@ -403,7 +403,7 @@ def test_no_clip_can_measure_on_logged_steps_only():
     ("clipping=none", "clipping", NoClip, {"every_step": True}),
 ])
 def test_config_groups_build_the_fixes(make_cfg, override, group, cls, attrs):
-    from vla_exp.train import build
+    from vla_exp.training.loop import build
     fix = build(make_cfg(override)[group])
     assert type(fix) is cls
     assert {k: getattr(fix, k) for k in attrs} == attrs

@@ -1,4 +1,4 @@
-"""LeRobot datasets: written by vla_exp.lerobot the way LeRobot lays them out (pyarrow parquet, PyAV AV1 video),
+"""LeRobot datasets: written by vla_exp.data.lerobot the way LeRobot lays them out (pyarrow parquet, PyAV AV1 video),
 read back through `data=lerobot` with the HDF5 reader's split, normalisation and checks."""
 import json
 import os
@@ -10,11 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from vla_exp import UsageError, lerobot, tasks
-from vla_exp.config import compose, datasets
-from vla_exp.convert import main as convert
-from vla_exp.data import sample_errors
-from vla_exp.episodes import episodes_dir, read_episode
+from vla_exp import UsageError
+from vla_exp.data import lerobot, tasks
+from vla_exp.config import compose
+from vla_exp.data.sources import datasets
+from vla_exp.data.convert import main as convert
+from vla_exp.data.chunks import sample_errors
+from vla_exp.data.episodes import read_episode
+from vla_exp.data.sources import episodes_dir
 
 FAST = ("logger=none", "progress=false", "debug=smoke")
 LAYOUTS = [("v3.0", "video"), ("v3.0", "image"), ("v2.1", "video"), ("v2.1", "image")]
@@ -148,9 +151,9 @@ def test_chunks_past_the_end_are_flagged_and_left_out_of_the_errors(written):
 
 
 def test_the_loss_leaves_padded_steps_out(written, tmp_path):
-    from vla_exp.diffusion import noise_prediction
-    from vla_exp.train import build_parts
-    from vla_exp import ddp
+    from vla_exp.policy.diffusion import noise_prediction
+    from vla_exp.training.loop import build_parts
+    from vla_exp.training import ddp
     cfg = lerobot_cfg(written[("v3.0", "image")])
     p = build_parts(cfg, ddp.OneProcess(), torch.device("cpu"), False, tmp_path)
     steps = len(p.train_set.episodes[0]["action"])
@@ -352,7 +355,7 @@ def test_a_sweep_and_its_report_on_a_lerobot_dataset(written, tmp_path):
     import subprocess
     import sys
     root = written[("v2.1", "video")]
-    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", "init=xavier,none", *FAST, "data=lerobot",
+    out = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", "init=xavier,none", *FAST, "data=lerobot",
                           f"data.root={root}", f"hydra.sweep.dir={tmp_path}"], capture_output=True, text=True,
                          env=os.environ)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -361,7 +364,7 @@ def test_a_sweep_and_its_report_on_a_lerobot_dataset(written, tmp_path):
     assert len({s["data_dir"] for s in summaries}) == 1 and "lerobot-" in summaries[0]["data_dir"]
     assert set(summaries[0]["baseline_action_errors"]) == {"mean_action", "hold_state", "ignore_image",
                                                            "ignore_instruction"}
-    report = subprocess.run([sys.executable, "-m", "vla_exp.report", str(tmp_path)], capture_output=True, text=True,
+    report = subprocess.run([sys.executable, "-m", "vla_exp.attribution.report", str(tmp_path)], capture_output=True, text=True,
                             env=os.environ)
     assert report.returncode == 0, report.stderr[-2000:]
     table = pd.read_csv(tmp_path / "report" / "table.csv")

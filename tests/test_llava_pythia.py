@@ -1,5 +1,5 @@
 """TinyVLA's LLaVA-Pythia checkpoints as they lie on disk: written here with transformers' own classes and TinyVLA's
-key names (vla_exp.llava_pythia.write_random_folder), loaded through from_pretrained, trained with LoRA through
+key names (vla_exp.policy.llava_pythia.write_random_folder), loaded through from_pretrained, trained with LoRA through
 peft, and refused in one line where they cannot be used."""
 import itertools
 import json
@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vla_exp import UsageError, ddp
+from vla_exp import UsageError
+from vla_exp.training import ddp
 from vla_exp.config import compose
-from vla_exp.llava_pythia import LlavaPythiaPolicy, write_random_folder
-from vla_exp.model import load_policy
-from vla_exp.train import build_parts, optimisation_step, LoopState
+from vla_exp.policy.llava_pythia import LlavaPythiaPolicy, write_random_folder
+from vla_exp.policy.load import load_policy
+from vla_exp.training.loop import build_parts, optimisation_step, LoopState
 
 TEXT = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128)
@@ -169,7 +170,7 @@ def test_a_trained_head_of_other_dims_is_refused_with_both(folder, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ saved back
 def noise(policy, batch, tokenizer):
-    from vla_exp.diffusion import model_inputs
+    from vla_exp.policy.diffusion import model_inputs
     with torch.no_grad():
         return policy.eval()(*model_inputs(batch, tokenizer), batch["actions"], torch.tensor([3] * len(batch["actions"])))
 
@@ -177,7 +178,7 @@ def noise(policy, batch, tokenizer):
 @pytest.mark.slow
 @pytest.mark.parametrize("train", ["lora", "full"])
 def test_a_trained_policy_saved_in_tinyvlas_layout_loads_back_equal(folder, tmp_path, train):
-    from vla_exp.llava_pythia import save_policy
+    from vla_exp.policy.llava_pythia import save_policy
     cfg = cfg_for(folder, "recipe=fixed", f"model.train={train}", "model.lora.r=4")
     one = ddp.OneProcess()
     p = build_parts(cfg, one, torch.device("cpu"), False, tmp_path)
@@ -214,7 +215,7 @@ def test_a_trained_policy_saved_in_tinyvlas_layout_loads_back_equal(folder, tmp_
 
 @pytest.mark.parametrize("layout", ["pytorch_model.bin", "sharded"])
 def test_bin_and_sharded_weights_load_the_same(folder, tmp_path, layout):
-    from vla_exp.llava_pythia import LlavaPythiaForCausalLM
+    from vla_exp.policy.llava_pythia import LlavaPythiaForCausalLM
     path = tmp_path / layout
     shutil.copytree(folder, path)
     weights = load_file(path / "model.safetensors")
@@ -233,7 +234,7 @@ def test_bin_and_sharded_weights_load_the_same(folder, tmp_path, layout):
 
 @pytest.mark.slow
 def test_the_init_report_says_what_came_from_the_folder(folder, tmp_path):
-    from vla_exp.train import train
+    from vla_exp.training.loop import train
     s = train(cfg_for(folder, "recipe=fixed", "model.lora.r=4"), tmp_path)
     report = json.loads((tmp_path / "init_report.json").read_text())
     weights = load_file(folder / "model.safetensors")

@@ -1,5 +1,5 @@
 """MetaWorld for real: expert demonstrations written as training episodes, and closed-loop rollouts of a policy in
-the simulator (vla_exp/metaworld.py, vla_exp/evaluate.py)."""
+the simulator (vla_exp/data/metaworld.py, vla_exp/evaluation/closed_loop.py)."""
 import importlib.util
 import json
 import subprocess
@@ -12,12 +12,13 @@ import torch
 from omegaconf import OmegaConf
 
 from vla_exp import UsageError
-from vla_exp import metaworld as mw
-from vla_exp.config import datasets
-from vla_exp.data import load_split
-from vla_exp.episodes import episodes_dir, read_episode
-from vla_exp.evaluate import build_policy, closed_loop, evaluate_run, load_run, run
-from vla_exp.schema import validate
+from vla_exp.data import metaworld as mw
+from vla_exp.data.sources import datasets
+from vla_exp.data.chunks import load_split
+from vla_exp.data.episodes import read_episode
+from vla_exp.data.sources import episodes_dir
+from vla_exp.evaluation.closed_loop import build_policy, closed_loop, evaluate_run, load_run, run
+from vla_exp.data.sources import validate
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None,
                                 reason='MetaWorld is an optional extra: pip install -e ".[metaworld]"')
@@ -120,7 +121,7 @@ def test_expert_succeeds_random_fails_and_results_repeat_for_a_seed(make_cfg):
 def trained_run(tmp_path_factory, cache_dir):
     """A sweep of one job, so its W&B group is the sweep's."""
     sweep_dir = tmp_path_factory.mktemp("metaworld") / "sweep"
-    subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *SMALL, "recipe=fixed", "epochs=1", "threads=1",
+    subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *SMALL, "recipe=fixed", "epochs=1", "threads=1",
                     "logger.mode=offline", "progress=false", "eval.samples=8", f"hydra.sweep.dir={sweep_dir}"],
                    cwd=ROOT, check=True, capture_output=True)
     (run_dir,) = sweep_dir.glob("0_*")
@@ -128,7 +129,7 @@ def trained_run(tmp_path_factory, cache_dir):
 
 
 def evaluate_cli(*args):
-    return subprocess.run([sys.executable, "-m", "vla_exp.evaluate", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vla_exp.evaluation.closed_loop", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True)
 
 
@@ -195,8 +196,8 @@ def test_bad_input_is_one_line(trained_run, make_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_training_rolls_out_during_training_and_the_report_shows_success(make_cfg, tmp_path):
-    from vla_exp.report import report
-    from vla_exp.train import train
+    from vla_exp.attribution.report import report
+    from vla_exp.training.loop import train
     run_dir = tmp_path / "runs" / "run"
     summary = train(make_cfg(*SMALL, "recipe=fixed", "epochs=3", "eval.rollouts=1", "eval.rollout_every=2",
                              "logger=none", "progress=false", "eval.samples=8", "threads=1"), run_dir)
@@ -223,7 +224,7 @@ def test_training_rolls_out_during_training_and_the_report_shows_success(make_cf
 @pytest.mark.slow
 def test_metaworld_study_reports_recipes_and_references_side_by_side(tmp_path):
     out = tmp_path / "study"
-    run = subprocess.run([sys.executable, "experiments/study.py", "metaworld", "--seeds", "0", "--jobs", "1",
+    run = subprocess.run([sys.executable, "-m", "vla_exp.attribution.studies", "metaworld", "--seeds", "0", "--jobs", "1",
                           "--out", str(out), *SMALL, "data.tasks=[reach-v3]", "epochs=2", "eval.rollouts=2",
                           "eval.samples=8", "logger=none"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]

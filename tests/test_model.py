@@ -1,4 +1,4 @@
-"""The TinyVLA policy and the loader modes of vla_exp/model.py (model.head_loading), on the tiny config."""
+"""The TinyVLA policy and the loader modes of vla_exp/policy/model.py (model.head_loading), on the tiny config."""
 import os
 import socket
 from pathlib import Path
@@ -9,8 +9,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from vla_exp import UsageError
-from vla_exp.head import ConditionalUnet1D
-from vla_exp.model import TinyVLAForCausalLM, TinyVLAPolicy, backbone_path, load_policy
+from vla_exp.policy.head import ConditionalUnet1D
+from vla_exp.policy.load import backbone_path, load_policy
+from vla_exp.policy.model import TinyVLAForCausalLM, TinyVLAPolicy
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 B = 2

@@ -15,11 +15,13 @@ import pandas as pd
 import pytest
 import torch
 
-from vla_exp import UsageError, checkpoint
-from vla_exp.episodes import episodes_dir
+from vla_exp import UsageError, tensors
+from vla_exp.training import checkpoint
+from vla_exp.data.sources import episodes_dir
 from vla_exp.files import Busy, atomic, exclusive
-from vla_exp.model import backbone_path
-from vla_exp.train import status_of, train
+from vla_exp.policy.load import backbone_path
+from vla_exp.training.loop import train
+from vla_exp.training.sweep import status_of
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ("logger=none", "progress=false", "debug=smoke", "recipe=fixed")
@@ -61,10 +63,10 @@ def test_a_hostile_checkpoint_is_refused_in_one_line_and_never_runs(make_cfg, tm
 
 
 def test_a_hostile_policy_file_is_refused_in_one_line(tmp_path):
-    """`python -m vla_exp.evaluate` reads a run's policy.pt through checkpoint.read."""
+    """`python -m vla_exp.evaluation.closed_loop` reads a run's policy.pt through tensors.read."""
     torch.save({"embed_out.weight": Plant(tmp_path / "planted")}, tmp_path / "policy.pt")
     with pytest.raises(UsageError) as e:
-        checkpoint.read(tmp_path / "policy.pt", "policy")
+        tensors.read(tmp_path / "policy.pt", "policy")
     assert not (tmp_path / "planted").exists() and one_line(e).startswith(f"{tmp_path / 'policy.pt'}: refused: this "
                                                                           "policy holds objects other than tensors")
 
@@ -72,7 +74,7 @@ def test_a_hostile_policy_file_is_refused_in_one_line(tmp_path):
 def test_a_checkpoint_of_another_format_is_refused_before_training(make_cfg, tmp_path):
     cfg = make_cfg(*FAST, "checkpoint.keep=true")
     train(cfg, tmp_path / "done")
-    old = checkpoint.read(tmp_path / "done" / "checkpoint.pt", "checkpoint")
+    old = tensors.read(tmp_path / "done" / "checkpoint.pt", "checkpoint")
     del old["format"]  # as the code wrote it before checkpoints had a format (which also pickled numpy RNG states)
     (tmp_path / "run").mkdir()
     torch.save(old, tmp_path / "run" / "checkpoint.pt")
@@ -106,7 +108,7 @@ def test_two_writers_of_one_file_never_share_a_temporary_name(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_run_process_into_a_running_folder_stops_and_the_first_finishes(tmp_path):
-    args = ("-m", "vla_exp.train", *FAST, "epochs=2", "data.episodes=12", "threads=1", f"hydra.run.dir={tmp_path}")
+    args = ("-m", "vla_exp.training.main", *FAST, "epochs=2", "data.episodes=12", "threads=1", f"hydra.run.dir={tmp_path}")
     first = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
     deadline = time.time() + 120
@@ -125,7 +127,7 @@ def test_a_second_run_process_into_a_running_folder_stops_and_the_first_finishes
 @pytest.mark.slow
 def test_a_second_sweep_into_a_held_sweep_folder_launches_nothing(tmp_path):
     with exclusive(tmp_path, "another sweep"):
-        out = cli("-m", "vla_exp.train", "-m", "init=xavier,none", *FAST, f"hydra.sweep.dir={tmp_path}")
+        out = cli("-m", "vla_exp.training.main", "-m", "init=xavier,none", *FAST, f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path} is in use by another sweep (pid {os.getpid()}): wait for it to end, or give this one "
         "another folder")
@@ -134,7 +136,7 @@ def test_a_second_sweep_into_a_held_sweep_folder_launches_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_a_multirun_with_bad_jobs_names_each_and_launches_nothing(tmp_path):
-    out = cli("-m", "vla_exp.train", "-m", "optim.lr=0.001,-1", "epochs=1,0", *FAST, f"hydra.sweep.dir={tmp_path}")
+    out = cli("-m", "vla_exp.training.main", "-m", "optim.lr=0.001,-1", "epochs=1,0", *FAST, f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-4:] == [
         "error: nothing launched; these jobs' configs are not valid:",
@@ -163,7 +165,7 @@ def file_size_limit(mb):
 @pytest.mark.slow
 def test_a_full_disk_at_the_checkpoint_is_one_line_and_the_summary_says_so(tmp_path):
     # 30 MB: the data, the backbone (4 MB), the policy (23 MB) and every log fit; the checkpoint (70 MB) does not
-    out = cli("-m", "vla_exp.train", *FAST, f"hydra.run.dir={tmp_path}", preexec_fn=file_size_limit(30))
+    out = cli("-m", "vla_exp.training.main", *FAST, f"hydra.run.dir={tmp_path}", preexec_fn=file_size_limit(30))
     assert out.returncode == 1 and "Traceback" not in out.stderr
     line = out.stderr.strip().splitlines()[-1]
     assert re.fullmatch(rf"error: no space left on {tmp_path} \(File too large\): the checkpoint needs about (\d+) MB",
@@ -176,7 +178,7 @@ def test_a_full_disk_at_the_checkpoint_is_one_line_and_the_summary_says_so(tmp_p
 @pytest.mark.slow
 def test_a_full_cache_names_vla_exp_cache(tmp_path):
     env = {**os.environ, "VLA_EXP_CACHE": str(tmp_path / "cache")}
-    out = cli("-m", "vla_exp.train", *FAST, f"hydra.run.dir={tmp_path / 'run'}", preexec_fn=file_size_limit(1), env=env)
+    out = cli("-m", "vla_exp.training.main", *FAST, f"hydra.run.dir={tmp_path / 'run'}", preexec_fn=file_size_limit(1), env=env)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: cannot write the cached backbone in {tmp_path / 'cache' / 'backbones'} (File too large (os error "
@@ -228,9 +230,9 @@ def test_a_damaged_cache_entry_is_named_and_never_trained_on(make_cfg, tmp_path,
 @pytest.mark.slow
 def test_the_report_never_pools_different_configs_and_reads_any_summary(tmp_path):
     sweep = tmp_path / "sweep"
-    out = cli("-m", "vla_exp.train", "-m", "data.episodes=6,7", *FAST, f"hydra.sweep.dir={sweep}")
+    out = cli("-m", "vla_exp.training.main", "-m", "data.episodes=6,7", *FAST, f"hydra.sweep.dir={sweep}")
     assert out.returncode == 0, out.stderr[-3000:]
-    report = cli("-m", "vla_exp.report", str(sweep))
+    report = cli("-m", "vla_exp.attribution.report", str(sweep))
     assert report.returncode == 1 and report.stderr.strip() == (
         "error: cell 'fixed': its 2 runs ran 2 different configs (differing in data.episodes (6/7)), not seed "
         "replicates of one; report each config apart")
@@ -241,7 +243,7 @@ def test_the_report_never_pools_different_configs_and_reads_any_summary(tmp_path
         if text:
             (tmp_path / "one" / copy / "summary.json").write_text(text)
     shutil.copytree(six, tmp_path / "one" / "six")
-    report = cli("-m", "vla_exp.report", str(tmp_path / "one"))
+    report = cli("-m", "vla_exp.attribution.report", str(tmp_path / "one"))
     assert report.returncode == 0, report.stderr[-3000:]
     assert f"warning: cell 'fixed' holds seed 0 more than once ({tmp_path / 'one' / 'copy'}, " \
            f"{tmp_path / 'one' / 'six'})" in report.stdout

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vla_exp import analysis
+from vla_exp.attribution import analysis
 from vla_exp.config import recipe_levels, reference_levels
-from vla_exp.report import main, sweep_group
-from vla_exp.train import train
+from vla_exp.attribution.report import main, sweep_group
+from vla_exp.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXED = {"init": "xavier", "loss_handling": "skip_nonfinite", "optim": "fixed", "clipping": "grad_norm",
@@ -55,7 +55,7 @@ def test_wandb_group_is_the_sweeps(tmp_path):
     runs = sorted((tmp_path / "sweep").iterdir())
     assert sweep_group(runs) == "sweep"  # no multirun.yaml: the folder's name
     (tmp_path / "sweep" / "multirun.yaml").write_text("hydra:\n  sweep:\n    dir: multirun/2026-01-01/12-00-00\n")
-    assert sweep_group(runs) == "multirun/2026-01-01/12-00-00"  # what vla_exp.train grouped the runs by
+    assert sweep_group(runs) == "multirun/2026-01-01/12-00-00"  # what vla-exp-train grouped the runs by
     (tmp_path / "sweep" / "multirun.yaml").write_text("hydra:\n  sweep:\n    dir: multirun/${now:%H}\n")
     assert sweep_group(runs) == "sweep"  # unresolved: it would resolve to today, not to the sweep's day
 
@@ -120,7 +120,7 @@ def test_too_few_runs_say_so_without_crashing():
 
 # ------------------------------------------------------------------------------------------------ report files
 def fake_run(path, choices, seed, status="completed", error=0.05, loss=0.1):
-    """A run folder in the format vla_exp.train writes; a failed one holds only its choices, status and error."""
+    """A run folder in the format vla-exp-train writes; a failed one holds only its choices, status and error."""
     path.mkdir(parents=True)
     if status == "failed":
         summary = {"choices": choices, "seed": seed, "status": "failed", "error": "RuntimeError: out of memory"}
@@ -199,7 +199,7 @@ def test_report_cli_on_real_runs_with_wandb(make_cfg, wandb_records, tmp_path):
         cfg = make_cfg("logger=none", "progress=false", "debug=smoke", "threads=1", f"init={init}", f"seed={seed}")
         train(cfg, sweep / f"{init}-s{seed}")
     out = tmp_path / "report"
-    done = subprocess.run([sys.executable, "-m", "vla_exp.report", str(sweep), "--out", str(out), "--wandb"],
+    done = subprocess.run([sys.executable, "-m", "vla_exp.attribution.report", str(sweep), "--out", str(out), "--wandb"],
                           capture_output=True, text=True, cwd=tmp_path, env=os.environ)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = pd.read_csv(out / "runs.csv")
@@ -222,7 +222,7 @@ def test_report_cli_on_real_runs_with_wandb(make_cfg, wandb_records, tmp_path):
 
 @pytest.mark.slow
 def test_missing_folder_exits_1_with_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "vla_exp.report", str(tmp_path / "nope")], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "vla_exp.attribution.report", str(tmp_path / "nope")], capture_output=True,
                           text=True, cwd=ROOT)
     assert done.returncode == 1
     assert done.stderr.strip() == f"error: {tmp_path / 'nope'} is not a directory"
@@ -237,10 +237,7 @@ def test_a_run_beats_the_baselines_only_if_it_beats_every_one():
 def test_budget_curve_compares_recipes_at_equal_epochs_and_equal_updates(tmp_path):
     """The budget study's table: the original recipe (batch 16) makes half the fixed recipe's (batch 8) updates an
     epoch, so its epoch 2 meets the fixed recipe's epoch 1."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("study", Path(__file__).parents[1] / "experiments" / "study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    from vla_exp.attribution import studies as study
     for seed in range(2):
         for name, choices, per_epoch in (("fixed", FIXED, 2), ("original", ORIGINAL, 1)):
             run = tmp_path / f"{name}-s{seed}"

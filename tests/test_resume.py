@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vla_exp import UsageError, checkpoint
+from vla_exp import UsageError
+from vla_exp.training import checkpoint
 from vla_exp.recorder import Recorder
-from vla_exp.train import train
+from vla_exp.training.loop import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +23,7 @@ RUN = ("recipe=fixed", "progress=false", "epochs=2", "data.episodes=30", "data.s
 
 
 def command(run_dir, *extra):
-    return [sys.executable, "-m", "vla_exp.train", *RUN, *extra, f"hydra.run.dir={run_dir}"]
+    return [sys.executable, "-m", "vla_exp.training.main", *RUN, *extra, f"hydra.run.dir={run_dir}"]
 
 
 def rows(run_dir):
@@ -114,7 +115,7 @@ def test_submitit_requeues_a_preempted_job_which_resumes_bit_for_bit(uninterrupt
     handler requeues it; the requeued job resumes. (On a cluster, SLURM also sends it before a time limit, and the
     requeued job may start on another node: what only a cluster can show.)"""
     sweep = tmp_path / "sweep"
-    proc = subprocess.Popen([sys.executable, "-m", "vla_exp.train", "-m", *RUN, "logger=none",
+    proc = subprocess.Popen([sys.executable, "-m", "vla_exp.training.main", "-m", *RUN, "logger=none",
                              "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -158,7 +159,7 @@ def test_a_diverging_run_ends_as_diverged(make_cfg, tmp_path):
 
 
 def test_a_diverging_job_does_not_stop_the_sweep(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", "model.head_loading=legacy_stale,current",
+    out = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", "model.head_loading=legacy_stale,current",
                           "recipe=original", "debug=smoke", "diverge_after=2", "logger=none", "progress=false",
                           f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -9,9 +9,10 @@ import pytest
 from omegaconf import OmegaConf
 from scipy import stats
 
-from vla_exp import UsageError, screen
+from vla_exp import UsageError
+from vla_exp.attribution import screen
 from vla_exp.config import compose, leaves
-from vla_exp.diff import Side
+from vla_exp.attribution.diff import Side
 
 from test_sweep import SMOKE, cli, summaries
 
@@ -311,12 +312,8 @@ def test_the_confirmation_says_when_no_subset_short_of_all_recovers_b():
 
 
 def load_study():
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("study", Path(__file__).parent.parent / "experiments" / "study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
-    return study
+    from vla_exp.attribution import studies
+    return studies
 
 
 def test_a_screen_into_a_folder_held_by_another_screen_or_a_run_is_refused_and_writes_nothing(tmp_path):
@@ -354,7 +351,7 @@ def test_a_study_dry_run_of_a_screen_prints_its_runs_and_writes_nothing(tmp_path
 
 @pytest.mark.slow
 def test_a_screen_study_runs_its_design_confirms_the_smallest_fix_and_reports(tmp_path):
-    out = cli("experiments/study.py", "screen", "--a", "recipe=original", "--b", "recipe=original init=xavier_all "
+    out = cli("-m", "vla_exp.attribution.studies", "screen", "--a", "recipe=original", "--b", "recipe=original init=xavier_all "
               "optim.lr=0.0001", "--seeds", "0", "--threshold", "0.05", "--jobs", "1", "--out", str(tmp_path),
               *SMOKE, "logger=none", "epochs=1", "data.episodes=6")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from vla_exp.config import config_hash
-from vla_exp.train import train
+from vla_exp.training.loop import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def summaries(sweep_dir):
 
 
 def test_joblib_sweep_divides_the_cores_groups_runs_and_reports(tmp_path, wandb_records):
-    out = cli("-m", "vla_exp.train", "-m", "init=xavier,none", *SMOKE, "hydra/launcher=joblib",
+    out = cli("-m", "vla_exp.training.main", "-m", "init=xavier,none", *SMOKE, "hydra/launcher=joblib",
               "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     runs = summaries(tmp_path)
@@ -42,14 +42,14 @@ def test_joblib_sweep_divides_the_cores_groups_runs_and_reports(tmp_path, wandb_
         assert saved.threads == runs[name]["threads"] and saved.logger.group == str(tmp_path)
     assert f"{tmp_path}: 2 runs, 0 failed" in out.stdout
 
-    report = cli("-m", "vla_exp.report", str(tmp_path))
+    report = cli("-m", "vla_exp.attribution.report", str(tmp_path))
     assert report.returncode == 0, report.stderr[-3000:]
     table = pd.read_csv(tmp_path / "report" / "runs.csv")
     assert sorted(table["init"]) == ["none", "xavier"] and len(table) == 2
 
 
 def test_a_sweep_of_bad_values_names_every_job_in_one_line_each_and_launches_none(tmp_path):
-    out = cli("-m", "vla_exp.train", "-m", "optim.lr=-1,0", *SMOKE, "logger=none", f"hydra.sweep.dir={tmp_path}")
+    out = cli("-m", "vla_exp.training.main", "-m", "optim.lr=-1,0", *SMOKE, "logger=none", f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-2:] == ["job 0 (optim.lr=-1): optim.lr=-1: must be a number > 0",
                                                     "job 1 (optim.lr=0): optim.lr=0: must be a number > 0"]
@@ -57,7 +57,7 @@ def test_a_sweep_of_bad_values_names_every_job_in_one_line_each_and_launches_non
 
 
 def test_a_failed_job_neither_stops_the_sweep_nor_hides(tmp_path):
-    args = ("-m", "vla_exp.train", "-m", "diffusion.beta_schedule=no_such_schedule,squaredcos_cap_v2", *SMOKE,
+    args = ("-m", "vla_exp.training.main", "-m", "diffusion.beta_schedule=no_such_schedule,squaredcos_cap_v2", *SMOKE,
             "logger=none", f"hydra.sweep.dir={tmp_path}")  # diffusers refuses the schedule after the run began
     out = cli(*args)
     assert out.returncode == 1 and f"{tmp_path}: 2 runs, 1 failed" in out.stdout
@@ -65,7 +65,7 @@ def test_a_failed_job_neither_stops_the_sweep_nor_hides(tmp_path):
     status = [s["status"] for s in summaries(tmp_path).values()]
     assert status == ["failed", "completed"]
 
-    report = cli("-m", "vla_exp.report", str(tmp_path))
+    report = cli("-m", "vla_exp.attribution.report", str(tmp_path))
     assert report.returncode == 0, report.stderr[-3000:]
     assert "failed" in (tmp_path / "report" / "table.md").read_text()
 
@@ -78,7 +78,7 @@ def test_a_failed_job_neither_stops_the_sweep_nor_hides(tmp_path):
 
 
 def test_submitit_local_launcher_runs_the_jobs(tmp_path):
-    out = cli("-m", "vla_exp.train", "-m", "init=xavier,none", *SMOKE, "logger=none", "hydra/launcher=submitit_local",
+    out = cli("-m", "vla_exp.training.main", "-m", "init=xavier,none", *SMOKE, "logger=none", "hydra/launcher=submitit_local",
               f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     runs = summaries(tmp_path)

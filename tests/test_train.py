@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from vla_exp import UsageError, checkpoint, ddp
-from vla_exp.config import datasets
-from vla_exp.train import LoopState, build_parts, epoch_batches, optimisation_step, summarise, train
+from vla_exp import UsageError
+from vla_exp.training import checkpoint, ddp
+from vla_exp.data.sources import datasets
+from vla_exp.training.loop import LoopState, build_parts, epoch_batches, optimisation_step, summarise, train
 
 FAST = ("logger=none", "progress=false", "debug=smoke")
 SUMMARY_KEYS = {"choices", "seed", "status", "initial_output_std", "initial_loss", "final_loss", "final_output_std",
@@ -110,7 +111,7 @@ def test_corrected_init_repairs_a_stale_head(make_cfg, tmp_path):
 def test_failed_run_keeps_its_rows_and_says_why(make_cfg, tmp_path, monkeypatch):
     def broken(*args, **kwargs):  # a bug in the held-out evaluation, after the epoch's steps
         raise ValueError("evaluation broke")
-    monkeypatch.setattr("vla_exp.diagnostics.held_out_metrics", broken)
+    monkeypatch.setattr("vla_exp.evaluation.heldout.held_out_metrics", broken)
     with pytest.raises(ValueError):
         train(make_cfg(*FAST, "recipe=fixed"), tmp_path)
     s = json.loads((tmp_path / "summary.json").read_text())
@@ -264,7 +265,7 @@ def test_the_mean_action_baseline_is_the_training_episodes_mean_chunk(make_cfg, 
 def test_the_action_error_is_a_mean_over_samples_steps_and_dimensions(make_cfg, tmp_path, monkeypatch):
     def off_by_half(policy, ddim, batch, *args):  # a policy whose every sampled action is 0.5 off
         return batch["actions"] + 0.5
-    monkeypatch.setattr("vla_exp.diagnostics.sample_actions", off_by_half)
+    monkeypatch.setattr("vla_exp.evaluation.heldout.sample_actions", off_by_half)
     s = train(make_cfg(*FAST, "eval.samples=8"), tmp_path)
     assert s["val_action_error"] == pytest.approx(0.25, rel=1e-6)
 
@@ -285,7 +286,7 @@ def test_epochs_before_the_last_evaluate_the_first_epoch_samples_and_the_last_al
 
 def test_early_stopping_counts_epochs_without_a_fall_in_the_training_loss():
     from types import SimpleNamespace
-    from vla_exp.train import early_stop
+    from vla_exp.training.loop import early_stop
     state, settings = LoopState(), SimpleNamespace(patience=2, min_delta=0.01)
     for epoch, loss in enumerate([1.0, 0.5, 0.495, 0.6, 0.4, 0.41, 0.395]):
         state.epoch = epoch

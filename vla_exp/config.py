@@ -12,7 +12,7 @@ CONF_DIR = next(p for p in (Path(__file__).parent / "conf", Path(__file__).paren
 GROUPS = ("init", "loss_handling", "optim", "clipping")  # the four fixes, one config group each
 RECIPES = ("original", "fixed")
 # where a run goes and how it reports and restarts: none of it changes its results
-# (`design`: a screen's label for the configuration a run is, vla_exp.screen)
+# (`design`: a screen's label for the configuration a run is, vla_exp.attribution.screen)
 NOT_RESULTS = ("logger", "progress", "threads", "paths", "skip_finished", "checkpoint", "resume", "design")
 
 
@@ -77,12 +77,3 @@ def reference_levels(conf_dir=CONF_DIR):
     head = OmegaConf.load(conf_dir / "model" / f"{model}.yaml").head_loading
     return {recipe: {**{g: recipe_levels(recipe, conf_dir)[g] for g in GROUPS}, "head_loading": head}
             for recipe in RECIPES}
-
-
-def datasets(cfg):
-    """The (train, validation) sets a run of `cfg` trains and evaluates on, checked against the model's sizes."""
-    from vla_exp.data import load_split
-    from vla_exp.episodes import camera_name, episodes_dir
-    d, m = cfg.data, cfg.model.config
-    return load_split(episodes_dir(cfg), camera_name(d.camera), d.val_fraction, d.split_seed, m.horizon,
-                      m.vision_config.image_size, m.action_dim, m.state_dim, d.action_norm, d.past_end)

@@ -1,7 +1,8 @@
 """The rules a composed config must meet, checked before a run builds or writes anything.
 
 A broken rule is one line naming the key, its value and what is allowed: `optim.lr=-1: must be a number > 0`.
-Group options (`init=xaviar`) are Hydra's to check: it lists the valid ones before the config even exists.
+Group options (`init=xaviar`) are Hydra's to check: it lists the valid ones before the config even exists. Each data
+source brings its own rules (vla_exp.data.sources.check); a run checks both (vla_exp.data.sources.validate).
 """
 import math
 
@@ -9,7 +10,6 @@ from omegaconf import OmegaConf
 
 from vla_exp import UsageError
 from vla_exp.config import CONF_DIR, leaves
-from vla_exp.episodes import GENERATORS, PAST_END
 
 ABSENT = object()
 # The classes a config may name for instantiation: those the project's own config files name. A run folder or a
@@ -57,7 +57,6 @@ RULES = [  # key, (test, what is allowed)
     ("data.episodes", (lambda v: v is None or integer(v) and v >= 2,  # one for training, one for validation
                        "must be an integer >= 2, or null (data=lerobot: every episode)")),
     ("data.action_norm", one_of(("minmax", "meanstd"))),
-    ("data.past_end", one_of(PAST_END)),
     ("data.val_fraction", (lambda v: number(v) and 0 < v < 1, "must be a number in (0, 1)")),
     ("model.head_loading", one_of(("current", "legacy_zeros", "legacy_stale", "legacy_empty"))),  # see model.py
     ("model.stale_fraction", (lambda v: number(v) and 0 <= v <= 1, "must be a number in [0, 1]")),
@@ -124,14 +123,3 @@ def validate(cfg):
     if cfg.eval.rollouts and cfg.data.task != "metaworld":
         raise UsageError(f"eval.rollouts={cfg.eval.rollouts}: closed-loop rollouts need a simulator, data=metaworld "
                          f"(here data.task={cfg.data.task}); set eval.rollouts=0")
-    if cfg.data.dir is None:  # the episodes are generated
-        check(cfg, "data.task", one_of(tuple(GENERATORS)))
-        if cfg.data.task != "lerobot":
-            check(cfg, "data.episodes", integer_from(2))
-        if cfg.data.task == "metaworld":  # an optional extra: its task names come from MetaWorld itself
-            from vla_exp.metaworld import CAMERAS, task_names
-            names = task_names()  # one line naming the install command where MetaWorld cannot be imported
-            check(cfg, "data.tasks", (lambda v: OmegaConf.is_list(v) and all(t in names for t in v)
-                                      and 0 < len(v) == len(set(v)),
-                                      f"must be a non-empty list of distinct MetaWorld tasks from: {', '.join(names)}"))
-            check(cfg, "data.camera", one_of(CAMERAS))

@@ -1,7 +1,7 @@
-"""Closed-loop success in MetaWorld: `python -m vla_exp.evaluate <run dir> [--episodes N] [--seed S] [--tasks ...]
+"""Closed-loop success in MetaWorld: `python -m vla_exp.evaluation.closed_loop <run dir> [--episodes N] [--seed S] [--tasks ...]
 [--policy trained|expert|mean_chunk|random]`.
 
-The policy is rolled out for N episodes per task from held-out starts (vla_exp/metaworld.py draws evaluation starts
+The policy is rolled out for N episodes per task from held-out starts (vla_exp/data/metaworld.py draws evaluation starts
 from another stream than the training data's). Every `execute` steps it samples an action chunk with DDIM and runs its
 first `execute` actions. Per task and overall: success rate with a 95% Wilson interval, mean return and mean length.
 The results go into the run's summary.json under `closed_loop` (`closed_loop_<policy>` for a reference policy) and
@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vla_exp import UsageError
-from vla_exp import metaworld as mw
+from vla_exp.data import metaworld as mw
 from vla_exp.files import write_json
 
 POLICIES = ("trained", "expert", "mean_chunk", "random")
@@ -30,14 +30,14 @@ class Trained:
     sees_image = True
 
     def __init__(self, policy, tokenizer, normalizer, cfg, seed):
-        from vla_exp.diffusion import schedulers
+        from vla_exp.policy.diffusion import schedulers
         self.policy, self.tokenizer, self.norm = policy, tokenizer, normalizer
         self.ddim, self.steps = schedulers(cfg.diffusion)[1], cfg.diffusion.inference_steps
         self.shape = (cfg.model.config.horizon, cfg.model.config.action_dim)
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self, obs):
-        from vla_exp.diffusion import sample_actions
+        from vla_exp.policy.diffusion import sample_actions
         n = len(obs["state"])
         batch = {"image": torch.from_numpy(obs["image"]).permute(0, 3, 1, 2),
                  "state": torch.from_numpy(self.norm.qpos(obs["state"])), "instruction": [obs["instruction"]] * n,
@@ -123,12 +123,12 @@ def save_rollouts(path, shown, columns=8):
 
 
 def load_run(run_dir):
-    """The composed config of a run folder written by vla_exp.train on MetaWorld data."""
+    """The composed config of a run folder written by vla-exp-train on MetaWorld data."""
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such run folder")
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
-        raise UsageError(f"{run_dir}: no .hydra/config.yaml there: not a run folder written by vla_exp.train")
+        raise UsageError(f"{run_dir}: no .hydra/config.yaml there: not a run folder written by vla-exp-train")
     cfg = OmegaConf.load(path)
     if OmegaConf.select(cfg, "data.task") != "metaworld":
         raise UsageError(f"{run_dir}: trained on data.task={OmegaConf.select(cfg, 'data.task')}, not on MetaWorld "
@@ -142,18 +142,18 @@ def build_policy(kind, run_dir, cfg, seed):
         return mw.Expert()
     if kind == "random":
         return mw.RandomPolicy(seed)
-    from vla_exp.data import Normalizer
+    from vla_exp.data.chunks import Normalizer
     for name in ("normalization.json", "policy.pt")[:2 if kind == "trained" else 1]:
         if not (run_dir / name).is_file():
             raise UsageError(f"{run_dir}: no {name} there (the run did not finish?)")
     norm = Normalizer(**json.loads((run_dir / "normalization.json").read_text()))
     if kind == "mean_chunk":
-        from vla_exp.config import datasets
+        from vla_exp.data.sources import datasets
         return mw.FixedChunk(norm.unactions(datasets(cfg)[0].mean_chunk()))
-    from vla_exp import checkpoint
-    from vla_exp.model import load_policy
+    from vla_exp import tensors
+    from vla_exp.policy.load import load_policy
     policy, tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
-    policy.load_state_dict(checkpoint.read(run_dir / "policy.pt", "policy"))
+    policy.load_state_dict(tensors.read(run_dir / "policy.pt", "policy"))
     return Trained(policy.eval(), tokenizer, norm, cfg, seed)
 
 
@@ -198,8 +198,8 @@ def table(result):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vla_exp.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", help="a run folder of vla_exp.train with data=metaworld")
+    p = argparse.ArgumentParser(prog="python -m vla_exp.evaluation.closed_loop", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a run folder of vla-exp-train with data=metaworld")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task (default 10)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed: starts and sampling noise (default 0)")
     p.add_argument("--tasks", nargs="+", help="MetaWorld tasks (default: the run's data.tasks)")

@@ -1,14 +1,14 @@
 """The ablation studies, one command each: a Hydra multirun of the cells x seeds, then its report.
 
-    python experiments/study.py factorial          # all 16 mixes of the four fixes x 3 seeds
-    python experiments/study.py leave_one_out      # the fixed recipe, and the fixed recipe minus each fix
-    python experiments/study.py add_one            # the original recipe, and the original recipe plus each fix
-    python experiments/study.py metaworld          # original vs fixed on MetaWorld: closed-loop success per epoch,
+    vla-exp-study factorial          # all 16 mixes of the four fixes x 3 seeds
+    vla-exp-study leave_one_out      # the fixed recipe, and the fixed recipe minus each fix
+    vla-exp-study add_one            # the original recipe, and the original recipe plus each fix
+    vla-exp-study metaworld          # original vs fixed on MetaWorld: closed-loop success per epoch,
                                                    # and at equal optimiser updates
-    python experiments/study.py budget             # original vs fixed for 16 epochs: action error by epoch, updates, time
-    python experiments/study.py factorial --seeds 0,1 --jobs 1 --out DIR epochs=4   # trailing Hydra overrides
-    python experiments/study.py factorial --dry-run   # print each run's overrides, one line a run; launch nothing
-    python experiments/study.py screen --a recipe=original --b recipe=reported_script --split optim --seeds 0,1
+    vla-exp-study budget             # original vs fixed for 16 epochs: action error by epoch, updates, time
+    vla-exp-study factorial --seeds 0,1 --jobs 1 --out DIR epochs=4   # trailing Hydra overrides
+    vla-exp-study factorial --dry-run   # print each run's overrides, one line a run; launch nothing
+    vla-exp-study screen --a recipe=original --b recipe=reported_script --split optim --seeds 0,1
 
 Runs go to --out (default results/<study>), the report to <out>/report (dashboard.html, table.md, analysis.md).
 Re-running a study skips its finished runs, so an interrupted one goes on where it stopped. Jobs run side by side
@@ -21,7 +21,7 @@ takes twice the optimiser steps of the original in an epoch (batch 8 against 16)
 the epochs that give it the original's number of updates (into <out>_equal_updates) and compares both ways.
 
 The screen study varies every difference between two configs A and B (each a quoted list of overrides or a run
-folder; `python -m vla_exp.diff A B` lists them) in a two-level design (vla_exp/screen.py), then confirms the
+folder; `python -m vla_exp.attribution.diff A B` lists them) in a two-level design (vla_exp/attribution/screen.py), then confirms the
 smallest set of changes that recovers B: A plus the factors in order of their effect, one at a time, each step run
 with the same seeds, until one reaches B's value; then that set minus each of its factors. It prints the outcome
 in one sentence (also in <out>/confirmation.md) and the report holds the effects, their aliases and the steps.
@@ -40,10 +40,10 @@ from pathlib import Path
 import pandas as pd
 
 from vla_exp import UsageError
-from vla_exp.analysis import markdown
+from vla_exp.attribution.analysis import markdown
 from vla_exp.config import GROUPS, compose, recipe_levels
 from vla_exp.files import exclusive, write_json, write_text
-from vla_exp.report import main as report
+from vla_exp.attribution.report import main as report
 
 # Sized for the 48-run factorial to fit in 30 minutes on 2 CPU cores (README: how long it takes on which machine);
 # the recipes' own default is 4 epochs of 200.
@@ -106,7 +106,7 @@ def main(argv=None):
             sys.exit(f"error: {e}")
         sweeps.append(([f"seed={args.seeds}", *budget, *args.overrides, *fixed], f"{out}_equal_updates"))
     if args.dry_run:
-        from vla_exp.train import sweep_jobs
+        from vla_exp.training.sweep import sweep_jobs
         for overrides, folder in sweeps:
             jobs = sweep_jobs(overrides)
             print("\n".join(" ".join(job) for job in jobs) + f"\n{len(jobs)} runs into {folder}")
@@ -116,7 +116,7 @@ def main(argv=None):
         prepare(*budget, *args.overrides)
     code = 0
     for overrides, folder in sweeps:
-        code |= subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *overrides, *launcher,
+        code |= subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *overrides, *launcher,
                                 f"hydra.sweep.dir={folder}", "progress=false"]).returncode
     if code and nothing_ran([folder for _, folder in sweeps]):
         return code
@@ -137,8 +137,8 @@ def nothing_ran(folders):
 
 def screen(args, parser, out, launcher):
     """The screen: design, its multirun, the confirmation's multiruns one step at a time, the report."""
-    from vla_exp import screen as sc
-    from vla_exp.diff import Side
+    from vla_exp.attribution import screen as sc
+    from vla_exp.attribution.diff import Side
     if not (args.a and args.b):
         parser.error("screen needs --a and --b: each a quoted list of overrides or a run folder")
     start = time.time()
@@ -172,7 +172,7 @@ def screen(args, parser, out, launcher):
         return [*base, "+screen=" + ",".join(dict.fromkeys(names_run)), *args.overrides]
 
     if args.dry_run:
-        from vla_exp.train import sweep_jobs
+        from vla_exp.training.sweep import sweep_jobs
         with tempfile.TemporaryDirectory(prefix="vla_screen_") as scratch:  # every configuration checked, none kept
             jobs = sweep_jobs(sweep(list(matrix), "design", Path(scratch)))
         print("\n".join(" ".join(job) for job in jobs))
@@ -192,11 +192,11 @@ def screen(args, parser, out, launcher):
 
 def run_screen(args, out, launcher, sweep, matrix, facs, start):
     """The screen's design, its confirmation one step at a time, and the report, in a folder the study holds."""
-    from vla_exp import screen as sc
+    from vla_exp.attribution import screen as sc
     from vla_exp.config import reference_levels
-    from vla_exp.report import find_run_dirs, load_runs
+    from vla_exp.attribution.report import find_run_dirs, load_runs
     names = [f["name"] for f in facs]
-    launched = subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *sweep(list(matrix), "design"),
+    launched = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *sweep(list(matrix), "design"),
                                *launcher]).returncode
     if launched and nothing_ran([out]):
         return launched
@@ -219,7 +219,7 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start):
         if plan["next"] is None:
             break
         print(f"confirmation: {sc.label(plan['next'], names)}")
-        launched |= subprocess.run([sys.executable, "-m", "vla_exp.train", "-m", *sweep([plan["next"]], "confirm"),
+        launched |= subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *sweep([plan["next"]], "confirm"),
                                     *launcher]).returncode
         done = runs()
         if not (done.design_name == sc.config_name(plan["next"])).any():
@@ -238,8 +238,8 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start):
 
 def prepare(*overrides):
     """Generate the demonstrations once, before parallel jobs would each start on them."""
-    from vla_exp.episodes import episodes_dir
-    from vla_exp.schema import validate
+    from vla_exp.data.sources import episodes_dir
+    from vla_exp.data.sources import validate
     cfg = compose(*overrides)
     validate(cfg)  # MetaWorld missing, or a bad override: one line before anything runs
     print(f"demonstrations: {episodes_dir(cfg)}")
@@ -260,7 +260,7 @@ def equal_updates(budget, overrides):
 def references(out):
     """The reference policies' success, rolled out from the first finished run's folder (its tasks and data) with
     as many episodes per task as the runs had."""
-    from vla_exp.evaluate import evaluate_run
+    from vla_exp.evaluation.closed_loop import evaluate_run
     done = [(p.parent, s["closed_loop"]) for p in sorted(out.glob("*/summary.json"))
             if "closed_loop" in (s := json.loads(p.read_text()))]
     for name in REFERENCES if done else ():
@@ -301,8 +301,8 @@ def updates_table(out, equal):
     fixed recipe against the original at equal epochs and at equal updates."""
     from statsmodels.stats.weightstats import DescrStatsW
 
-    from vla_exp.analysis import num, welch
-    from vla_exp.evaluate import wilson
+    from vla_exp.attribution.analysis import num, welch
+    from vla_exp.evaluation.closed_loop import wilson
     runs = [json.loads(p.read_text()) for d in (out, equal) for p in sorted(d.glob("*/summary.json"))]
     runs = pd.DataFrame([{"recipe": s["choices"]["recipe"], "epochs": s["epochs"], "seed": s["seed"],
                           "updates": s["updates"], "rate": s["closed_loop"]["success_rate"],
@@ -337,9 +337,9 @@ def updates_table(out, equal):
 def budget_curve(out):
     """The budget study's figure (budget.png) and its table (budget.md): held-out action error per recipe and epoch
     with updates and wall time, and the recipes compared at equal epochs and at equal optimiser updates."""
-    from vla_exp import dashboard
+    from vla_exp.attribution import dashboard
     from vla_exp.config import reference_levels
-    from vla_exp.report import find_run_dirs, load_curves, load_runs
+    from vla_exp.attribution.report import find_run_dirs, load_curves, load_runs
     runs = load_runs(find_run_dirs([out]), reference_levels())
     curves = load_curves(runs)
     fig = dashboard.budget_figure(curves, runs)

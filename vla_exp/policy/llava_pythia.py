@@ -22,7 +22,8 @@ from transformers import (AutoImageProcessor, CLIPVisionConfig, CLIPVisionModel,
                           PreTrainedModel, SiglipVisionConfig, SiglipVisionModel)
 
 from vla_exp import UsageError
-from vla_exp.model import DiffusionPolicy, encode_tokens
+from vla_exp.tensors import read
+from vla_exp.policy.model import DiffusionPolicy, encode_tokens
 
 MODEL_TYPE = "llava_pythia"
 TOWERS = {"siglip": (SiglipVisionConfig, SiglipVisionModel), "clip": (CLIPVisionConfig, CLIPVisionModel)}
@@ -260,7 +261,6 @@ def apply_adapters(policy, path):
     Returns (the policy, the names non_lora_trainables.bin set)."""
     from peft import PeftModel
 
-    from vla_exp.checkpoint import read
     trained = {k.removeprefix(PEFT_PREFIX): v for k, v in read(Path(path) / LORA_TRAINABLES, "LoRA trainables").items()}
     unknown = policy.load_state_dict(trained, strict=False).unexpected_keys
     if unknown:

@@ -1,33 +1,18 @@
-"""Episodes: the ACT/TinyVLA-style HDF5 format (reading, writing, checking), and where a run's episodes come from
-(a folder, or a generator writing into the cache).
+"""Episodes: the ACT/TinyVLA-style HDF5 format (reading, writing, checking); vla_exp.data.sources says where a run's
+episodes come from.
 
 An episode file holds `/observations/images/<camera>` (T, H, W, 3) uint8, `/observations/qpos` (T, state dim),
 `/action` (T, action dim), `language_raw` (the instruction) and, optionally, `/baselines/<name>` (T, >= horizon,
 action dim): the action chunks of a predictor to report beside the policy. Read, it is a dict of arrays with the keys
 images, qpos, action, instruction and baselines: what every reader of another format must return too.
 """
-import importlib
-
 import h5py
 import numpy as np
 
 from vla_exp import UsageError
-from vla_exp.files import cache_path, check_cache_entry
 
 IMAGES, QPOS, ACTION, INSTRUCTION, BASELINES = "observations/images", "observations/qpos", "action", "language_raw", \
     "baselines"
-# data.task -> the module that generates its episodes: `params(cfg)` is everything that decides the files (it names
-# the cache folder, with `version()`), `generate(out_dir, **params)` writes them. Imported on use: MetaWorld is an
-# optional extra. `lerobot` reads a LeRobot dataset from disk (data.root) into the cache the same way.
-GENERATORS = {"tint": "vla_exp.tasks", "blocks": "vla_exp.tasks", "metaworld": "vla_exp.metaworld",
-              "lerobot": "vla_exp.lerobot"}
-
-
-PAST_END = ("hold", "mask")  # data.past_end: what the steps of an action chunk past an episode's end are (data.py)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The HDF5 format
 
 
 def write_episode(path, images, qpos, actions, instruction, baselines, camera):
@@ -115,22 +100,3 @@ def episode_files(data_dir):
     if not (files := sorted(data_dir.glob("*.hdf5"))):
         raise UsageError(f"data.dir={data_dir}: no *.hdf5 episode files there")
     return files
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Where a run's episodes come from
-
-
-def episodes_dir(cfg):
-    """The folder of episodes a run trains on: `data.dir`, or `data.task` generated into the cache on first use
-    (same parameters and generator version, same folder)."""
-    d = cfg.data
-    if d.dir:
-        return d.dir
-    generator = importlib.import_module(GENERATORS[d.task])
-    params = generator.params(cfg)
-    out_dir = cache_path(cfg.paths.cache_dir, "data", d.task, {**params, "version": generator.version()})
-    if not out_dir.is_dir():
-        generator.generate(out_dir, **params)
-    check_cache_entry(out_dir, "data")
-    return out_dir

@@ -2,23 +2,19 @@
 
 Data order depends only on seed and epoch and the learning rate only on the epoch, so the model, the optimizer, the
 RNG states and the position (epoch, batch, step) are all the state there is; the loop's own tallies ride along
-(`progress`: the fields of vla_exp.train.LoopState, and the seconds the run had taken).
+(`progress`: the fields of vla_exp.training.loop.LoopState, and the seconds the run had taken).
 
-A checkpoint holds tensors and plain values only, so it is read with `weights_only=True`: a file that holds anything
-else (a pickle that would run code when loaded) is refused before it can. `FORMAT` says which code wrote it; a
-checkpoint of another format is refused in one line before any training, never half-read.
+A checkpoint holds tensors and plain values only (vla_exp.tensors reads it with `weights_only=True`). `FORMAT`
+says which code wrote it; a checkpoint of another format is refused in one line before any training, never half-read.
 """
-import errno
 import json
-import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vla_exp import UsageError
-from vla_exp.files import atomic
+from vla_exp import UsageError, tensors
 
 NAME = "checkpoint.pt"
 FORMAT = 2  # 1: before the format was versioned (pickled numpy RNG state and loop state); raise on any change
@@ -28,30 +24,7 @@ def save(run_dir, policy, optimizer, gen, progress, metrics_rows, config_hash, w
     state = {"format": FORMAT, "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
              "progress": json.dumps(progress, default=lambda v: v.item()),  # numpy scalars as plain numbers
              "config_hash": config_hash, "rng": rng_state(gen), "metrics_rows": metrics_rows, "wandb_id": wandb_id}
-    write(state, Path(run_dir) / NAME, "checkpoint")
-
-
-def write(obj, path, what):
-    """`torch.save` atomically; a full disk (or quota, or file size limit) is one line naming the folder and the
-    space the file needs."""
-    try:
-        with atomic(path) as tmp, open(tmp, "wb") as f:
-            torch.save(obj, f)
-    except (OSError, RuntimeError) as e:
-        cause = e if isinstance(e, OSError) else e.__context__  # torch's writer wraps the failed write
-        if not isinstance(cause, OSError) or cause.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise
-        raise UsageError(f"no space left on {Path(path).parent} ({cause.strerror}): the {what} needs about "
-                         f"{tensor_bytes(obj) / 2 ** 20:.0f} MB") from None
-
-
-def tensor_bytes(obj):
-    """The bytes of every tensor in a nest of dicts, lists and tuples."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    return sum(map(tensor_bytes, obj)) if isinstance(obj, (list, tuple)) else 0
+    tensors.write(state, Path(run_dir) / NAME, "checkpoint")
 
 
 def rng_state(gen):
@@ -86,19 +59,8 @@ def find_and_load(run_dir, resume, config_hash):
     return ckpt
 
 
-def read(path, what):
-    """`torch.load` of a file vla-exp wrote (`what` names it for the user), tensors and plain values only."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UsageError(f"{path}: refused: this {what} holds objects other than tensors and plain values, which "
-                         "loading could run as code (a file of an older vla-exp, or not vla-exp's); delete it") from None
-    except Exception as e:
-        raise UsageError(f"{path} is not a readable {what} ({type(e).__name__}: {str(e)[:200]})") from None
-
-
 def load(path):
-    ckpt = read(path, "checkpoint")
+    ckpt = tensors.read(path, "checkpoint")
     version = ckpt.get("format", 1) if isinstance(ckpt, dict) else None
     if version != FORMAT:
         raise UsageError(f"{path}: a checkpoint of format {version}; this version of vla-exp reads format {FORMAT}. "

@@ -1,5 +1,5 @@
 """The numbers of a report: the results table per cell, the factorial analysis, and the leave-one-out and add-one
-tables. Pure functions of the runs DataFrame (one row per run, as vla_exp.report.load_runs builds it) and of the
+tables. Pure functions of the runs DataFrame (one row per run, as vla_exp.attribution.report.load_runs builds it) and of the
 recipes' levels ({"original": {group: level}, "fixed": {...}}), so they can be tested on synthetic data.
 
 How the factorial analysis decides (see `factorial` and `verdicts`):

@@ -1,7 +1,7 @@
 """Screening every difference between two recipes or runs: the factors, a two-level design over them, its
 analysis, and the confirmation of the smallest set of changes that recovers B.
 
-- Factors come from `vla_exp.diff`: a config group whose option differs is one factor, any other differing key is one
+- Factors come from `vla_exp.attribution.diff`: a config group whose option differs is one factor, any other differing key is one
   (a key that exists on one side only joins the factor of its parent node, so the two change together).
 - The design is pyDOE3's: the full 2^k factorial when it fits the run budget, else a regular 2^(k-p) fraction of
   resolution IV (main effects aliased with three-factor interactions at worst), or III on request; level -1 is A's
@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from vla_exp import UsageError
-from vla_exp.analysis import ALPHA, finite
+from vla_exp.attribution.analysis import ALPHA, finite
 from vla_exp.config import NOT_RESULTS, leaves, literal
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"  # pyDOE3 names factors by letters
@@ -35,7 +35,7 @@ def factors(a, b, split=()):
     only joins the factor of a differing key under the same parent node (optim.schedule._target_ and
     optim.schedule.eta_min_ratio become one factor, optim.schedule); one that exists on A only is refused in one
     line: a config file can add a key, not remove one. The seed is never a factor: the screen replicates over seeds."""
-    from vla_exp.diff import diff
+    from vla_exp.attribution.diff import diff
     d = diff(a, b, split)
     out = []
     for f in sorted((f for f in d["factors"] if f["factor"] != "seed"), key=lambda f: not f["composable"]):
@@ -92,8 +92,8 @@ def design(k, max_runs=32, resolution=4, foldover=False):
     from pyDOE3 import fold, fracfact, fracfact_by_res, fracfact_opt
     if k < 2:
         raise UsageError(f"{k} factor{'s' if k != 1 else ''} differ{'s' if k == 1 else ''} between A and B: nothing "
-                         "to screen; " + ("run A and B over seeds (python -m vla_exp.train -m ... seed=0,1,2) and "
-                                          "compare them with python -m vla_exp.report" if k == 1 else
+                         "to screen; " + ("run A and B over seeds (vla-exp-train -m ... seed=0,1,2) and "
+                                          "compare them with python -m vla_exp.attribution.report" if k == 1 else
                                           "A and B are the same config"))
     per_row = 2 if foldover else 1
     roman = {3: "III", 4: "IV"}[resolution]
@@ -167,7 +167,7 @@ def target(levels, facs, a, b):
     """({group: option}, {key: value}) of one configuration: A's resolved config with the factors at +1 taken from
     B, every result-deciding leaf spelled out (what logs, where files go and the labels are left to the command
     line), so nothing given on A's or B's command line or inside a preset can override or drop a value."""
-    from vla_exp.diff import LABELS, groups
+    from vla_exp.attribution.diff import LABELS, groups
     at_b = [f for x, f in zip(levels, facs) if x > 0]
     by_group = {f["group"]: f for f in facs if f["group"]}
     options = {g: (b if g in by_group and by_group[g] in at_b else a).choices[g]
@@ -218,8 +218,8 @@ def check_config(folder, levels, facs, a, b):
     """Compose a written configuration as its runs will (without the study's budget) and refuse in one line unless
     every result-deciding leaf is A's, or B's for the factors at +1."""
     from vla_exp.config import compose
-    from vla_exp.diff import LABELS
-    from vla_exp.schema import validate
+    from vla_exp.attribution.diff import LABELS
+    from vla_exp.data.sources import validate
     name = config_name(levels)
     cfg = compose(f"hydra.searchpath=[file://{Path(folder).resolve()}]", f"+screen={name}")
     try:

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from vla_exp.data import sample_errors
-from vla_exp.diffusion import noise_prediction, sample_actions
+from vla_exp.data.chunks import sample_errors
+from vla_exp.policy.diffusion import noise_prediction, sample_actions
 
 HEALTHY_OUTPUT_STD = (0.1, 1.5)
 HEALTHY_FIRST_LOSS = 2.0

@@ -1,34 +1,27 @@
-"""One training core for every recipe: `python -m vla_exp.train recipe=fixed init=none`."""
+"""One training core for every recipe: the loop, its state and its parts (`vla-exp-train` runs it, vla_exp.training.main)."""
 import functools
 import itertools
 import json
 import math
-import os
 import platform
 import re
 import resource
 import signal
 import sys
 import time
-import traceback
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from vla_exp import UsageError
-from vla_exp.config import CONF_DIR, choices, config_hash, run_name
-from vla_exp.files import Busy, exclusive, write_json, write_text
+from vla_exp.config import choices, config_hash, run_name
+from vla_exp.files import exclusive, write_json
 from vla_exp.signals import Interrupted, StopOnSignal
 
 
@@ -140,8 +133,8 @@ class Parts:
 def train(cfg, run_dir):
     """Train one run into `run_dir` and return its summary (also written to `run_dir/summary.json`). One run at a
     time holds the folder; a signal stops the run at a step boundary with everything saved (vla_exp.signals)."""
-    from vla_exp import ddp
-    from vla_exp.schema import validate
+    from vla_exp.training import ddp
+    from vla_exp.data.sources import validate
 
     validate(cfg)
     procs = ddp.setup()  # under distributed training only rank 0 writes files, logs to W&B and prints
@@ -156,9 +149,9 @@ def train(cfg, run_dir):
 
 def train_in(cfg, run_dir, procs, digest, stop):
     """The run itself: build, init report, train, summarise."""
-    from vla_exp import checkpoint
-    from vla_exp.diagnostics import init_report
-    from vla_exp.episodes import episodes_dir
+    from vla_exp.training import checkpoint
+    from vla_exp.evaluation.heldout import init_report
+    from vla_exp.data.sources import episodes_dir
     from vla_exp.recorder import Recorder
 
     device, bf16 = device_and_precision(cfg, procs.local_rank)
@@ -284,21 +277,22 @@ def train_in(cfg, run_dir, procs, digest, stop):
 
 def write_policy(p, cfg, run_dir):
     """The trained policy: policy.pt, and for a LLaVA-Pythia model TinyVLA's folder layout too."""
-    from vla_exp import checkpoint
+    from vla_exp import tensors
     policy = p.policy
     if policy.config.model_type == "llava_pythia":  # TinyVLA's layout: model.path=<run>/policy loads it back
-        from vla_exp.llava_pythia import save_policy
+        from vla_exp.policy.llava_pythia import save_policy
         policy = save_policy(p.policy, p.tokenizer, cfg.model.path, run_dir / "policy")
     elif hasattr(policy, "merge_and_unload"):  # LoRA: policy.pt holds the merged weights
         policy = policy.merge_and_unload()
-    checkpoint.write({k: v.cpu() for k, v in policy.state_dict().items()}, run_dir / "policy.pt", "policy")
+    tensors.write({k: v.cpu() for k, v in policy.state_dict().items()}, run_dir / "policy.pt", "policy")
 
 
 def build_parts(cfg, procs, device, bf16, run_dir):
     """The data, the policy with its head initialised by the init fix, the optimizer and the other fixes."""
-    from vla_exp.config import datasets
-    from vla_exp.diffusion import schedulers
-    from vla_exp.model import load_policy, trainable
+    from vla_exp.data.sources import datasets
+    from vla_exp.policy.diffusion import schedulers
+    from vla_exp.policy.load import load_policy
+    from vla_exp.policy.model import trainable
 
     with procs.rank0_first():  # the data and the backbone are cached on first use
         train_set, val_set = datasets(cfg)
@@ -338,7 +332,7 @@ def optimisation_step(p, batch, state, procs, log_every):
     """Forward, loss handling, backward, clipping and the optimizer's step on one global batch (this process's
     share of it). Returns (the batch's loss before loss handling, the gradient norm before clipping or NaN where
     no update was made or None where it was not measured, the predicted noise)."""
-    from vla_exp.diffusion import noise_prediction
+    from vla_exp.policy.diffusion import noise_prediction
     n = len(batch["actions"])
     share, weight = procs.part(n)
     with p.autocast():
@@ -367,7 +361,7 @@ def optimisation_step(p, batch, state, procs, log_every):
 
 def end_of_epoch(p, state, cfg, procs, rec, run_dir, start):
     """Held-out figures, closed-loop rollouts where due, the epoch's row, convergence; then the next epoch."""
-    from vla_exp.diagnostics import held_out_metrics
+    from vla_exp.evaluation.heldout import held_out_metrics
     losses = state.epoch_losses
     train_loss = float(np.mean(losses)) if losses else float("nan")
     early_stop(state, train_loss, cfg.early_stop)
@@ -378,7 +372,7 @@ def end_of_epoch(p, state, cfg, procs, rec, run_dir, start):
     state.epoch_row = {"kind": "epoch", "step": state.step, "epoch": state.epoch + 1, "train_loss": train_loss,
                        **{k: v for k, v in held_out.items() if k != "baseline_action_errors"}}
     if procs.is_main and cfg.eval.rollouts and ((state.epoch + 1) % cfg.eval.rollout_every == 0 or last):
-        from vla_exp.evaluate import closed_loop  # the simulator: imported only for data=metaworld
+        from vla_exp.evaluation.closed_loop import closed_loop  # the simulator: imported only for data=metaworld
         state.closed_loop = cl = closed_loop(p.policy, p.tokenizer, p.train_set.norm, cfg, cfg.eval.rollouts,
                                              seed=0, out_dir=run_dir if last else None)
         state.epoch_row.update(success_rate=cl["success_rate"],
@@ -420,119 +414,3 @@ def summarise(state, cfg):
     if state.closed_loop:
         out["closed_loop"] = state.closed_loop
     return out
-
-
-def sweep_settings(cfg, hc):
-    """In a multirun: one W&B group per sweep, and the cores divided between parallel jobs so they do not fight.
-    Hydra saved the job's config before the job began: it is saved again with these, so it says what ran (and
-    `python -m vla_exp.evaluate` of a sweep job logs into the sweep's group)."""
-    if cfg.logger.get("group") is None and "group" in cfg.logger:
-        cfg.logger.group = hc.sweep.dir
-    n_jobs = hc.launcher.get("n_jobs")  # set by the joblib launcher; -1 means one job per core, as in joblib
-    if cfg.threads is None and n_jobs:
-        cpus = os.cpu_count()
-        cfg.threads = max(1, cpus // min(cpus, n_jobs if n_jobs > 0 else cpus + 1 + n_jobs))
-    if hc.output_subdir is not None:
-        write_text(Path(hc.runtime.output_dir) / hc.output_subdir / "config.yaml", OmegaConf.to_yaml(cfg))
-
-
-def status_of(path):
-    """The status in a summary.json, or why there is none."""
-    try:
-        s = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return "unreadable"
-    return s.get("status", "unreadable") if isinstance(s, dict) else "unreadable"
-
-
-class Sweep(Callback):
-    """A multirun holds its sweep folder (a second sweep into it stops at once), checks every job's config before
-    the launcher starts any (one line per bad job, nothing launched), and at its end counts the jobs that failed or
-    were interrupted, with a non-zero exit if any were."""
-
-    def on_multirun_start(self, config, **kwargs):
-        from vla_exp.schema import validate
-        self.hold = ExitStack()
-        try:
-            self.hold.enter_context(exclusive(config.hydra.sweep.dir, "another sweep"))
-        except UsageError as e:
-            sys.exit(f"error: {e}")
-        bad, jobs = [], job_overrides(config)
-        common = set.intersection(*map(set, jobs)) if jobs else set()
-        for num, overrides in enumerate(jobs):
-            try:
-                validate(GlobalHydra.instance().config_loader().load_sweep_config(config, overrides))
-            except UsageError as e:
-                bad.append(f"job {num} ({' '.join(o for o in overrides if o not in common)}): {e}")
-        if bad:
-            sys.exit("\n".join(["error: nothing launched; these jobs' configs are not valid:", *bad]))
-
-    def __getstate__(self):  # submitit pickles the launcher with its callbacks: the lock stays with this process
-        return {}
-
-    def on_multirun_end(self, config, **kwargs):
-        sweep_dir = Path(config.hydra.sweep.dir)
-        status = [status_of(p) for p in sorted(sweep_dir.glob("*/summary.json"))]
-        failed = len(status) - sum(map(status.count, ("completed", "diverged", "interrupted")))
-        interrupted = status.count("interrupted")
-        print(f"{sweep_dir}: {len(status)} runs, {failed} failed, {interrupted} interrupted. "
-              f"Report: python -m vla_exp.report {sweep_dir}")
-        if interrupted:
-            print("the same command resumes the interrupted runs and skips the finished ones")
-        self.hold.close()
-        if failed or interrupted:
-            sys.exit(1)
-
-
-def job_overrides(config):
-    """Every job's overrides, as the basic sweeper will split them (other sweepers choose their jobs as they go:
-    their jobs are checked as each one starts)."""
-    if not config.hydra.sweeper._target_.endswith("BasicSweeper"):
-        return []
-    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-    return sweep_jobs([*params, *config.hydra.overrides.task])
-
-
-def sweep_jobs(overrides):
-    """The jobs a multirun of `overrides` (`init=none,xavier seed=0,1`) launches, each its list of overrides, as
-    Hydra's basic sweeper splits them."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg):
-    hc = HydraConfig.get()
-    sweep = hc.mode == RunMode.MULTIRUN
-    if sweep:
-        sweep_settings(cfg, hc)
-    try:
-        s = train(cfg, hc.runtime.output_dir)
-    except Interrupted as e:  # one line; then submitit's requeue where it asked for the signal, else the exit
-        print(f"job {hc.job.num}: {e}" if sweep else e, file=sys.stderr)
-        e.hand_on()
-        sys.exit(128 + e.signum)  # a sweep stops too: the same command resumes this job and skips the finished ones
-    except KeyboardInterrupt:
-        sys.exit("stopped at once by Ctrl-C; the same command resumes from the last checkpoint, if there is one")
-    except UsageError as e:  # bad input: one line, no traceback (bugs keep theirs)
-        if not sweep:
-            sys.exit(f"error: {e}")
-        print(f"job {hc.job.num} failed: {e}", file=sys.stderr)
-        if not isinstance(e, Busy) and not Path(hc.runtime.output_dir, "summary.json").exists():  # rejected first
-            write_json(Path(hc.runtime.output_dir) / "summary.json", {"choices": choices(cfg), "seed": cfg.seed,
-                                                                       "status": "failed", "error": f"UsageError: {e}"})
-    except Exception:
-        if not sweep:
-            raise
-        traceback.print_exc()  # a failed job must not stop the sweep: its summary.json says failed, the report shows it
-        print(f"job {hc.job.num} failed; the sweep goes on", file=sys.stderr)
-    else:
-        if sweep:
-            error = s.get("val_action_error", float("nan"))
-            print(f"job {hc.job.num} {run_name(cfg)}: {s['status']}, action error {error:.4g}, {s['wall_time_s']:.0f} s")
-
-
-if __name__ == "__main__":
-    main()

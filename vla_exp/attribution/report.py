@@ -1,14 +1,14 @@
 """Report on finished runs: what each fix did, with the seeds' uncertainty.
 
-    python -m vla_exp.report multirun/2026-01-01/12-00-00           # a sweep, searched recursively for runs
-    python -m vla_exp.report outputs/a outputs/b --out results/ab     # several folders, one report
-    python -m vla_exp.report multirun/... --wandb                     # also log the table and plots to W&B (offline)
+    python -m vla_exp.attribution.report multirun/2026-01-01/12-00-00           # a sweep, searched recursively for runs
+    python -m vla_exp.attribution.report outputs/a outputs/b --out results/ab     # several folders, one report
+    python -m vla_exp.attribution.report multirun/... --wandb                     # also log the table and plots to W&B (offline)
 
 Writes into --out (default <first dir>/report), every file atomically: runs.csv and runs.parquet (one row per run),
 curves.csv (every metrics.jsonl row), table.md and table.csv (per cell: mean ± std and n over seeds), analysis.md
 (verdicts, ANOVA tables, interactions, leave-one-out and add-one tables), PNG plots and dashboard.html (one
-self-contained file). The recipes' levels come from conf/recipe/*.yaml; vla_exp/analysis.py says how effects are tested.
-Runs of a screen (experiments/study.py screen) get the screen's analysis instead (vla_exp/screen.py): the design, each
+self-contained file). The recipes' levels come from conf/recipe/*.yaml; vla_exp/attribution/analysis.py says how effects are tested.
+Runs of a screen (experiments/study.py screen) get the screen's analysis instead (vla_exp/attribution/screen.py): the design, each
 difference's effect with its aliases, the confirmation, a half-normal plot.
 """
 import argparse
@@ -22,8 +22,9 @@ import pandas as pd
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from vla_exp import UsageError, analysis, dashboard, screen
-from vla_exp.analysis import CELL
+from vla_exp import UsageError
+from vla_exp.attribution import analysis, dashboard, screen
+from vla_exp.attribution.analysis import CELL
 from vla_exp.config import CONF_DIR, NOT_RESULTS, leaves, reference_levels
 from vla_exp.files import atomic, write_text
 from vla_exp.recorder import Tracker
@@ -32,12 +33,12 @@ MANY = 20  # a progress bar from this many runs on
 METHOD = ("Effect = marginal mean of the level minus that of the reference level (the original recipe's), with a 95% "
           "CI, from an OLS over the seeds (with two-way interactions where the runs allow: see each metric's model); "
           f"detectable when p < {analysis.ALPHA}; size from partial eta² (small >= 0.01, medium >= 0.06, "
-          "large >= 0.14). See vla_exp/analysis.py.")
+          "large >= 0.14). See vla_exp/attribution/analysis.py.")
 
 
 # ------------------------------------------------------------------------------------------------ loading
 def sweep_group(run_dirs):
-    """The W&B group of the runs' sweep: its hydra.sweep.dir (what vla_exp.train groups a multirun by) when the
+    """The W&B group of the runs' sweep: its hydra.sweep.dir (what vla-exp-train groups a multirun by) when the
     sweep's multirun.yaml holds it literally, else the name of the runs' common parent folder."""
     parent = Path(os.path.commonpath([str(Path(d).parent) for d in run_dirs]))
     if (parent / "multirun.yaml").exists():
@@ -75,7 +76,7 @@ def load_runs(run_dirs, levels):
         row = {"run_dir": str(d), **{c: str(choices.get(c) or "?") for c in CELL}, "recipe": choices.get("recipe")}
         row.update({k: v for k, v in s.items() if isinstance(v, (str, int, float, bool, type(None))) and k not in row})
         row.update({f"baseline_{k}": v for k, v in (s.get("baseline_action_errors") or {}).items()})
-        if isinstance(design := s.get("design"), dict):  # a screen's configuration (vla_exp.screen)
+        if isinstance(design := s.get("design"), dict):  # a screen's configuration (vla_exp.attribution.screen)
             row.update({f"design_{k}": design.get(k) for k in ("name", "label", "part")})
             row.update({f"level:{f}": x for f, x in zip(design.get("factors", []), design.get("levels", []))})
         for name, cl in s.items():  # closed-loop success (data=metaworld): the run's policy, and reference policies
@@ -167,7 +168,7 @@ def analysis_markdown(title, results, loo, add):
 
 
 def screen_results(runs):
-    """A screen's analysis (vla_exp.screen) of the runs of its design, per metric, and its factors."""
+    """A screen's analysis (vla_exp.attribution.screen) of the runs of its design, per metric, and its factors."""
     names = [c.removeprefix("level:") for c in runs if c.startswith("level:")]
     design = runs[runs.design_part == "design"]
     return names, {m: screen.analyse(design, m, names) for m in analysis.METRICS if m in runs}
@@ -310,7 +311,7 @@ def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vla_exp.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m vla_exp.attribution.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", help="run or sweep folders, searched recursively for summary.json")
     parser.add_argument("--out", help="output folder (default: <first dir>/report)")

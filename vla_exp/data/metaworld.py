@@ -1,7 +1,7 @@
 """MetaWorld (an optional extra: `pip install -e ".[metaworld]"`): demonstrations from its scripted experts, and the
 harness that rolls any policy out in its simulator.
 
-An episode is written in the format of vla_exp/episodes.py: images (T, 64, 64, 3) uint8, qpos (T, 10), action (T, 4),
+An episode is written in the format of vla_exp/data/episodes.py: images (T, 64, 64, 3) uint8, qpos (T, 10), action (T, 4),
 the instruction; no baselines.
 - state (`qpos`, 10): hand xyz, gripper opening (0 closed .. 1 open), object xyz, goal xyz. MetaWorld hides the goal
   unless `_partially_observable` is False; a policy whose tiny vision tower cannot yet localise a small goal marker
@@ -25,11 +25,13 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering without a displ
 logging.getLogger("OpenGL").setLevel(logging.WARNING)  # under Hydra's logging, PyOpenGL's import notes would show
 
 import numpy as np
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from vla_exp import UsageError
-from vla_exp.episodes import write_episode
+from vla_exp.data.episodes import write_episode
 from vla_exp.files import cache_entry, write_json
+from vla_exp.schema import check as check_key, one_of
 
 VERSION = 1  # part of the cache key: bump it when what the generator writes changes (instructions included)
 INSTALL = 'pip install -e ".[metaworld]" (or pip install "vla-exp[metaworld]")'
@@ -65,6 +67,15 @@ def version():
     """What, beside `params`, decides the generated files: this generator and the simulator's versions."""
     task_names()
     return f"metaworld-{VERSION}, metaworld {metadata.version('metaworld')}, mujoco {metadata.version('mujoco')}"
+
+
+def check(cfg):
+    """data.tasks and data.camera: the task names come from MetaWorld itself (one line naming the install command
+    where it cannot be imported)."""
+    names = task_names()
+    check_key(cfg, "data.tasks", (lambda v: OmegaConf.is_list(v) and all(t in names for t in v) and 0 < len(v) == len(set(v)),
+                                  f"must be a non-empty list of distinct MetaWorld tasks from: {', '.join(names)}"))
+    check_key(cfg, "data.camera", one_of(CAMERAS))
 
 
 def params(cfg):

@@ -1,4 +1,4 @@
-"""Built-in task generators, written in the episode format of vla_exp/episodes.py: qpos (T, 2) is the gripper's
+"""Built-in task generators, written in the episode format of vla_exp/data/episodes.py: qpos (T, 2) is the gripper's
 position, the action (T, 2) its next one, and `/baselines/<name>` (T, horizon, 2) the action chunk of the best
 predictor that does not see one input, so held-out evaluation can report it beside the policy.
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vla_exp.episodes import write_episode
+from vla_exp.data.episodes import write_episode
 from vla_exp.files import cache_entry
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (50, 70, 210)}

@@ -5,7 +5,7 @@ The `lerobot` package pins older torch and transformers than vla-exp's and canno
 files are read and written here with pyarrow (the parquet tables) and PyAV (the mp4 videos: its wheels bundle FFmpeg
 with LeRobot's AV1 codec, libsvtav1 to write and dav1d to read), following the layout LeRobot's own writer produces.
 
-`data=lerobot` is a generator of vla_exp.episodes like the built-in tasks: the first run decodes every episode's
+`data=lerobot` is a generator of vla_exp.data.episodes like the built-in tasks: the first run decodes every episode's
 frames (resized to the model's image size) and writes them with the episode's states, actions and task string as
 HDF5 episodes in the cache, keyed by the dataset's fingerprint; later runs and sweep jobs read the cache.
 """
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from vla_exp import UsageError
 from vla_exp.files import cache_entry, staged_dir
-from vla_exp.episodes import camera_name, write_episode
+from vla_exp.data.episodes import camera_name, write_episode
 
 SUPPORTED = ("v2.1", "v3.0")
 BASELINE = "baselines."  # features named baselines.<name>: a stored predictor's action chunks, (horizon, action dim)
@@ -191,7 +191,7 @@ def column(table, name, shape):
 
 
 def read_episode(ds, e, cameras, keys, frames, image_size=None):
-    """One episode as vla_exp.episodes' readers return it; bad data raises UsageError naming its file."""
+    """One episode as vla_exp.data.episodes' readers return it; bad data raises UsageError naming its file."""
     table = data_file(e["data"])
     rows = table.filter(pc.equal(table.column("episode_index"), e["index"]))
     rows = rows.take(pc.sort_indices(rows, [("frame_index", "ascending")]))
@@ -287,7 +287,7 @@ class Frames:
 
 
 def write_dataset(out, episodes, camera, fps=20, version="v3.0", images="video", total=None):
-    """Write `episodes` (an iterable of the dicts vla_exp.episodes reads) as a LeRobot dataset at `out`: the images
+    """Write `episodes` (an iterable of the dicts vla_exp.data.episodes reads) as a LeRobot dataset at `out`: the images
     as the camera `observation.images.<camera>` (AV1 video as LeRobot encodes it, or PNG image features), qpos as
     `observation.state`, the instruction as the task, stored baselines as `baselines.<name>` features. One data file
     and one video file (v3.0) or one of each per episode (v2.1). The folder appears when it is complete."""

@@ -1,9 +1,9 @@
 """Move episodes between vla-exp's HDF5 format and LeRobot datasets, both ways.
 
-  python -m vla_exp.convert data=tint out/tint-lerobot             # the embedded task as a LeRobot v3.0 dataset
-  python -m vla_exp.convert "data=metaworld data.episodes=5" out/mw   # MetaWorld demonstrations (the extra)
-  python -m vla_exp.convert path/to/hdf5-folder out/ds --codebase-version v2.1 --images image
-  python -m vla_exp.convert path/to/lerobot-dataset out/hdf5         # LeRobot -> HDF5 episodes
+  python -m vla_exp.data.convert data=tint out/tint-lerobot             # the embedded task as a LeRobot v3.0 dataset
+  python -m vla_exp.data.convert "data=metaworld data.episodes=5" out/mw   # MetaWorld demonstrations (the extra)
+  python -m vla_exp.data.convert path/to/hdf5-folder out/ds --codebase-version v2.1 --images image
+  python -m vla_exp.data.convert path/to/lerobot-dataset out/hdf5         # LeRobot -> HDF5 episodes
 
 A source with meta/info.json is a LeRobot dataset and becomes HDF5 episodes (all its episodes, frames at their size
 unless --image-size, the camera as --camera or its only one). Anything else vla-exp reads (a folder of HDF5 episodes,
@@ -16,13 +16,14 @@ from pathlib import Path
 
 from vla_exp import UsageError
 from vla_exp.files import check_new
-from vla_exp.lerobot import SUPPORTED, Dataset, cameras_of, generate, write_dataset
+from vla_exp.data.lerobot import SUPPORTED, Dataset, cameras_of, generate, write_dataset
 
 
 def hdf5_source(source):
     """(the folder of HDF5 episodes, the camera to read) for a folder or a quoted list of data overrides."""
     from vla_exp.config import compose
-    from vla_exp.episodes import camera_name, episodes_dir
+    from vla_exp.data.episodes import camera_name
+    from vla_exp.data.sources import episodes_dir
     if Path(source).expanduser().is_dir():
         return Path(source).expanduser(), None
     overrides = source.split()
@@ -33,7 +34,7 @@ def hdf5_source(source):
 
 
 def to_lerobot(source, out, camera, fps, version, images):
-    from vla_exp.episodes import episode_files, only_camera, read_episode
+    from vla_exp.data.episodes import episode_files, only_camera, read_episode
     folder, default_camera = hdf5_source(source)
     files = episode_files(folder)
     camera = camera or default_camera or only_camera(files[0])
@@ -51,7 +52,7 @@ def to_hdf5(source, out, camera, image_size):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vla_exp.convert", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m vla_exp.data.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a LeRobot dataset, a folder of HDF5 episodes, or quoted data overrides")
     p.add_argument("out", help="the folder to write (must not exist)")

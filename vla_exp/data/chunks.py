@@ -6,7 +6,9 @@ import numpy as np
 import torch
 
 from vla_exp import UsageError
-from vla_exp.episodes import PAST_END, check_episode, episode_files, read_episode
+from vla_exp.data.episodes import check_episode, episode_files, read_episode
+
+PAST_END = ("hold", "mask")  # data.past_end: what the steps of an action chunk past an episode's end are
 
 
 def split_episodes(files, val_fraction, seed):

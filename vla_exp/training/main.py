@@ -1,0 +1,51 @@
+"""The Hydra entry point: `vla-exp-train recipe=fixed init=none`, `vla-exp-train -m init=xavier,none`."""
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from vla_exp import UsageError
+from vla_exp.config import CONF_DIR, choices, run_name
+from vla_exp.files import Busy, write_json
+from vla_exp.signals import Interrupted
+from vla_exp.training.loop import train
+from vla_exp.training.sweep import sweep_settings
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg):
+    hc = HydraConfig.get()
+    sweep = hc.mode == RunMode.MULTIRUN
+    if sweep:
+        sweep_settings(cfg, hc)
+    try:
+        s = train(cfg, hc.runtime.output_dir)
+    except Interrupted as e:  # one line; then submitit's requeue where it asked for the signal, else the exit
+        print(f"job {hc.job.num}: {e}" if sweep else e, file=sys.stderr)
+        e.hand_on()
+        sys.exit(128 + e.signum)  # a sweep stops too: the same command resumes this job and skips the finished ones
+    except KeyboardInterrupt:
+        sys.exit("stopped at once by Ctrl-C; the same command resumes from the last checkpoint, if there is one")
+    except UsageError as e:  # bad input: one line, no traceback (bugs keep theirs)
+        if not sweep:
+            sys.exit(f"error: {e}")
+        print(f"job {hc.job.num} failed: {e}", file=sys.stderr)
+        if not isinstance(e, Busy) and not Path(hc.runtime.output_dir, "summary.json").exists():  # rejected first
+            write_json(Path(hc.runtime.output_dir) / "summary.json", {"choices": choices(cfg), "seed": cfg.seed,
+                                                                       "status": "failed", "error": f"UsageError: {e}"})
+    except Exception:
+        if not sweep:
+            raise
+        traceback.print_exc()  # a failed job must not stop the sweep: its summary.json says failed, the report shows it
+        print(f"job {hc.job.num} failed; the sweep goes on", file=sys.stderr)
+    else:
+        if sweep:
+            error = s.get("val_action_error", float("nan"))
+            print(f"job {hc.job.num} {run_name(cfg)}: {s['status']}, action error {error:.4g}, {s['wall_time_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

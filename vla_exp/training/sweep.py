@@ -1,0 +1,94 @@
+"""Multiruns: the callback that holds a sweep's folder, checks every job before any starts and counts the failures
+at the end; the jobs a sweep launches; a job's settings inside a sweep (its W&B group, its share of the cores)."""
+import json
+import os
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+from vla_exp import UsageError
+from vla_exp.files import exclusive, write_text
+
+
+def sweep_settings(cfg, hc):
+    """In a multirun: one W&B group per sweep, and the cores divided between parallel jobs so they do not fight.
+    Hydra saved the job's config before the job began: it is saved again with these, so it says what ran (and
+    `python -m vla_exp.evaluation.closed_loop` of a sweep job logs into the sweep's group)."""
+    if cfg.logger.get("group") is None and "group" in cfg.logger:
+        cfg.logger.group = hc.sweep.dir
+    n_jobs = hc.launcher.get("n_jobs")  # set by the joblib launcher; -1 means one job per core, as in joblib
+    if cfg.threads is None and n_jobs:
+        cpus = os.cpu_count()
+        cfg.threads = max(1, cpus // min(cpus, n_jobs if n_jobs > 0 else cpus + 1 + n_jobs))
+    if hc.output_subdir is not None:
+        write_text(Path(hc.runtime.output_dir) / hc.output_subdir / "config.yaml", OmegaConf.to_yaml(cfg))
+
+
+def status_of(path):
+    """The status in a summary.json, or why there is none."""
+    try:
+        s = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    return s.get("status", "unreadable") if isinstance(s, dict) else "unreadable"
+
+
+class Sweep(Callback):
+    """A multirun holds its sweep folder (a second sweep into it stops at once), checks every job's config before
+    the launcher starts any (one line per bad job, nothing launched), and at its end counts the jobs that failed or
+    were interrupted, with a non-zero exit if any were."""
+
+    def on_multirun_start(self, config, **kwargs):
+        from vla_exp.data.sources import validate
+        self.hold = ExitStack()
+        try:
+            self.hold.enter_context(exclusive(config.hydra.sweep.dir, "another sweep"))
+        except UsageError as e:
+            sys.exit(f"error: {e}")
+        bad, jobs = [], job_overrides(config)
+        common = set.intersection(*map(set, jobs)) if jobs else set()
+        for num, overrides in enumerate(jobs):
+            try:
+                validate(GlobalHydra.instance().config_loader().load_sweep_config(config, overrides))
+            except UsageError as e:
+                bad.append(f"job {num} ({' '.join(o for o in overrides if o not in common)}): {e}")
+        if bad:
+            sys.exit("\n".join(["error: nothing launched; these jobs' configs are not valid:", *bad]))
+
+    def __getstate__(self):  # submitit pickles the launcher with its callbacks: the lock stays with this process
+        return {}
+
+    def on_multirun_end(self, config, **kwargs):
+        sweep_dir = Path(config.hydra.sweep.dir)
+        status = [status_of(p) for p in sorted(sweep_dir.glob("*/summary.json"))]
+        failed = len(status) - sum(map(status.count, ("completed", "diverged", "interrupted")))
+        interrupted = status.count("interrupted")
+        print(f"{sweep_dir}: {len(status)} runs, {failed} failed, {interrupted} interrupted. "
+              f"Report: python -m vla_exp.attribution.report {sweep_dir}")
+        if interrupted:
+            print("the same command resumes the interrupted runs and skips the finished ones")
+        self.hold.close()
+        if failed or interrupted:
+            sys.exit(1)
+
+
+def job_overrides(config):
+    """Every job's overrides, as the basic sweeper will split them (other sweepers choose their jobs as they go:
+    their jobs are checked as each one starts)."""
+    if not config.hydra.sweeper._target_.endswith("BasicSweeper"):
+        return []
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    return sweep_jobs([*params, *config.hydra.overrides.task])
+
+
+def sweep_jobs(overrides):
+    """The jobs a multirun of `overrides` (`init=none,xavier seed=0,1`) launches, each its list of overrides, as
+    Hydra's basic sweeper splits them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
