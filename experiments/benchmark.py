@@ -39,6 +39,7 @@ from vla_exp.config import compose
 from vla_exp.data.sources import datasets
 from vla_exp.policy.diffusion import noise_prediction, schedulers
 from vla_exp.policy.load import load_policy
+from vla_exp.runs import read_metrics, read_summary, summaries as run_summaries
 from vla_exp.training.loop import train
 
 BUDGET = ["recipe=fixed", "clipping=none", "epochs=1", "data.episodes=40"]
@@ -113,11 +114,11 @@ def raw_loop(cfg, data, batch_size, steps):
 
 def core_run(cfg, run_dir, steps):
     train(cfg, run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     last = [r for r in rows if r["kind"] == "step"][-1]
     assert last["step"] == steps, f"the core's last step row is step {last['step']}, not {steps}"
     return {"samples_per_s": last["samples_per_s"],
-            "peak_rss_mb": json.loads((run_dir / "summary.json").read_text())["peak_rss_mb"]}
+            "peak_rss_mb": read_summary(run_dir)["peak_rss_mb"]}
 
 
 def loader_rate(cfg, data, batch_size, min_s=1.0):
@@ -516,7 +517,7 @@ def step_ms(device, bf16, batch_size=8, steps=30, warmup=5):
 
 
 def summaries(folder):
-    return [json.loads(p.read_text()) for p in Path(folder).glob("*/summary.json")]
+    return list(run_summaries(folder).values())
 
 
 def jobs_at_once(folder, k, runs, extra, load, timeout):

@@ -7,12 +7,11 @@ Checks that every one of the 16 runs leaves a summary.json, and prints the peak 
 (VmHWM, restarted at the start of each job, so a worker process that runs several jobs reports each one's own).
 """
 import argparse
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 from vla_exp.attribution.studies import cells
+from vla_exp.runs import summaries as run_summaries
 
 
 def main(argv=None):
@@ -23,7 +22,7 @@ def main(argv=None):
     sweep = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *cells("factorial"), "epochs=1",
                             "data.episodes=40", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                             f"hydra.sweep.dir={args.out}", "progress=false", "logger=none", *args.overrides])
-    summaries = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*/summary.json"))}
+    summaries = run_summaries(args.out)
     print(f"\n{'job':<48} {'status':<10} {'peak RSS (MB)':>14} {'wall (s)':>9}")
     for name, s in summaries.items():
         print(f"{name:<48} {s['status']:<10} {s.get('peak_rss_mb', float('nan')):>14.0f} "

@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vla_exp.config import compose
+from vla_exp.runs import read_summary
 from vla_exp.training.loop import train
 
 RECIPES = ("original", "fixed")
@@ -120,7 +121,7 @@ def main():
             summaries[(recipe, loading)] = train(cfg, run_dir)
         except Exception as e:  # one failed run must not lose the others: its cell says why
             tqdm.write(f"{recipe}/{loading} failed: {type(e).__name__}: {e}")
-            summaries[(recipe, loading)] = json.loads((run_dir / "summary.json").read_text())
+            summaries[(recipe, loading)] = read_summary(run_dir)
     text = "\n".join(["# Broken vs fixed: reported, and measured here", "", table(summaries, loaders), "",
                       "Notes:", *(f"- {n}" for n in notes(summaries)), ""])
     (out / "table.md").write_text(text)

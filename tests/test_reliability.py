@@ -21,7 +21,7 @@ from vla_exp.data.sources import episodes_dir
 from vla_exp.files import Busy, atomic, exclusive
 from vla_exp.policy.load import backbone_path
 from vla_exp.training.loop import train
-from vla_exp.training.sweep import status_of
+from vla_exp.runs import status_of
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ("logger=none", "progress=false", "debug=smoke", "recipe=fixed")
@@ -150,7 +150,7 @@ def test_a_sweep_counts_a_summary_it_cannot_read_as_failed(tmp_path):
     for text, status in (("[]", "unreadable"), ("null", "unreadable"), ('{"status": "interrupted"}', "interrupted"),
                          ('{"status": "comp', "unreadable"), ("{}", "unreadable")):
         (tmp_path / "summary.json").write_text(text)
-        assert status_of(tmp_path / "summary.json") == status
+        assert status_of(tmp_path) == status
 
 
 # ------------------------------------------------------------------------------------------------ disk and cache

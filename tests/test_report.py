@@ -13,9 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from vla_exp import UsageError
 from vla_exp.attribution import analysis
+from vla_exp.attribution.report import main
 from vla_exp.config import recipe_levels, reference_levels
-from vla_exp.attribution.report import main, sweep_group
+from vla_exp.runs import Design, find_run_dirs, load_runs, sweep_group
 from vla_exp.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,8 +238,9 @@ def test_a_run_beats_the_baselines_only_if_it_beats_every_one():
 
 def test_budget_curve_compares_recipes_at_equal_epochs_and_equal_updates(tmp_path):
     """The budget study's table: the original recipe (batch 16) makes half the fixed recipe's (batch 8) updates an
-    epoch, so its epoch 2 meets the fixed recipe's epoch 1."""
-    from vla_exp.attribution import studies as study
+    epoch, so its epoch 2 meets the fixed recipe's epoch 1. The report of a study folder rebuilds it (study.json)."""
+    from vla_exp.attribution.report import report
+    from vla_exp.runs import write_study
     for seed in range(2):
         for name, choices, per_epoch in (("fixed", FIXED, 2), ("original", ORIGINAL, 1)):
             run = tmp_path / f"{name}-s{seed}"
@@ -247,8 +250,34 @@ def test_budget_curve_compares_recipes_at_equal_epochs_and_equal_updates(tmp_pat
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             summary = json.loads((run / "summary.json").read_text())
             (run / "summary.json").write_text(json.dumps({**summary, "wall_time_s": 120.0}))
-    study.budget_curve(tmp_path)
+    write_study(tmp_path, "budget")
+    report([tmp_path])
     text = (tmp_path / "budget.md").read_text()
+    assert "At equal optimiser updates" in (tmp_path / "report" / "dashboard.html").read_text()
     assert "- 2 updates: fixed (epoch 1) 0.105 ± 0.0071, original (epoch 2) 0.205 ± 0.0071" in text
     assert "| original | 2 | 0.205 ± 0.0071 | 2 | 2.0 | 2.0 |" in text  # 120 s over 2 epochs
     assert (tmp_path / "budget.png").stat().st_size > 10_000
+
+
+def test_a_finished_run_without_a_figure_the_analysis_reads_is_refused_by_name(tmp_path):
+    fake_run(tmp_path / "fixed-s0", FIXED, 0)
+    summary = json.loads((tmp_path / "fixed-s0" / "summary.json").read_text())
+    summary["action_error"] = summary.pop("val_action_error")  # a renamed key
+    (tmp_path / "fixed-s0" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UsageError, match=r"fixed-s0/summary.json: a finished run's summary without val_action_error "):
+        load_runs(find_run_dirs([tmp_path]), reference_levels())
+
+
+def test_a_screen_runs_design_node_must_hold_every_key(tmp_path):
+    design = Design(name="x01", label="A + init", part="design", factors=["optim", "init"], levels=[0, 1], a="A", b="B")
+    assert Design.of(design.node(), "here") == design
+    fake_run(tmp_path / "x01-s0", FIXED, 0)
+    summary = json.loads((tmp_path / "x01-s0" / "summary.json").read_text())
+    (tmp_path / "x01-s0" / "summary.json").write_text(json.dumps({**summary, "design": design.node()}))
+    runs = load_runs(find_run_dirs([tmp_path]), reference_levels())
+    assert runs[["cell", "design_name", "design_part", "level:optim", "level:init"]].values.tolist() == [
+        ["A + init", "x01", "design", 0, 1]]
+    node = {k: v for k, v in design.node().items() if k != "part"}
+    (tmp_path / "x01-s0" / "summary.json").write_text(json.dumps({**summary, "design": node}))
+    with pytest.raises(UsageError, match=r"x01-s0/summary.json: its design node lacks part "):
+        load_runs(find_run_dirs([tmp_path]), reference_levels())

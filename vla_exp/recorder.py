@@ -9,7 +9,8 @@ import os
 import warnings
 from pathlib import Path
 
-from vla_exp.files import write_json, write_text
+from vla_exp.files import write_text
+from vla_exp.runs import METRICS, write_summary
 
 
 class Tracker:
@@ -74,9 +75,9 @@ class Recorder:
             self.metrics, self.rows = open(os.devnull, "w"), 0
             self.tracker = Tracker(None, run_dir, name, config)
             return
-        path, wandb_id, kept = self.run_dir / "metrics.jsonl", None, []
+        path, wandb_id, kept = self.run_dir / METRICS, None, []
         if checkpoint:
-            source = Path(checkpoint["path"]).parent / "metrics.jsonl"
+            source = Path(checkpoint["path"]).parent / METRICS
             kept = source.read_text().splitlines(keepends=True)[:checkpoint["metrics_rows"]] if source.exists() else []
             wandb_id = checkpoint["wandb_id"]
         write_text(path, "".join(kept))  # a new run into an old folder starts afresh
@@ -92,7 +93,7 @@ class Recorder:
 
     def summary(self, summary):
         if self.write:
-            write_json(self.run_dir / "summary.json", summary)
+            write_summary(self.run_dir, summary)
         self.tracker.summary(summary)
 
     def finish(self, exit_code=0):

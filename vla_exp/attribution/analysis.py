@@ -1,5 +1,5 @@
 """The numbers of a report: the results table per cell, the factorial analysis, and the leave-one-out and add-one
-tables. Pure functions of the runs DataFrame (one row per run, as vla_exp.attribution.report.load_runs builds it) and of the
+tables. Pure functions of the runs DataFrame (one row per run, as vla_exp.runs.load_runs builds it) and of the
 recipes' levels ({"original": {group: level}, "fixed": {...}}), so they can be tested on synthetic data.
 
 How the factorial analysis decides (see `factorial` and `verdicts`):
@@ -23,11 +23,7 @@ from scipy import stats
 from statsmodels.stats.anova import anova_lm
 
 from vla_exp.config import GROUPS
-
-CELL = (*GROUPS, "head_loading")  # a cell: one combination of the choices
-METRICS = ("val_action_error", "final_loss", "final_output_std", "initial_output_std")
-TABLE_METRICS = ("final_loss", "final_output_std", "initial_output_std", "epochs_to_converge", "time_to_converge_s",
-                 "skipped_batches", "scaled_loss_steps", "val_action_error", "success_rate")
+from vla_exp.runs import CELL, METRICS_READ as METRICS, TABLE_METRICS, cell_key, cell_label
 ALPHA = 0.05
 SIZES = ((0.14, "large"), (0.06, "medium"), (0.01, "small"), (0.0, "negligible"))  # partial eta², Cohen (1988)
 
@@ -75,21 +71,6 @@ def mean_std(values, failed=False):
 
 
 # ------------------------------------------------------------------------------------------------ cells
-def cell_key(row):
-    """'xavier/skip_nonfinite/fixed/grad_norm/current': a string, so a column of keys compares with ==."""
-    return "/".join(str(row[c]) for c in CELL)
-
-
-def cell_label(cell, levels):
-    """'original', 'fixed', or the recipe the cell differs least from and how: 'fixed with init=none'."""
-    cell = dict(zip(CELL, cell)) if not isinstance(cell, dict) else cell
-    if "?" in cell.values():
-        return "unknown choices"
-    diffs = {r: [c for c in CELL if cell[c] != levels[r][c]] for r in ("original", "fixed")}
-    recipe = min(diffs, key=lambda r: len(diffs[r]))  # ties go to "original": the cell reads as fixes added
-    return recipe + (" with " + ", ".join(f"{c}={cell[c]}" for c in diffs[recipe]) if diffs[recipe] else "")
-
-
 def beats(runs):
     """Per run: does its sampled-action error beat every baseline (as recorded, else from the baseline columns)?"""
     base = runs[[c for c in runs.columns if c.startswith("baseline_")]].astype(float)

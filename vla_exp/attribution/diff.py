@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from vla_exp import UsageError
 from vla_exp.config import CONF_DIR, NOT_RESULTS, leaves, literal
+from vla_exp.runs import read_normalization, read_summary
 
 LABELS = ("name", "recipe")  # say which option a group or preset is; they decide nothing by themselves
 HEAD_LOADING_CHANGED = "4.54"  # transformers: how from_pretrained fills weights a checkpoint lacks (model.head_loading)
@@ -65,11 +66,6 @@ class Side:
                 OmegaConf.update(cfg, key, literal(v), force_add=True)
         self.leaves = leaves(OmegaConf.to_container(cfg, resolve=True))
 
-    def read(self, name):
-        try:
-            return json.loads((self.folder / name).read_text())
-        except (OSError, ValueError, TypeError):
-            return None
 
 
 def diff(a, b, split=()):
@@ -101,7 +97,7 @@ def diff(a, b, split=()):
 
 def outside(a, b):
     """What differs between two run folders beyond their configs."""
-    sa, sb = a.read("summary.json") or {}, b.read("summary.json") or {}
+    sa, sb = (read_summary(s.folder) or {} if s.folder else {} for s in (a, b))
     va, vb = sa.get("versions") or {}, sb.get("versions") or {}
     out = {"versions": {k: [va.get(k), vb.get(k)] for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)}}
     ta, tb = va.get("transformers"), vb.get("transformers")
@@ -112,7 +108,7 @@ def outside(a, b):
     data = [fingerprint(s.get("data_dir")) for s in (sa, sb)]
     if data[0] != data[1]:
         out["data"] = data
-    na, nb = a.read("normalization.json"), b.read("normalization.json")
+    na, nb = (read_normalization(s.folder) if s.folder else None for s in (a, b))
     if na != nb:
         out["normalization"] = {k: [(na or {}).get(k), (nb or {}).get(k)] for k in sorted(set(na or {}) | set(nb or {}))
                                 if (na or {}).get(k) != (nb or {}).get(k)}

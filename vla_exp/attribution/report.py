@@ -20,126 +20,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from vla_exp import UsageError
-from vla_exp.attribution import analysis, dashboard, screen
-from vla_exp.attribution.analysis import CELL
-from vla_exp.config import CONF_DIR, NOT_RESULTS, leaves, reference_levels
+from vla_exp.attribution import analysis, dashboard, screen, study_tables
+from vla_exp.config import CONF_DIR, reference_levels
 from vla_exp.files import atomic, write_text
 from vla_exp.recorder import Tracker
-
-MANY = 20  # a progress bar from this many runs on
+from vla_exp.runs import METRICS_READ, CONFIG, CONFIRMATION_JSON, find_run_dirs, load_curves, load_runs, read_study, sweep_group
 METHOD = ("Effect = marginal mean of the level minus that of the reference level (the original recipe's), with a 95% "
           "CI, from an OLS over the seeds (with two-way interactions where the runs allow: see each metric's model); "
           f"detectable when p < {analysis.ALPHA}; size from partial eta² (small >= 0.01, medium >= 0.06, "
           "large >= 0.14). See vla_exp/attribution/analysis.py.")
-
-
-# ------------------------------------------------------------------------------------------------ loading
-def sweep_group(run_dirs):
-    """The W&B group of the runs' sweep: its hydra.sweep.dir (what vla-exp-train groups a multirun by) when the
-    sweep's multirun.yaml holds it literally, else the name of the runs' common parent folder."""
-    parent = Path(os.path.commonpath([str(Path(d).parent) for d in run_dirs]))
-    if (parent / "multirun.yaml").exists():
-        sweep = OmegaConf.load(parent / "multirun.yaml").get("hydra", {}).get("sweep", {})
-        if "dir" in sweep and not OmegaConf.is_interpolation(sweep, "dir"):
-            return str(sweep.dir)
-    return parent.name
-
-
-def find_run_dirs(dirs):
-    """Every folder holding a summary.json under the given ones (each counted once)."""
-    found = {}
-    for d in map(Path, dirs):
-        if not d.is_dir():
-            raise UsageError(f"{d} is not a directory")
-        runs = sorted(p.parent.resolve() for p in d.rglob("summary.json"))
-        if not runs:
-            raise UsageError(f"{d} holds no summary.json: not a run or sweep folder")
-        found.update(dict.fromkeys(runs))
-    return list(found)
-
-
-def load_runs(run_dirs, levels):
-    """One row per run: run_dir, cell (in words), the choices, seed, status and every scalar of summary.json, with
-    baseline_<name> columns for the baselines. A run without choices goes to the cell '?' rather than vanish."""
-    rows = []
-    for d in tqdm(run_dirs, desc="reading summaries", disable=len(run_dirs) < MANY):
-        try:
-            s = json.loads((Path(d) / "summary.json").read_text())
-        except (OSError, ValueError) as e:  # a summary half written by an older, non-atomic writer
-            s = {"status": "failed", "error": f"unreadable summary.json: {e}"}
-        if not isinstance(s, dict):
-            s = {"status": "failed", "error": f"summary.json holds {type(s).__name__}, not a summary"}
-        choices = s.get("choices") or {}
-        row = {"run_dir": str(d), **{c: str(choices.get(c) or "?") for c in CELL}, "recipe": choices.get("recipe")}
-        row.update({k: v for k, v in s.items() if isinstance(v, (str, int, float, bool, type(None))) and k not in row})
-        row.update({f"baseline_{k}": v for k, v in (s.get("baseline_action_errors") or {}).items()})
-        if isinstance(design := s.get("design"), dict):  # a screen's configuration (vla_exp.attribution.screen)
-            row.update({f"design_{k}": design.get(k) for k in ("name", "label", "part")})
-            row.update({f"level:{f}": x for f, x in zip(design.get("factors", []), design.get("levels", []))})
-        for name, cl in s.items():  # closed-loop success (data=metaworld): the run's policy, and reference policies
-            if name.startswith("closed_loop") and isinstance(cl, dict):
-                suffix = name.removeprefix("closed_loop")  # "" or "_expert", "_mean_chunk", "_random"
-                row[f"success_rate{suffix}"] = cl.get("success_rate")
-                row.update({f"success{suffix}_{t}": r.get("success_rate") for t, r in cl.get("tasks", {}).items()})
-        rows.append(row)
-    runs = pd.DataFrame(rows)
-    runs.insert(1, "cell", [r.get("design_label") or analysis.cell_label(r, levels) for r in rows])
-    runs["status"] = runs["status"].fillna("unknown") if "status" in runs else "unknown"
-    runs["seed"] = pd.to_numeric(runs["seed"], errors="coerce").astype("Int64") if "seed" in runs else pd.NA
-    numeric = [*analysis.TABLE_METRICS, *analysis.METRICS, *(c for c in runs if c.startswith("baseline_"))]
-    for m in numeric:  # a failed run may lack every metric; null becomes NaN
-        runs[m] = pd.to_numeric(runs[m], errors="coerce").astype(float) if m in runs else np.nan
-    check_replicates(runs)
-    return runs
-
-
-def check_replicates(runs):
-    """A cell's runs are its seed replicates only if they ran one config: refuse to pool the results of different
-    configs (naming the keys that differ), and flag a seed that a cell holds twice. A failed run adds no figure."""
-    if "replicate_hash" not in runs:  # runs of a version before it was recorded
-        return
-    for cell, g in runs[runs.status != "failed"].groupby("cell"):
-        if (hashes := g.replicate_hash.dropna().unique()).size > 1:
-            raise UsageError(f"cell '{cell}': its {len(g)} runs ran {len(hashes)} different configs (differing in "
-                             f"{differing_keys(g.run_dir)}), not seed replicates of one; report each config apart")
-        seeds = g.seed.dropna()
-        if twice := sorted(seeds[seeds.duplicated()].unique()):
-            print(f"warning: cell '{cell}' holds seed {', '.join(str(int(s)) for s in twice)} more than once "
-                  f"({', '.join(g.run_dir[g.seed.isin(twice)])}): a copied or rerun folder counts as a replicate")
-
-
-def differing_keys(run_dirs):
-    """The config keys that decide results and differ between the runs' saved configs (.hydra/config.yaml)."""
-    configs = [leaves(OmegaConf.to_container(OmegaConf.load(p), resolve=False))
-               for d in run_dirs if (p := Path(d) / ".hydra" / "config.yaml").is_file()]
-    if len(configs) < 2:
-        return "replicate_hash: the runs' saved configs are not there to say which keys"
-    flat = pd.DataFrame(configs).astype(str)
-    keys = [k for k in flat if flat[k].nunique() > 1 and k.split(".")[0] not in (*NOT_RESULTS, "seed")]
-    return ", ".join(f"{k} ({'/'.join(sorted(flat[k].unique()))})" for k in keys) or "replicate_hash"
-
-
-def load_curves(runs):
-    """Every row of every run's metrics.jsonl, tagged with run_dir, cell and seed."""
-    frames = []
-    for r in tqdm(runs.itertuples(), total=len(runs), desc="reading metrics", disable=len(runs) < MANY):
-        path, rows = Path(r.run_dir) / "metrics.jsonl", []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # the last line of a run killed while writing it
-                    pass
-        if rows:
-            frames.append(pd.DataFrame(rows).assign(run_dir=r.run_dir, cell=r.cell, seed=r.seed))
-    first = ["run_dir", "cell", "seed", "kind", "step", "epoch"]
-    if not frames:
-        return pd.DataFrame(columns=first)
-    curves = pd.concat(frames, ignore_index=True)
-    return curves[first + [c for c in curves.columns if c not in first]]
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -150,8 +41,8 @@ def parquet_safe(df):
     return df.astype({c: str for c in mixed})
 
 
-def analysis_markdown(title, results, loo, add):
-    lines = [f"# {title}", "", "## Verdicts", "", METHOD, ""]
+def analysis_markdown(results, loo, add):
+    lines = ["## Verdicts", "", METHOD, ""]
     for metric, res in results.items():
         lines += [f"### {metric}", "", f"_{analysis.notes_line(res)}_", ""]
         lines += [f"- {v}" for v in analysis.verdicts(res)] + [""]
@@ -171,7 +62,7 @@ def screen_results(runs):
     """A screen's analysis (vla_exp.attribution.screen) of the runs of its design, per metric, and its factors."""
     names = [c.removeprefix("level:") for c in runs if c.startswith("level:")]
     design = runs[runs.design_part == "design"]
-    return names, {m: screen.analyse(design, m, names) for m in analysis.METRICS if m in runs}
+    return names, {m: screen.analyse(design, m, names) for m in METRICS_READ if m in runs}
 
 
 def screen_tables(runs, names, results):
@@ -203,7 +94,7 @@ def screen_tables(runs, names, results):
                 "precision": shown.se_ratio.map(lambda r: f"SE x{r:.2f}" if r > 1.05 else "")})
             md += [analysis.markdown(table), ""]
             html.append((f"Screen: effects on {metric}", dashboard.note_html(head) + dashboard.table_html(table)))
-    plan_path = Path(os.path.commonpath(list(runs.run_dir))) / "confirmation.json"
+    plan_path = Path(os.path.commonpath(list(runs.run_dir))) / CONFIRMATION_JSON
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         rows = [{"step": f"A + {', '.join(s['set'])}", "configuration": s["name"],
@@ -225,7 +116,7 @@ def screen_tables(runs, names, results):
 def logger_config(run_dirs, mode, group):
     """The W&B project and entity of the runs' own logger config (the first run's that has one, else the default),
     with the report's mode and group."""
-    saved = (Path(d) / ".hydra" / "config.yaml" for d in run_dirs)
+    saved = (Path(d) / CONFIG for d in run_dirs)
     loggers = (OmegaConf.load(path).get("logger") for path in saved if path.is_file())
     logger = next((lg for lg in loggers if lg is not None and lg.get("kind") == "wandb"),
                   OmegaConf.load(CONF_DIR / "logger" / "wandb.yaml"))
@@ -241,8 +132,34 @@ def log_wandb(out, runs, table, pngs, logger):
     tracker.finish()
 
 
+def factorial_part(runs, levels):
+    """The four-fix factorial's analysis: (analysis.md body, dashboard sections, what the effects plot reads,
+    verdict lines)."""
+    results = analysis.analyse(runs, levels)
+    loo, add = analysis.leave_one_out(runs, levels), analysis.add_one(runs, levels)
+    sections = [
+        ("Verdicts", dashboard.note_html(METHOD) + "".join(
+            f"<h3>{m}</h3>" + dashboard.note_html(analysis.notes_line(r)) +
+            dashboard.list_html(analysis.verdicts(r) or [r.get("error", "")]) for m, r in results.items())),
+        ("Significant two-way interactions",
+         dashboard.list_html([i for r in results.values() for i in analysis.interactions(r)])),
+        ("Leave-one-out: the fixed recipe minus each fix", dashboard.table_html(loo)),
+        ("Add-one: the original recipe plus each fix", dashboard.table_html(add))]
+    lines = [v for res in results.values() for v in analysis.verdicts(res) or [f"{res['metric']}: {res.get('error')}"]]
+    printed = "Verdicts:\n" + "\n".join(f"- {v}" for v in lines)
+    return analysis_markdown(results, loo, add), sections, {}, results, printed
+
+
+def screen_part(runs):
+    """A screen's analysis (it varies other keys than the four groups): the same five things as factorial_part."""
+    names, results = screen_results(runs)
+    md, sections = screen_tables(runs, names, results)
+    return md, sections, {"half_normal": dashboard.half_normal_figure(results)}, None, md
+
+
 def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
-    """Read the runs under `dirs`, write every report file into `out` and return `out`."""
+    """Read the runs under `dirs`, write every report file into `out` and return `out`. A study folder (one that
+    holds study.json) also gets its study's own tables (study_tables)."""
     run_dirs = find_run_dirs(dirs)
     out = Path(out) if out else Path(dirs[0]) / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -252,12 +169,7 @@ def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
     table = analysis.results_table(runs, levels)
     shown = analysis.format_table(table, runs)
     screened = "design_part" in runs and runs.design_part.notna().any()
-    if screened:  # a screen varies other keys than the four groups: its own analysis, not the four-fix factorial
-        names, results = screen_results(runs)
-        screen_md, screen_html = screen_tables(runs, names, results)
-    else:
-        results = analysis.analyse(runs, levels)
-        loo, add = analysis.leave_one_out(runs, levels), analysis.add_one(runs, levels)
+    body, sections, figs, effects, printed = screen_part(runs) if screened else factorial_part(runs, levels)
     title = f"Report: {len(runs)} runs in {len(table)} cells ({', '.join(str(d) for d in dirs)})"
 
     # ---------------------------------------------------------------------------- data and tables
@@ -270,39 +182,27 @@ def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
                           if c.startswith("baseline_"))
     table_md = f"# {title}\n\n{analysis.markdown(shown)}\n\nBaselines (mean over runs): {baselines or 'none'}\n"
     write_text(out / "table.md", table_md)
-    write_text(out / "analysis.md", f"# {title}\n\n{screen_md}" if screened else
-               analysis_markdown(title, results, loo, add))
+    write_text(out / "analysis.md", f"# {title}\n\n{body}")
+    study = [study_tables.write(Path(d), s) for d in dirs if (s := read_study(d))]
 
     # ---------------------------------------------------------------------------- plots and dashboard
     pngs = []
-    figs = dashboard.figures(curves, runs, None if screened else results, list(table.cell))
-    if screened:
-        figs["half_normal"] = dashboard.half_normal_figure(results)
-    for stem, fig in figs.items():
+    for stem, fig in {**dashboard.figures(curves, runs, effects, list(table.cell)), **figs}.items():
         with atomic(out / f"{stem}.png") as tmp:
             fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
         dashboard.plt.close(fig)
         pngs.append(out / f"{stem}.png")
-    verdict_lines = [] if screened else [line for res in results.values()
-                                         for line in analysis.verdicts(res) or [f"{res['metric']}: {res.get('error')}"]]
     sections = [
         ("Results per cell (mean ± std (n) over seeds)", dashboard.table_html(shown) +
          dashboard.note_html(f"Baselines (mean over runs): {baselines or 'none'}. A cell beats the baselines only "
                              "if every seed's held-out action error is below every baseline's.")),
-        *(screen_html if screened else [
-            ("Verdicts", dashboard.note_html(METHOD) + "".join(
-                f"<h3>{m}</h3>" + dashboard.note_html(analysis.notes_line(r)) +
-                dashboard.list_html(analysis.verdicts(r) or [r.get("error", "")]) for m, r in results.items())),
-            ("Significant two-way interactions",
-             dashboard.list_html([i for r in results.values() for i in analysis.interactions(r)])),
-            ("Leave-one-out: the fixed recipe minus each fix", dashboard.table_html(loo)),
-            ("Add-one: the original recipe plus each fix", dashboard.table_html(add))]),
+        *sections, *(s for part in study for s in part),
         *((p.stem.replace("_", " ").capitalize(), dashboard.image_html(p)) for p in pngs),
     ]
     write_text(out / "dashboard.html", dashboard.page(title, sections))
 
     print(table_md)
-    print(screen_md if screened else "Verdicts:\n" + "\n".join(f"- {v}" for v in verdict_lines))
+    print(printed)
     print(f"\nReport written to {out}/ (table.md, analysis.md, dashboard.html, runs.csv, runs.parquet, curves.csv, "
           "table.csv, *.png)")
     if use_wandb:  # after the local files, so a W&B failure never costs them

@@ -24,6 +24,7 @@ from scipy import stats
 from vla_exp import UsageError
 from vla_exp.attribution.analysis import ALPHA, finite
 from vla_exp.config import NOT_RESULTS, leaves, literal
+from vla_exp.runs import Design
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"  # pyDOE3 names factors by letters
 
@@ -188,8 +189,8 @@ def config_yaml(levels, facs, part, a, b):
     for key, v in values.items():
         OmegaConf.update(body, key, literal(v), force_add=True)
     names = [f["name"] for f in facs]
-    body.design = {"name": config_name(levels), "label": label(levels, names), "part": part, "factors": names,
-                   "levels": [int(x > 0) for x in levels], "a": a.label, "b": b.label}
+    body.design = Design(name=config_name(levels), label=label(levels, names), part=part, factors=names,
+                         levels=[int(x > 0) for x in levels], a=a.label, b=b.label).node()
     return "# @package _global_\n" + OmegaConf.to_yaml(body)
 
 

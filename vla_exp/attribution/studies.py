@@ -37,12 +37,10 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import pandas as pd
-
 from vla_exp import UsageError
-from vla_exp.attribution.analysis import markdown
 from vla_exp.config import GROUPS, compose, recipe_levels
 from vla_exp.files import exclusive, write_json, write_text
+from vla_exp.runs import CONFIRMATION_JSON, CONFIRMATION_MD, nothing_ran, write_study
 from vla_exp.attribution.report import main as report
 
 # Sized for the 48-run factorial to fit in 30 minutes on 2 CPU cores (README: how long it takes on which machine);
@@ -122,17 +120,9 @@ def main(argv=None):
         return code
     if args.study == "metaworld":
         references(Path(out))
-    report([out])
-    if args.study == "metaworld":
-        success_table(Path(out))
-    if args.study == "budget":
-        budget_curve(Path(out))
+    write_study(out, args.study, seeds=args.seeds, overrides=args.overrides)
+    report([out])  # with the study's own tables (success.md, budget.md): study.json says which
     return code  # non-zero when a run failed: the report marks its cell
-
-
-def nothing_ran(folders):
-    """No run in these sweep folders has a summary: the sweep refused its configs (and said why) or none started."""
-    return not any(next(Path(f).glob("*/summary.json"), None) for f in folders)
 
 
 def screen(args, parser, out, launcher):
@@ -149,7 +139,6 @@ def screen(args, parser, out, launcher):
         sc.budget_conflicts([*BUDGET, *args.overrides], facs)
     except UsageError as e:
         sys.exit(f"error: {e}")
-    names = [f["name"] for f in facs]
     seeds = args.seeds.split(",")
     if len(seeds) < 2 and args.threshold is None:
         parser.error("screen with one seed has no seed noise to say when a step reaches B: give --seeds with two "
@@ -194,7 +183,7 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start):
     """The screen's design, its confirmation one step at a time, and the report, in a folder the study holds."""
     from vla_exp.attribution import screen as sc
     from vla_exp.config import reference_levels
-    from vla_exp.attribution.report import find_run_dirs, load_runs
+    from vla_exp.runs import find_run_dirs, load_runs
     names = [f["name"] for f in facs]
     launched = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *sweep(list(matrix), "design"),
                                *launcher]).returncode
@@ -226,9 +215,10 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start):
             print(f"no confirmation: the runs of {sc.label(plan['next'], names)} did not finish")
             plan = None
             break
+    write_study(out, "screen", a=args.a, b=args.b, seeds=args.seeds, overrides=args.overrides)
     if plan:  # before the report, which shows it
-        write_json(out / "confirmation.json", plan)
-        write_text(out / "confirmation.md", sc.sentence(plan) + "\n")
+        write_json(out / CONFIRMATION_JSON, plan)
+        write_text(out / CONFIRMATION_MD, sc.sentence(plan) + "\n")
     report([str(out)])
     if plan:
         print(sc.sentence(plan))
@@ -265,105 +255,6 @@ def references(out):
             if "closed_loop" in (s := json.loads(p.read_text()))]
     for name in REFERENCES if done else ():
         evaluate_run(done[0][0], episodes=done[0][1]["episodes_per_task"], policy=name)
-
-
-def success_table(out):
-    """Success rate (mean over seeds) per recipe and epoch, per task at the end, and the reference policies."""
-    rows, refs = [], {}
-    for path in sorted(out.glob("*/summary.json")):
-        s = json.loads(path.read_text())
-        refs.update({k.removeprefix("closed_loop_"): v for k, v in s.items() if k.startswith("closed_loop_")})
-        for line in (path.parent / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            if r["kind"] == "epoch" and "success_rate" in r:
-                rows.append({"recipe": s["choices"]["recipe"], "seed": s["seed"], "epoch": r["epoch"],
-                             **{k.removeprefix("success_"): v for k, v in r.items() if k.startswith("success_")}})
-    if not rows:
-        print(f"{out}: no run measured closed-loop success")
-        return
-    df = pd.DataFrame(rows).rename(columns={"rate": "all tasks"})
-    table = df.drop(columns="seed").groupby(["recipe", "epoch"]).mean().round(2)
-    table["seeds"] = df.groupby(["recipe", "epoch"]).seed.count()
-    ref = pd.DataFrame({name: {"all tasks": r["success_rate"], **{t: v["success_rate"] for t, v in r["tasks"].items()}}
-                        for name, r in refs.items()}).T.round(2)
-    episodes = next(iter(refs.values()), {}).get("episodes_per_task", "?")
-    text = (f"# Closed-loop success rate, {out}\n\nMean over seeds, by recipe and epoch ({episodes} episodes per "
-            f"task):\n\n{markdown(table.reset_index())}\n\nReference policies:\n\n"
-            f"{markdown(ref.reset_index(names='policy'))}\n")
-    text += updates_table(out, Path(f"{out}_equal_updates"))
-    write_text(out / "success.md", text)
-    print(text)
-
-
-def updates_table(out, equal):
-    """Final closed-loop success of each arm (recipe x epochs) of the study and of its equal-updates sweep, with
-    the optimiser updates each made, a 95% interval over seeds and the pooled episodes' Wilson interval; then the
-    fixed recipe against the original at equal epochs and at equal updates."""
-    from statsmodels.stats.weightstats import DescrStatsW
-
-    from vla_exp.attribution.analysis import num, welch
-    from vla_exp.evaluation.closed_loop import wilson
-    runs = [json.loads(p.read_text()) for d in (out, equal) for p in sorted(d.glob("*/summary.json"))]
-    runs = pd.DataFrame([{"recipe": s["choices"]["recipe"], "epochs": s["epochs"], "seed": s["seed"],
-                          "updates": s["updates"], "rate": s["closed_loop"]["success_rate"],
-                          "episodes": s["closed_loop"]["episodes_per_task"] * len(s["closed_loop"]["tasks"])}
-                         for s in runs if s.get("status") == "completed" and "closed_loop" in s])
-    if runs.empty or runs.recipe.nunique() < 2:
-        return ""
-    rows, arms = [], {}
-    for (recipe, epochs), arm in runs.groupby(["recipe", "epochs"]):
-        arms[recipe, epochs] = arm
-        low, high = DescrStatsW(arm.rate).tconfint_mean() if len(arm) > 1 else (float("nan"),) * 2
-        k, n = int(round((arm.rate * arm.episodes).sum())), int(arm.episodes.sum())
-        rows.append({"recipe": recipe, "epochs": epochs, "updates": f"{arm.updates.mean():.0f}",
-                     "success (mean over seeds)": f"{num(arm.rate.mean())} [{num(max(low, 0))}, {num(min(high, 1))}]",
-                     "seeds": " / ".join(num(r) for r in arm.rate),
-                     "pooled episodes": f"{k}/{n} [{', '.join(num(x) for x in wilson(k, n))}]"})
-    original = max((a for a in arms if a[0] == "original"), key=lambda a: a[1], default=None)
-    lines = []
-    if original:
-        updates = arms[original].updates.mean()
-        for (recipe, epochs), arm in arms.items():
-            if recipe == "fixed":
-                same = "equal epochs" if epochs == original[1] else "equal updates"  # the two arms the study runs
-                lines.append(f"- fixed ({epochs} epochs, {arm.updates.mean():.0f} updates) minus original "
-                             f"({original[1]} epochs, {updates:.0f} updates), {same}: "
-                             f"{welch(arm.rate, arms[original].rate)} (Welch 95% interval over seeds)")
-    return (f"\nFinal closed-loop success per arm: the fixed recipe at the original's epochs and at its optimiser "
-            f"updates (95% t interval over seeds; pooled episodes with a Wilson interval):\n\n"
-            f"{markdown(pd.DataFrame(rows))}\n\n" + "\n".join(lines) + "\n")
-
-
-def budget_curve(out):
-    """The budget study's figure (budget.png) and its table (budget.md): held-out action error per recipe and epoch
-    with updates and wall time, and the recipes compared at equal epochs and at equal optimiser updates."""
-    from vla_exp.attribution import dashboard
-    from vla_exp.config import reference_levels
-    from vla_exp.attribution.report import find_run_dirs, load_curves, load_runs
-    runs = load_runs(find_run_dirs([out]), reference_levels())
-    curves = load_curves(runs)
-    fig = dashboard.budget_figure(curves, runs)
-    fig.savefig(out / "budget.png", dpi=100, bbox_inches="tight")
-    epochs = curves[curves.kind == "epoch"].merge(runs[["run_dir", "wall_time_s", "epochs"]], on="run_dir")
-    epochs = epochs.assign(minutes=epochs.wall_time_s * epochs.epoch / epochs.epochs / 60)
-    agg = epochs.groupby(["cell", "epoch"]).agg(
-        error=("val_action_error", "mean"), std=("val_action_error", "std"), seeds=("seed", "nunique"),
-        updates=("step", "mean"), minutes=("minutes", "mean")).reset_index()
-    shown = agg.assign(error=[f"{m:.3g} ± {s:.2g}" for m, s in zip(agg.error, agg["std"])],
-                       minutes=agg.minutes.round(1)).drop(columns="std")
-    cells = list(agg.cell.unique())
-    same = agg[agg.cell == cells[0]].merge(agg[agg.cell == cells[-1]], on="updates", suffixes=("_a", "_b"))
-    equal = [f"{r.updates:.0f} updates: {cells[0]} (epoch {r.epoch_a}) {r.error_a:.3g} ± {r.std_a:.2g}, "
-             f"{cells[-1]} (epoch {r.epoch_b}) {r.error_b:.3g} ± {r.std_b:.2g}" for r in same.itertuples()]
-    baselines = ", ".join(f"{c.removeprefix('baseline_')} {runs[c].astype(float).mean():.3g}" for c in runs
-                          if c.startswith("baseline_"))
-    text = (f"# Budget curve, {out}\n\nHeld-out action error (mean ± std over seeds) per recipe and epoch; updates are "
-            f"optimiser steps, minutes the run's wall time spread evenly over its epochs.\n\n"
-            f"{markdown(shown)}\n\nBaselines: {baselines}\n\nAt equal optimiser updates:\n\n"
-            + ("\n".join(f"- {line}" for line in equal) or "- no epoch where both recipes made the same updates")
-            + "\n\n![budget](budget.png)\n")
-    write_text(out / "budget.md", text)
-    print(text)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ The results go into the run's summary.json under `closed_loop` (`closed_loop_<po
 to W&B as the run's logger config says; a strip and a GIF of one rollout per task go into the run folder.
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from omegaconf import OmegaConf
 
 from vla_exp import UsageError
 from vla_exp.data import metaworld as mw
-from vla_exp.files import write_json
+from vla_exp.runs import NORMALIZATION, POLICY, add_to_summary, read_normalization
 
 POLICIES = ("trained", "expert", "mean_chunk", "random")
 EXECUTE = 8  # of each 16-step chunk, as diffusion policy does
@@ -143,17 +142,17 @@ def build_policy(kind, run_dir, cfg, seed):
     if kind == "random":
         return mw.RandomPolicy(seed)
     from vla_exp.data.chunks import Normalizer
-    for name in ("normalization.json", "policy.pt")[:2 if kind == "trained" else 1]:
+    for name in (NORMALIZATION, POLICY)[:2 if kind == "trained" else 1]:
         if not (run_dir / name).is_file():
             raise UsageError(f"{run_dir}: no {name} there (the run did not finish?)")
-    norm = Normalizer(**json.loads((run_dir / "normalization.json").read_text()))
+    norm = Normalizer(**read_normalization(run_dir))
     if kind == "mean_chunk":
         from vla_exp.data.sources import datasets
         return mw.FixedChunk(norm.unactions(datasets(cfg)[0].mean_chunk()))
     from vla_exp import tensors
     from vla_exp.policy.load import load_policy
     policy, tokenizer, _ = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
-    policy.load_state_dict(tensors.read(run_dir / "policy.pt", "policy"))
+    policy.load_state_dict(tensors.read(run_dir / POLICY, "policy"))
     return Trained(policy.eval(), tokenizer, norm, cfg, seed)
 
 
@@ -182,9 +181,7 @@ def evaluate_run(run_dir, episodes=10, seed=0, tasks=None, policy="trained", exe
     if threads:
         torch.set_num_threads(threads)
     result = run(build_policy(policy, run_dir, cfg, seed), policy, cfg, episodes, seed, execute, tasks, run_dir)
-    path = run_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    write_json(path, {**summary, key(policy): result})
+    add_to_summary(run_dir, **{key(policy): result})
     to_wandb(cfg, run_dir, result)
     return result
 

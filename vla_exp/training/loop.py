@@ -1,7 +1,6 @@
 """One training core for every recipe: the loop, its state and its parts (`vla-exp-train` runs it, vla_exp.training.main)."""
 import functools
 import itertools
-import json
 import math
 import platform
 import re
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from vla_exp import UsageError
 from vla_exp.config import choices, config_hash, run_name
 from vla_exp.files import exclusive, write_json
+from vla_exp.runs import INIT_REPORT, NORMALIZATION, POLICY, finished
 from vla_exp.signals import Interrupted, StopOnSignal
 
 
@@ -30,15 +30,6 @@ def versions():
     import transformers
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "diffusers": diffusers.__version__}
-
-
-def finished(run_dir, digest):
-    """The summary of a run that already finished in `run_dir` with the same config, else None."""
-    try:
-        s = json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return s if s.get("status") in ("completed", "diverged") and s.get("config_hash") == digest else None
 
 
 def reset_peak_memory():
@@ -184,7 +175,7 @@ def train_in(cfg, run_dir, procs, digest, stop):
         names = [n for n, _ in p.policy.named_parameters() if "lora_" not in n]  # peft's adapters are new, not loaded
         report.update(checkpoint=p.source, missing_weights=p.missing, loaded_weights=len(names) - len(p.missing))
         if procs.is_main:
-            write_json(run_dir / "init_report.json", report)
+            write_json(run_dir / INIT_REPORT, report)
             for w in report["warnings"]:
                 print(f"init report: WARNING {w}")
         summary.update(initial_output_std=report["initial_output_std"], initial_loss=report["initial_loss"],
@@ -284,7 +275,7 @@ def write_policy(p, cfg, run_dir):
         policy = save_policy(p.policy, p.tokenizer, cfg.model.path, run_dir / "policy")
     elif hasattr(policy, "merge_and_unload"):  # LoRA: policy.pt holds the merged weights
         policy = policy.merge_and_unload()
-    tensors.write({k: v.cpu() for k, v in policy.state_dict().items()}, run_dir / "policy.pt", "policy")
+    tensors.write({k: v.cpu() for k, v in policy.state_dict().items()}, run_dir / POLICY, "policy")
 
 
 def build_parts(cfg, procs, device, bf16, run_dir):
@@ -297,7 +288,7 @@ def build_parts(cfg, procs, device, bf16, run_dir):
     with procs.rank0_first():  # the data and the backbone are cached on first use
         train_set, val_set = datasets(cfg)
         if procs.is_main:
-            write_json(run_dir / "normalization.json", train_set.norm.state_dict())
+            write_json(run_dir / NORMALIZATION, train_set.norm.state_dict())
         policy, tokenizer, missing = load_policy(cfg.model, cfg.paths.cache_dir, cfg.seed)
     if missing:  # the init fix sets up a new head; a trained one (a TinyVLA policy folder) is kept as it is
         build(cfg.init)(policy.embed_out)

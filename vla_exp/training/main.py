@@ -1,7 +1,6 @@
 """The Hydra entry point: `vla-exp-train recipe=fixed init=none`, `vla-exp-train -m init=xavier,none`."""
 import sys
 import traceback
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -9,7 +8,8 @@ from hydra.types import RunMode
 
 from vla_exp import UsageError
 from vla_exp.config import CONF_DIR, choices, run_name
-from vla_exp.files import Busy, write_json
+from vla_exp.files import Busy
+from vla_exp.runs import read_summary, write_summary
 from vla_exp.signals import Interrupted
 from vla_exp.training.loop import train
 from vla_exp.training.sweep import sweep_settings
@@ -33,9 +33,9 @@ def main(cfg):
         if not sweep:
             sys.exit(f"error: {e}")
         print(f"job {hc.job.num} failed: {e}", file=sys.stderr)
-        if not isinstance(e, Busy) and not Path(hc.runtime.output_dir, "summary.json").exists():  # rejected first
-            write_json(Path(hc.runtime.output_dir) / "summary.json", {"choices": choices(cfg), "seed": cfg.seed,
-                                                                       "status": "failed", "error": f"UsageError: {e}"})
+        if not isinstance(e, Busy) and read_summary(hc.runtime.output_dir) is None:  # rejected before it began
+            write_summary(hc.runtime.output_dir, {"choices": choices(cfg), "seed": cfg.seed, "status": "failed",
+                                                  "error": f"UsageError: {e}"})
     except Exception:
         if not sweep:
             raise

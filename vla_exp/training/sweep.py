@@ -1,6 +1,5 @@
 """Multiruns: the callback that holds a sweep's folder, checks every job before any starts and counts the failures
 at the end; the jobs a sweep launches; a job's settings inside a sweep (its W&B group, its share of the cores)."""
-import json
 import os
 import sys
 from contextlib import ExitStack
@@ -12,6 +11,7 @@ from omegaconf import OmegaConf
 
 from vla_exp import UsageError
 from vla_exp.files import exclusive, write_text
+from vla_exp.runs import SUMMARY, status_of
 
 
 def sweep_settings(cfg, hc):
@@ -26,15 +26,6 @@ def sweep_settings(cfg, hc):
         cfg.threads = max(1, cpus // min(cpus, n_jobs if n_jobs > 0 else cpus + 1 + n_jobs))
     if hc.output_subdir is not None:
         write_text(Path(hc.runtime.output_dir) / hc.output_subdir / "config.yaml", OmegaConf.to_yaml(cfg))
-
-
-def status_of(path):
-    """The status in a summary.json, or why there is none."""
-    try:
-        s = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return "unreadable"
-    return s.get("status", "unreadable") if isinstance(s, dict) else "unreadable"
 
 
 class Sweep(Callback):
@@ -64,7 +55,7 @@ class Sweep(Callback):
 
     def on_multirun_end(self, config, **kwargs):
         sweep_dir = Path(config.hydra.sweep.dir)
-        status = [status_of(p) for p in sorted(sweep_dir.glob("*/summary.json"))]
+        status = [status_of(p.parent) for p in sorted(sweep_dir.glob(f"*/{SUMMARY}"))]
         failed = len(status) - sum(map(status.count, ("completed", "diverged", "interrupted")))
         interrupted = status.count("interrupted")
         print(f"{sweep_dir}: {len(status)} runs, {failed} failed, {interrupted} interrupted. "

@@ -1,0 +1,270 @@
+"""The run folder: what a run writes and everything else reads, in one place.
+
+A run folder (vla-exp-train writes it; the W&B files beside it are the logger's):
+
+    .hydra/config.yaml      the composed config (Hydra); .hydra/overrides.yaml the command line
+    summary.json            the run's status and figures (SUMMARY_KEYS); vla-exp-evaluate adds closed_loop_<policy>
+    metrics.jsonl           one row per logged step ("kind": "step") and per epoch ("kind": "epoch")
+    init_report.json        the head's weights and first outputs before training
+    checkpoint.pt           the state a stopped run goes on from (vla_exp.training.checkpoint)
+    policy.pt               the trained policy's weights; normalization.json its action and state scaling
+
+A study folder holds run folders, study.json (which study made it, so the report rebuilds that study's tables) and,
+for a screen, design/ (one config file per configuration) and confirmation.json / confirmation.md.
+
+A run that a screen launched carries its configuration's `design` node (`Design`) in its config and its summary.
+Reading goes through here, so a renamed key is an error naming the key and the file, never a column of NaN.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from vla_exp import UsageError
+from vla_exp.config import GROUPS, NOT_RESULTS, leaves
+from vla_exp.files import write_json
+
+SUMMARY, METRICS, CONFIG, INIT_REPORT = "summary.json", "metrics.jsonl", ".hydra/config.yaml", "init_report.json"
+POLICY, NORMALIZATION, STUDY = "policy.pt", "normalization.json", "study.json"
+CONFIRMATION_JSON, CONFIRMATION_MD = "confirmation.json", "confirmation.md"
+FINISHED = ("completed", "diverged")  # a run with one of these is done: a rerun of its config skips it
+# What every finished run's summary holds (vla_exp.training.loop writes them) and the analysis reads: the report
+# refuses a finished run that lacks one, rather than read it as a missing figure
+SUMMARY_KEYS = ("choices", "seed", "status", "final_loss", "final_output_std", "initial_output_std",
+                "val_action_error", "baseline_action_errors")
+CELL = (*GROUPS, "head_loading")  # a cell: one combination of the choices
+METRICS_READ = ("val_action_error", "final_loss", "final_output_std", "initial_output_std")  # the factorial's
+TABLE_METRICS = ("final_loss", "final_output_std", "initial_output_std", "epochs_to_converge", "time_to_converge_s",
+                 "skipped_batches", "scaled_loss_steps", "val_action_error", "success_rate")
+MANY = 20  # a progress bar from this many runs on
+
+
+@dataclass(frozen=True)
+class Design:
+    """What one configuration of a screen is: its name ('A', 'B', 'x0101'), its label in words ('A + init'), the
+    part of the study that ran it ('design' or 'confirm'), the factors and its level of each (1: B's), the sides."""
+    name: str
+    label: str
+    part: str
+    factors: list
+    levels: list
+    a: str
+    b: str
+
+    @classmethod
+    def of(cls, node, where):
+        missing = [f.name for f in fields(cls) if f.name not in node]
+        if missing:
+            raise UsageError(f"{where}: its design node lacks {', '.join(missing)} (written by another version?)")
+        return cls(**{f.name: node[f.name] for f in fields(cls)})
+
+    def node(self):
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def read_summary(run_dir):
+    """The run's summary as a dict, or None where there is none; an unreadable one reads as a failed run."""
+    path = Path(run_dir) / SUMMARY
+    try:
+        s = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:  # a summary half written by an older, non-atomic writer
+        return {"status": "failed", "error": f"unreadable {SUMMARY}: {e}"}
+    return s if isinstance(s, dict) else {"status": "failed", "error": f"{SUMMARY} holds {type(s).__name__}"}
+
+
+def write_summary(run_dir, summary):
+    write_json(Path(run_dir) / SUMMARY, summary)
+
+
+def add_to_summary(run_dir, **figures):
+    """Figures added to a run's summary after the run (closed-loop evaluation), the run's own left as they are."""
+    write_summary(run_dir, {**(read_summary(run_dir) or {}), **figures})
+
+
+def status_of(run_dir):
+    """The status in a run's summary, or 'unreadable' (none there, not JSON, not a summary)."""
+    try:
+        s = json.loads((Path(run_dir) / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    return s.get("status", "unreadable") if isinstance(s, dict) else "unreadable"
+
+
+def finished(run_dir, digest):
+    """The summary of a run that already finished in `run_dir` with the config of fingerprint `digest`, else None."""
+    s = read_summary(run_dir)
+    return s if s and s.get("status") in FINISHED and s.get("config_hash") == digest else None
+
+
+def read_metrics(run_dir):
+    """The rows of a run's metrics.jsonl; the last line of a run killed while writing it is left out."""
+    path, rows = Path(run_dir) / METRICS, []
+    for line in path.read_text().splitlines() if path.exists() else ():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def read_normalization(run_dir):
+    """The run's normalization.json (the Normalizer's arguments), or None where it has none or it is not JSON."""
+    try:
+        return json.loads((Path(run_dir) / NORMALIZATION).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_config(run_dir, resolve=False):
+    """The run's saved config as a plain dict (interpolations kept as text unless `resolve`)."""
+    return OmegaConf.to_container(OmegaConf.load(Path(run_dir) / CONFIG), resolve=resolve)
+
+
+# ------------------------------------------------------------------------------------------------ many runs
+def find_run_dirs(dirs):
+    """Every folder holding a summary.json under the given ones (each counted once)."""
+    found = {}
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise UsageError(f"{d} is not a directory")
+        runs = sorted(p.parent.resolve() for p in d.rglob(SUMMARY))
+        if not runs:
+            raise UsageError(f"{d} holds no {SUMMARY}: not a run or sweep folder")
+        found.update(dict.fromkeys(runs))
+    return list(found)
+
+
+def summaries(folder):
+    """{run folder name: summary} of the runs directly under a sweep folder."""
+    return {p.parent.name: read_summary(p.parent) for p in sorted(Path(folder).glob(f"*/{SUMMARY}"))}
+
+
+def nothing_ran(folders):
+    """No run in these sweep folders has a summary: the sweep refused its configs (and said why) or none started."""
+    return not any(next(Path(f).glob(f"*/{SUMMARY}"), None) for f in folders)
+
+
+def cell_key(row):
+    """'xavier/skip_nonfinite/fixed/grad_norm/current': a string, so a column of keys compares with ==."""
+    return "/".join(str(row[c]) for c in CELL)
+
+
+def cell_label(cell, levels):
+    """'original', 'fixed', or the recipe the cell differs least from and how: 'fixed with init=none'."""
+    cell = dict(zip(CELL, cell)) if not isinstance(cell, dict) else cell
+    if "?" in cell.values():
+        return "unknown choices"
+    diffs = {r: [c for c in CELL if cell[c] != levels[r][c]] for r in ("original", "fixed")}
+    recipe = min(diffs, key=lambda r: len(diffs[r]))  # ties go to "original": the cell reads as fixes added
+    return recipe + (" with " + ", ".join(f"{c}={cell[c]}" for c in diffs[recipe]) if diffs[recipe] else "")
+
+
+def check_keys(run_dir, s):
+    if s.get("status") in FINISHED and (missing := [k for k in SUMMARY_KEYS if k not in s]):
+        raise UsageError(f"{Path(run_dir) / SUMMARY}: a finished run's summary without {', '.join(missing)} "
+                         f"(written by another version of vla-exp?)")
+
+
+def load_runs(run_dirs, levels):
+    """One row per run: run_dir, cell (in words), the choices, seed, status and every scalar of summary.json, with
+    baseline_<name> columns for the baselines, design_<key> and level:<factor> columns for a screen's runs, and
+    success_rate columns for closed-loop results. A run without choices goes to the cell '?' rather than vanish."""
+    rows = []
+    for d in tqdm(run_dirs, desc="reading summaries", disable=len(run_dirs) < MANY):
+        s = read_summary(d) or {"status": "failed", "error": f"no {SUMMARY}"}
+        check_keys(d, s)
+        choices = s.get("choices") or {}
+        row = {"run_dir": str(d), **{c: str(choices.get(c) or "?") for c in CELL}, "recipe": choices.get("recipe")}
+        row.update({k: v for k, v in s.items() if isinstance(v, (str, int, float, bool, type(None))) and k not in row})
+        row.update({f"baseline_{k}": v for k, v in (s.get("baseline_action_errors") or {}).items()})
+        if isinstance(s.get("design"), dict):  # a screen's configuration
+            design = Design.of(s["design"], Path(d) / SUMMARY)
+            row.update({f"design_{k}": getattr(design, k) for k in ("name", "label", "part")})
+            row.update({f"level:{f}": x for f, x in zip(design.factors, design.levels)})
+        for name, cl in s.items():  # closed-loop success (data=metaworld): the run's policy, and reference policies
+            if name.startswith("closed_loop") and isinstance(cl, dict):
+                suffix = name.removeprefix("closed_loop")  # "" or "_expert", "_mean_chunk", "_random"
+                row[f"success_rate{suffix}"] = cl.get("success_rate")
+                row.update({f"success{suffix}_{t}": r.get("success_rate") for t, r in cl.get("tasks", {}).items()})
+        rows.append(row)
+    runs = pd.DataFrame(rows)
+    runs.insert(1, "cell", [r.get("design_label") or cell_label(r, levels) for r in rows])
+    runs["status"] = runs["status"].fillna("unknown") if "status" in runs else "unknown"
+    runs["seed"] = pd.to_numeric(runs["seed"], errors="coerce").astype("Int64") if "seed" in runs else pd.NA
+    numeric = [*TABLE_METRICS, *METRICS_READ, *(c for c in runs if c.startswith("baseline_"))]
+    for m in numeric:  # a failed run may lack every metric; null becomes NaN
+        runs[m] = pd.to_numeric(runs[m], errors="coerce").astype(float) if m in runs else np.nan
+    check_replicates(runs)
+    return runs
+
+
+def check_replicates(runs):
+    """A cell's runs are its seed replicates only if they ran one config: refuse to pool the results of different
+    configs (naming the keys that differ), and flag a seed that a cell holds twice. A failed run adds no figure."""
+    if "replicate_hash" not in runs:  # runs of a version before it was recorded
+        return
+    for cell, g in runs[runs.status != "failed"].groupby("cell"):
+        if (hashes := g.replicate_hash.dropna().unique()).size > 1:
+            raise UsageError(f"cell '{cell}': its {len(g)} runs ran {len(hashes)} different configs (differing in "
+                             f"{differing_keys(g.run_dir)}), not seed replicates of one; report each config apart")
+        seeds = g.seed.dropna()
+        if twice := sorted(seeds[seeds.duplicated()].unique()):
+            print(f"warning: cell '{cell}' holds seed {', '.join(str(int(s)) for s in twice)} more than once "
+                  f"({', '.join(g.run_dir[g.seed.isin(twice)])}): a copied or rerun folder counts as a replicate")
+
+
+def differing_keys(run_dirs):
+    """The config keys that decide results and differ between the runs' saved configs (.hydra/config.yaml)."""
+    configs = [leaves(read_config(d)) for d in run_dirs if (Path(d) / CONFIG).is_file()]
+    if len(configs) < 2:
+        return "replicate_hash: the runs' saved configs are not there to say which keys"
+    flat = pd.DataFrame(configs).astype(str)
+    keys = [k for k in flat if flat[k].nunique() > 1 and k.split(".")[0] not in (*NOT_RESULTS, "seed")]
+    return ", ".join(f"{k} ({'/'.join(sorted(flat[k].unique()))})" for k in keys) or "replicate_hash"
+
+
+def load_curves(runs):
+    """Every row of every run's metrics.jsonl, tagged with run_dir, cell and seed."""
+    frames = []
+    for r in tqdm(runs.itertuples(), total=len(runs), desc="reading metrics", disable=len(runs) < MANY):
+        if rows := read_metrics(r.run_dir):
+            frames.append(pd.DataFrame(rows).assign(run_dir=r.run_dir, cell=r.cell, seed=r.seed))
+    first = ["run_dir", "cell", "seed", "kind", "step", "epoch"]
+    if not frames:
+        return pd.DataFrame(columns=first)
+    curves = pd.concat(frames, ignore_index=True)
+    return curves[first + [c for c in curves.columns if c not in first]]
+
+
+def sweep_group(run_dirs):
+    """The W&B group of the runs' sweep: its hydra.sweep.dir (what vla-exp-train groups a multirun by) when the
+    sweep's multirun.yaml holds it literally, else the name of the runs' common parent folder."""
+    parent = Path(os.path.commonpath([str(Path(d).parent) for d in run_dirs]))
+    if (parent / "multirun.yaml").exists():
+        sweep = OmegaConf.load(parent / "multirun.yaml").get("hydra", {}).get("sweep", {})
+        if "dir" in sweep and not OmegaConf.is_interpolation(sweep, "dir"):
+            return str(sweep.dir)
+    return parent.name
+
+
+# ------------------------------------------------------------------------------------------------ a study
+def write_study(folder, study, **settings):
+    """Say which study a folder holds (before its runs start), so `vla-exp-report` on it rebuilds that study's
+    tables."""
+    write_json(Path(folder) / STUDY, {"study": study, **settings})
+
+
+def read_study(folder):
+    """{"study": name, ...} of a study folder, or None for a plain sweep."""
+    try:
+        return json.loads((Path(folder) / STUDY).read_text())
+    except (OSError, ValueError):
+        return None
