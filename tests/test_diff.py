@@ -1,4 +1,4 @@
-"""python -m vla_exp.attribution.diff: every difference between two recipes or runs, grouped into factors."""
+"""vla-exp-diff: every difference between two recipes or runs, grouped into factors."""
 import json
 import os
 import subprocess

@@ -63,7 +63,7 @@ def test_a_hostile_checkpoint_is_refused_in_one_line_and_never_runs(make_cfg, tm
 
 
 def test_a_hostile_policy_file_is_refused_in_one_line(tmp_path):
-    """`python -m vla_exp.evaluation.closed_loop` reads a run's policy.pt through tensors.read."""
+    """vla-exp-evaluate reads a run's policy.pt through tensors.read."""
     torch.save({"embed_out.weight": Plant(tmp_path / "planted")}, tmp_path / "policy.pt")
     with pytest.raises(UsageError) as e:
         tensors.read(tmp_path / "policy.pt", "policy")

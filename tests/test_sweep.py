@@ -89,7 +89,7 @@ def test_submitit_local_launcher_runs_the_jobs(tmp_path):
 
 
 def test_add_one_study_runs_its_cells_and_writes_its_report(tmp_path):
-    out = cli("experiments/study.py", "add_one", "--seeds", "0", "--jobs", "1", "--out", str(tmp_path), *SMOKE,
+    out = cli("-m", "vla_exp.attribution.studies", "add_one", "--seeds", "0", "--jobs", "1", "--out", str(tmp_path), *SMOKE,
               "logger=none", "epochs=1", "data.episodes=6")  # the study's own budget beats debug=smoke's
     assert out.returncode == 0, out.stderr[-3000:]
     recipes = sorted(s["choices"]["recipe"] for s in summaries(tmp_path).values())
@@ -103,16 +103,16 @@ def test_add_one_study_runs_its_cells_and_writes_its_report(tmp_path):
 
 
 def test_study_rejects_bad_arguments():
-    out = cli("experiments/study.py", "factorial", "--jobs", "0")
+    out = cli("-m", "vla_exp.attribution.studies", "factorial", "--jobs", "0")
     assert out.returncode == 2 and "--jobs must be 1 or more, got 0" in out.stderr
-    out = cli("experiments/study.py", "everything")
+    out = cli("-m", "vla_exp.attribution.studies", "everything")
     assert out.returncode == 2 and "factorial" in out.stderr
 
 
 @pytest.mark.parametrize("study", [["add_one"], ["screen", "--a", "recipe=original", "--b", "recipe=fixed"]])
 def test_a_study_whose_configs_are_refused_says_so_and_stops(tmp_path, study):
     """The sweep names each refused job in one line; the study stops there, with no report and no traceback."""
-    out = cli("experiments/study.py", *study, "--seeds", "0,1", "--jobs", "1", "--out", str(tmp_path / "s"),
+    out = cli("-m", "vla_exp.attribution.studies", *study, "--seeds", "0,1", "--jobs", "1", "--out", str(tmp_path / "s"),
               "eval.samples=0", "logger=none")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].endswith("eval.samples=0: must be an integer >= 1")

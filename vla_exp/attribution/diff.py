@@ -1,4 +1,4 @@
-"""python -m vla_exp.attribution.diff A B: every difference between two recipes or runs, grouped into the factors a screen
+"""vla-exp-diff A B: every difference between two recipes or runs, grouped into the factors a screen
 would vary.
 
 Each side is a run folder (the config Hydra saved in its .hydra folder) or a quoted list of overrides
@@ -8,8 +8,8 @@ outside such a group is a factor by itself; keys that decide nothing about resul
 config_hash ignores) are listed apart and never become factors. For run folders, what differs outside the config
 too: library versions, the data's fingerprint and the normalisation statistics.
 
-    python -m vla_exp.attribution.diff "recipe=original" "recipe=fixed"
-    python -m vla_exp.attribution.diff outputs/run_a outputs/run_b --split optim --json
+    vla-exp-diff "recipe=original" "recipe=fixed"
+    vla-exp-diff outputs/run_a outputs/run_b --split optim --json
 """
 import argparse
 import functools
@@ -161,7 +161,7 @@ def text(d):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vla_exp.attribution.diff", description=__doc__,
+    p = argparse.ArgumentParser(prog="vla-exp-diff", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", help="a run folder or a quoted list of overrides")
     p.add_argument("b", help="the same, for the other side")

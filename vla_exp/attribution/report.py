@@ -1,8 +1,8 @@
 """Report on finished runs: what each fix did, with the seeds' uncertainty.
 
-    python -m vla_exp.attribution.report multirun/2026-01-01/12-00-00           # a sweep, searched recursively for runs
-    python -m vla_exp.attribution.report outputs/a outputs/b --out results/ab     # several folders, one report
-    python -m vla_exp.attribution.report multirun/... --wandb                     # also log the table and plots to W&B (offline)
+    vla-exp-report multirun/2026-01-01/12-00-00           # a sweep, searched recursively for runs
+    vla-exp-report outputs/a outputs/b --out results/ab     # several folders, one report
+    vla-exp-report multirun/... --wandb                     # also log the table and plots to W&B (offline)
 
 Writes into --out (default <first dir>/report), every file atomically: runs.csv and runs.parquet (one row per run),
 curves.csv (every metrics.jsonl row), table.md and table.csv (per cell: mean ± std and n over seeds), analysis.md
@@ -211,7 +211,7 @@ def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vla_exp.attribution.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="vla-exp-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", help="run or sweep folders, searched recursively for summary.json")
     parser.add_argument("--out", help="output folder (default: <first dir>/report)")

@@ -94,7 +94,7 @@ def design(k, max_runs=32, resolution=4, foldover=False):
     if k < 2:
         raise UsageError(f"{k} factor{'s' if k != 1 else ''} differ{'s' if k == 1 else ''} between A and B: nothing "
                          "to screen; " + ("run A and B over seeds (vla-exp-train -m ... seed=0,1,2) and "
-                                          "compare them with python -m vla_exp.attribution.report" if k == 1 else
+                                          "compare them with vla-exp-report" if k == 1 else
                                           "A and B are the same config"))
     per_row = 2 if foldover else 1
     roman = {3: "III", 4: "IV"}[resolution]

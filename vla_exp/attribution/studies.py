@@ -21,7 +21,7 @@ takes twice the optimiser steps of the original in an epoch (batch 8 against 16)
 the epochs that give it the original's number of updates (into <out>_equal_updates) and compares both ways.
 
 The screen study varies every difference between two configs A and B (each a quoted list of overrides or a run
-folder; `python -m vla_exp.attribution.diff A B` lists them) in a two-level design (vla_exp/attribution/screen.py), then confirms the
+folder; `vla-exp-diff A B` lists them) in a two-level design (vla_exp/attribution/screen.py), then confirms the
 smallest set of changes that recovers B: A plus the factors in order of their effect, one at a time, each step run
 with the same seeds, until one reaches B's value; then that set minus each of its factors. It prints the outcome
 in one sentence (also in <out>/confirmation.md) and the report holds the effects, their aliases and the steps.

@@ -1,9 +1,9 @@
 """Move episodes between vla-exp's HDF5 format and LeRobot datasets, both ways.
 
-  python -m vla_exp.data.convert data=tint out/tint-lerobot             # the embedded task as a LeRobot v3.0 dataset
-  python -m vla_exp.data.convert "data=metaworld data.episodes=5" out/mw   # MetaWorld demonstrations (the extra)
-  python -m vla_exp.data.convert path/to/hdf5-folder out/ds --codebase-version v2.1 --images image
-  python -m vla_exp.data.convert path/to/lerobot-dataset out/hdf5         # LeRobot -> HDF5 episodes
+  vla-exp-convert data=tint out/tint-lerobot             # the embedded task as a LeRobot v3.0 dataset
+  vla-exp-convert "data=metaworld data.episodes=5" out/mw   # MetaWorld demonstrations (the extra)
+  vla-exp-convert path/to/hdf5-folder out/ds --codebase-version v2.1 --images image
+  vla-exp-convert path/to/lerobot-dataset out/hdf5         # LeRobot -> HDF5 episodes
 
 A source with meta/info.json is a LeRobot dataset and becomes HDF5 episodes (all its episodes, frames at their size
 unless --image-size, the camera as --camera or its only one). Anything else vla-exp reads (a folder of HDF5 episodes,
@@ -52,7 +52,7 @@ def to_hdf5(source, out, camera, image_size):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vla_exp.data.convert", description=__doc__,
+    p = argparse.ArgumentParser(prog="vla-exp-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a LeRobot dataset, a folder of HDF5 episodes, or quoted data overrides")
     p.add_argument("out", help="the folder to write (must not exist)")

@@ -1,4 +1,4 @@
-"""Closed-loop success in MetaWorld: `python -m vla_exp.evaluation.closed_loop <run dir> [--episodes N] [--seed S] [--tasks ...]
+"""Closed-loop success in MetaWorld: `vla-exp-evaluate <run dir> [--episodes N] [--seed S] [--tasks ...]
 [--policy trained|expert|mean_chunk|random]`.
 
 The policy is rolled out for N episodes per task from held-out starts (vla_exp/data/metaworld.py draws evaluation starts
@@ -195,7 +195,7 @@ def table(result):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vla_exp.evaluation.closed_loop", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="vla-exp-evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run folder of vla-exp-train with data=metaworld")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task (default 10)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed: starts and sampling noise (default 0)")

@@ -17,7 +17,7 @@ from vla_exp.runs import SUMMARY, status_of
 def sweep_settings(cfg, hc):
     """In a multirun: one W&B group per sweep, and the cores divided between parallel jobs so they do not fight.
     Hydra saved the job's config before the job began: it is saved again with these, so it says what ran (and
-    `python -m vla_exp.evaluation.closed_loop` of a sweep job logs into the sweep's group)."""
+    `vla-exp-evaluate` of a sweep job logs into the sweep's group)."""
     if cfg.logger.get("group") is None and "group" in cfg.logger:
         cfg.logger.group = hc.sweep.dir
     n_jobs = hc.launcher.get("n_jobs")  # set by the joblib launcher; -1 means one job per core, as in joblib
@@ -59,7 +59,7 @@ class Sweep(Callback):
         failed = len(status) - sum(map(status.count, ("completed", "diverged", "interrupted")))
         interrupted = status.count("interrupted")
         print(f"{sweep_dir}: {len(status)} runs, {failed} failed, {interrupted} interrupted. "
-              f"Report: python -m vla_exp.attribution.report {sweep_dir}")
+              f"Report: vla-exp-report {sweep_dir}")
         if interrupted:
             print("the same command resumes the interrupted runs and skips the finished ones")
         self.hold.close()
