@@ -1,6 +1,7 @@
 """vla-exp as an installed tool: the wheel's commands work in an empty folder with no checkout beside it."""
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -17,8 +18,13 @@ def installed(tmp_path_factory):
     """A fresh venv holding the wheel of this checkout (its dependencies seen from the test's environment, so
     nothing is downloaded), and an empty folder to run its commands in."""
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # a copy, so no build folder of an earlier build (with files since removed) is reused
+    for part in ("vla_exp", "conf"):
+        shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / part, source)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp / "dist",
-                    ROOT], check=True, capture_output=True)
+                    source], check=True, capture_output=True)
     (wheel,) = (tmp / "dist").glob("vla_exp-*.whl")
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)

@@ -77,7 +77,9 @@ def read_summary(run_dir):
         return None
     except (OSError, ValueError) as e:  # a summary half written by an older, non-atomic writer
         return {"status": "failed", "error": f"unreadable {SUMMARY}: {e}"}
-    return s if isinstance(s, dict) else {"status": "failed", "error": f"{SUMMARY} holds {type(s).__name__}"}
+    if not isinstance(s, dict):
+        return {"status": "failed", "error": f"{SUMMARY} holds {type(s).__name__}, not a summary"}
+    return s
 
 
 def write_summary(run_dir, summary):

@@ -8,7 +8,7 @@ Writes into --out (default <first dir>/report), every file atomically: runs.csv 
 curves.csv (every metrics.jsonl row), table.md and table.csv (per cell: mean ± std and n over seeds), analysis.md
 (verdicts, ANOVA tables, interactions, leave-one-out and add-one tables), PNG plots and dashboard.html (one
 self-contained file). The recipes' levels come from conf/recipe/*.yaml; vla_exp/attribution/analysis.py says how effects are tested.
-Runs of a screen (experiments/study.py screen) get the screen's analysis instead (vla_exp/attribution/screen.py): the design, each
+Runs of a screen (vla-exp-study screen) get the screen's analysis instead (vla_exp/attribution/screen.py): the design, each
 difference's effect with its aliases, the confirmation, a half-normal plot.
 """
 import argparse
