@@ -81,7 +81,7 @@ def test_the_analysis_recovers_known_main_effects_and_an_aliased_interaction():
     matrix, _ = screen.design(9)
     names = [f"f{i}" for i in range(9)]
     effects = [-0.3, 0.2, 0.0, 0.1, 0.0, -0.05, 0.0, 0.0, 0.4]
-    res = screen.analyse(synthetic(matrix, names, effects, ((0, 1), 0.25)), "val_action_error", names)
+    res = screen.estimate_effects(synthetic(matrix, names, effects, ((0, 1), 0.25)), "val_action_error", names)
     assert res["method"] == "replicates" and res["df"] == 32 and abs(res["sigma"] - 0.01) < 0.004
     e = res["effects"].set_index("term")
     for name, true in zip(names, effects):
@@ -111,7 +111,7 @@ def test_without_replicates_lenth_pseudo_standard_error():
     assert me == pytest.approx(stats.t.ppf(0.975, 5) * pse)
     matrix, _ = screen.design(4)
     names = ["a", "b", "c", "d"]
-    res = screen.analyse(synthetic(matrix, names, [2.0, 0, 0, -1.0], ((1, 2), 0.0), seeds=1, noise=0.05),
+    res = screen.estimate_effects(synthetic(matrix, names, [2.0, 0, 0, -1.0], ((1, 2), 0.0), seeds=1, noise=0.05),
                          "val_action_error", names)
     e = res["effects"].set_index("term")
     assert res["method"] == "lenth" and "Lenth's pseudo standard error" in res["notes"][0]
@@ -123,26 +123,26 @@ def test_missing_runs_are_data_points_the_analysis_names_what_they_cost():
     names = [f"f{i}" for i in range(9)]
     runs = synthetic(matrix, names, [-0.3, 0.2] + [0.0] * 7, ((0, 1), 0.0))
     runs.loc[[0, 5, 9, 14], "val_action_error"] = np.nan  # four diverged runs (one seed each)
-    res = screen.analyse(runs, "val_action_error", names)
+    res = screen.estimate_effects(runs, "val_action_error", names)
     assert res["n"] == 60 and res["dropped"] == 4 and len(res["effects"][res["effects"].order == 1]) == 9
     assert any(n.startswith("missing runs widen the intervals of f0 (standard error x1.06)") for n in res["notes"])
     both = runs.design_name == runs.design_name[3]
     runs.loc[both, "val_action_error"] = np.nan  # a whole configuration lost: an interaction column goes
-    res = screen.analyse(runs, "val_action_error", names)
+    res = screen.estimate_effects(runs, "val_action_error", names)
     assert "runs missing from whole rows: 1 interaction columns dropped from the model" in res["notes"]
     assert abs(res["effects"].set_index("term").loc["f0", "effect"] + 0.3) < 0.02
 
 
 def test_factors_from_a_diff_change_a_node_together_and_refuse_what_a_file_cannot_remove():
     facs, _ = screen.factors(Side("recipe=original", "A"), Side("recipe=fixed", "B"), ["optim"])
-    by_name = {f["name"]: f for f in facs}
+    by_name = {f.name: f for f in facs}
     assert sorted(by_name) == ["clipping", "init", "loss_handling", "optim.batch_size", "optim.lr", "optim.schedule"]
-    assert by_name["optim.schedule"]["values"] == {"optim.schedule._target_": "vla_exp.fixes.CosineLR",
+    assert by_name["optim.schedule"].values == {"optim.schedule._target_": "vla_exp.fixes.CosineLR",
                                                   "optim.schedule.eta_min_ratio": 0.1}
-    assert by_name["init"] == {"name": "init", "group": "init", "a": "none", "b": "xavier", "values": {}}
-    assert screen.level_text(by_name["optim.schedule"]["b"]) == "_target_=vla_exp.fixes.CosineLR, eta_min_ratio=0.1"
+    assert by_name["init"] == screen.Factor(name="init", group="init", a="none", b="xavier", values={})
+    assert screen.level_text(by_name["optim.schedule"].b) == "_target_=vla_exp.fixes.CosineLR, eta_min_ratio=0.1"
     seeded, _ = screen.factors(Side("recipe=original seed=3", "A"), Side("recipe=fixed", "B"))
-    assert [f["name"] for f in seeded] == ["clipping", "init", "loss_handling", "optim"]  # seeds are replicates
+    assert [f.name for f in seeded] == ["clipping", "init", "loss_handling", "optim"]  # seeds are replicates
     with pytest.raises(UsageError, match="optim.schedule.eta_min_ratio exists on A only: a screen can add keys, "
                                          "not remove them; leave optim unsplit"):
         screen.factors(Side("recipe=fixed", "A"), Side("recipe=original", "B"), ["optim"])
@@ -151,15 +151,15 @@ def test_factors_from_a_diff_change_a_node_together_and_refuse_what_a_file_canno
 def test_a_configuration_file_composes_to_a_with_the_chosen_factors_at_b(tmp_path):
     a, b = Side("recipe=original", "A"), Side("recipe=reported_script", "B")
     facs, _ = screen.factors(a, b, ["optim"])
-    names = [f["name"] for f in facs]
+    names = [f.name for f in facs]
     levels = [int(n in ("init", "optim.schedule", "data.action_norm", "adamw.betas")) for n in names]
     (name,) = screen.write_configs(tmp_path, [(levels, "design")], facs, a, b)
     cfg = compose(f"hydra.searchpath=[file://{tmp_path}]", f"+screen={name}")
     got = leaves(OmegaConf.to_container(cfg, resolve=True))
     for f, x in zip(facs, levels):
         side = b if x else a
-        keys = [k for k in side.leaves if k.startswith(f["name"] + ".") or k == f["name"]]
-        assert keys and all(got[k] == side.leaves[k] for k in keys), f["name"]
+        keys = [k for k in side.leaves if k.startswith(f.name + ".") or k == f.name]
+        assert keys and all(got[k] == side.leaves[k] for k in keys), f.name
     assert got["design.label"] == "A + init, adamw.betas, data.action_norm, optim.schedule"
     assert got["optim.lr"] == 0.001 and got["optim.schedule._target_"] == "vla_exp.fixes.CosineLR"
 
@@ -189,11 +189,11 @@ def test_every_configuration_composes_to_each_sides_own_values(tmp_path, a_text,
         got = composed(tmp_path, name)
         for f, x in zip(facs, levels):
             side = b if x > 0 else a
-            prefix = f["group"] or f["name"]
+            prefix = f.group or f.name
             keys = [key for key in side.leaves if key == prefix or key.startswith(prefix + ".")]
             assert keys and {key: got.get(key) for key in keys} == {key: side.leaves[key] for key in keys}, (name, f)
         decided = {key for f in facs for key in (*a.leaves, *b.leaves)
-                   if key == (f["group"] or f["name"]) or key.startswith((f["group"] or f["name"]) + ".")}
+                   if key == (f.group or f.name) or key.startswith((f.group or f.name) + ".")}
         rest = {key: v for key, v in a.leaves.items() if key not in decided and key.split(".")[0] not in ignored
                 and key != "recipe"}
         assert {key: got.get(key) for key in rest} == rest, name  # every other leaf is A's (= B's)
@@ -218,7 +218,7 @@ def test_a_configuration_that_cannot_compose_to_its_side_is_refused_and_writes_n
     a = Side(str(saved_run(tmp_path / "old", "recipe=original", drop=("diverge_after",))), "A")
     b = Side("recipe=fixed", "B")
     facs, _ = screen.factors(a, b)
-    assert "diverge_after" in [f["name"] for f in facs]
+    assert "diverge_after" in [f.name for f in facs]
     with pytest.raises(UsageError, match=r"configuration A \(A\) composes diverge_after=100, not A's \(absent\): "
                                          "the screen cannot run it as A and B were given"):
         screen.write_configs(tmp_path / "design", [([-1] * len(facs), "design")], facs, a, b)
@@ -238,7 +238,7 @@ def test_a_run_folder_side_composes_to_its_saved_config(tmp_path):
     a = Side(str(saved_run(tmp_path / "a", "optim=original", "data.episodes=40")), "A")
     b = Side(str(saved_run(tmp_path / "b", "optim=fixed", "optim.lr=0.0005", "data.episodes=40")), "B")
     facs, _ = screen.factors(a, b)
-    assert [f["name"] for f in facs] == ["optim"]
+    assert [f.name for f in facs] == ["optim"]
     with pytest.raises(UsageError, match="1 factor differs"):
         screen.design(len(facs))
     screen.write_configs(tmp_path / "design", [([1], "design"), ([-1], "design")], facs, a, b)
@@ -396,5 +396,5 @@ def test_one_replicate_degree_of_freedom_is_used_not_lenth():
     matrix, _ = screen.design(2)
     runs = synthetic(matrix, ["f0", "f1"], [0.2, 0.1], ((0, 1), 0.0), seeds=2, noise=0.01)
     one_more = pd.concat([runs[runs.seed == 0], runs[runs.seed == 1].head(1)])  # 5 runs, 4 columns: df 1
-    result = screen.analyse(one_more, "val_action_error", ["f0", "f1"])
+    result = screen.estimate_effects(one_more, "val_action_error", ["f0", "f1"])
     assert result["method"] == "replicates" and result["df"] == 1

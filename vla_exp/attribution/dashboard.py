@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from vla_exp.attribution.analysis import ALPHA  # noqa: E402
+from vla_exp.attribution.numbers import ALPHA  # noqa: E402
 
 BASELINE_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))
 

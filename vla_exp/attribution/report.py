@@ -22,14 +22,14 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from vla_exp import UsageError
-from vla_exp.attribution import analysis, dashboard, screen, study_tables
+from vla_exp.attribution import analysis, dashboard, numbers, screen, study_tables
 from vla_exp.config import CONF_DIR, reference_levels
 from vla_exp.files import atomic, write_text
 from vla_exp.recorder import Tracker
 from vla_exp.runs import METRICS_READ, CONFIG, CONFIRMATION_JSON, find_run_dirs, load_curves, load_runs, read_study, sweep_group
 METHOD = ("Effect = marginal mean of the level minus that of the reference level (the original recipe's), with a 95% "
           "CI, from an OLS over the seeds (with two-way interactions where the runs allow: see each metric's model); "
-          f"detectable when p < {analysis.ALPHA}; size from partial eta² (small >= 0.01, medium >= 0.06, "
+          f"detectable when p < {numbers.ALPHA}; size from partial eta² (small >= 0.01, medium >= 0.06, "
           "large >= 0.14). See vla_exp/attribution/analysis.py.")
 
 
@@ -51,10 +51,10 @@ def analysis_markdown(results, loo, add):
     lines += ["## ANOVA tables (type II)", ""]
     for metric, res in results.items():
         lines += [f"### {metric}", ""]
-        lines += [analysis.markdown(analysis.anova_table(res)) if res["anova"] is not None else
+        lines += [numbers.markdown(analysis.anova_table(res)) if res["anova"] is not None else
                   f"no ANOVA: {res.get('error')}", ""]
-    lines += ["## Leave-one-out: the fixed recipe minus each fix", "", analysis.markdown(loo), "",
-              "## Add-one: the original recipe plus each fix", "", analysis.markdown(add), ""]
+    lines += ["## Leave-one-out: the fixed recipe minus each fix", "", numbers.markdown(loo), "",
+              "## Add-one: the original recipe plus each fix", "", numbers.markdown(add), ""]
     return "\n".join(lines)
 
 
@@ -62,7 +62,7 @@ def screen_results(runs):
     """A screen's analysis (vla_exp.attribution.screen) of the runs of its design, per metric, and its factors."""
     names = [c.removeprefix("level:") for c in runs if c.startswith("level:")]
     design = runs[runs.design_part == "design"]
-    return names, {m: screen.analyse(design, m, names) for m in METRICS_READ if m in runs}
+    return names, {m: screen.estimate_effects(design, m, names) for m in METRICS_READ if m in runs}
 
 
 def screen_tables(runs, names, results):
@@ -86,29 +86,29 @@ def screen_tables(runs, names, results):
             e = res["effects"]
             shown = e[(e.order == 1) | (e.lo > 0) | (e.hi < 0)]  # main effects, and interaction columns that show
             table = pd.DataFrame({
-                "term": shown.term, "effect (B - A)": shown.effect.map(lambda x: analysis.num(x, True)),
-                "95% interval": [f"[{analysis.num(lo)}, {analysis.num(hi)}]" for lo, hi in zip(shown.lo, shown.hi)],
-                "p": shown.p.map(lambda p: "" if np.isnan(p) else analysis.p_value(p)),
+                "term": shown.term, "effect (B - A)": shown.effect.map(lambda x: numbers.num(x, True)),
+                "95% interval": [f"[{numbers.num(lo)}, {numbers.num(hi)}]" for lo, hi in zip(shown.lo, shown.hi)],
+                "p": shown.p.map(lambda p: "" if np.isnan(p) else numbers.p_value(p)),
                 "aliased with": [a or ("no interaction of two or three factors" if o == 1 else
                                        "no other two-factor interaction") for a, o in zip(shown.aliases, shown.order)],
                 "precision": shown.se_ratio.map(lambda r: f"SE x{r:.2f}" if r > 1.05 else "")})
-            md += [analysis.markdown(table), ""]
+            md += [numbers.markdown(table), ""]
             html.append((f"Screen: effects on {metric}", dashboard.note_html(head) + dashboard.table_html(table)))
     plan_path = Path(os.path.commonpath(list(runs.run_dir))) / CONFIRMATION_JSON
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         rows = [{"step": f"A + {', '.join(s['set'])}", "configuration": s["name"],
-                 plan["metric"]: screen.mean_pm(s["values"]), "reaches B": "yes" if s["reached"] else "no"}
+                 plan["metric"]: numbers.mean_pm(s["values"]), "reaches B": "yes" if s["reached"] else "no"}
                 for s in plan["steps"]]
         rows += [{"step": f"the set without {w['left_out']}", "configuration": w["name"],
-                  plan["metric"]: screen.mean_pm(w["values"]), "reaches B": "yes" if w["reached"] else "no"}
+                  plan["metric"]: numbers.mean_pm(w["values"]), "reaches B": "yes" if w["reached"] else "no"}
                  for w in plan["without"]]
-        table = pd.DataFrame([{"step": "A", "configuration": "A", plan["metric"]: screen.mean_pm(plan["a"]),
+        table = pd.DataFrame([{"step": "A", "configuration": "A", plan["metric"]: numbers.mean_pm(plan["a"]),
                                "reaches B": ""}, *rows,
-                              {"step": "B", "configuration": "B", plan["metric"]: screen.mean_pm(plan["b"]),
+                              {"step": "B", "configuration": "B", plan["metric"]: numbers.mean_pm(plan["b"]),
                                "reaches B": ""}])
         text = screen.sentence(plan)
-        md += ["## Confirmation", "", text, "", analysis.markdown(table), ""]
+        md += ["## Confirmation", "", text, "", numbers.markdown(table), ""]
         html.append(("Confirmation: the smallest set of changes", dashboard.note_html(text) + dashboard.table_html(table)))
     return "\n".join(md), html
 
@@ -178,9 +178,9 @@ def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
             df.to_csv(tmp, index=False)
     with atomic(out / "runs.parquet") as tmp:
         parquet_safe(runs).to_parquet(tmp, index=False)
-    baselines = ", ".join(f"{c[len('baseline_'):]} {analysis.num(runs[c].mean())}" for c in runs
+    baselines = ", ".join(f"{c[len('baseline_'):]} {numbers.num(runs[c].mean())}" for c in runs
                           if c.startswith("baseline_"))
-    table_md = f"# {title}\n\n{analysis.markdown(shown)}\n\nBaselines (mean over runs): {baselines or 'none'}\n"
+    table_md = f"# {title}\n\n{numbers.markdown(shown)}\n\nBaselines (mean over runs): {baselines or 'none'}\n"
     write_text(out / "table.md", table_md)
     write_text(out / "analysis.md", f"# {title}\n\n{body}")
     study = [study_tables.write(Path(d), s) for d in dirs if (s := read_study(d))]

@@ -14,6 +14,7 @@ analysis, and the confirmation of the smallest set of changes that recovers B.
 import itertools
 import math
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from vla_exp import UsageError
-from vla_exp.attribution.analysis import ALPHA, finite
+from vla_exp.attribution.numbers import ALPHA, finite, mean_pm
 from vla_exp.config import NOT_RESULTS, leaves, literal
 from vla_exp.runs import Design
 
@@ -30,34 +31,44 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"  # pyDOE3 names factors by letters
 
 
 # ------------------------------------------------------------------------------------------------ factors
+@dataclass
+class Factor:
+    """One difference between A and B that the screen varies: a config group (`group` names it; its option and every
+    value under it change together) or keys (`values`: {key: B's value}); `a` and `b` are its levels for people."""
+    name: str
+    group: str | None
+    a: object
+    b: object
+    values: dict = field(default_factory=dict)
+
+
 def factors(a, b, split=()):
-    """The screen's factors between two diff Sides, and the diff: [{"name", "group" (the config group, or None),
-    "a", "b" (the levels, for people), "values" ({key: B's value} for a factor of keys)}]. A key that exists on B
-    only joins the factor of a differing key under the same parent node (optim.schedule._target_ and
-    optim.schedule.eta_min_ratio become one factor, optim.schedule); one that exists on A only is refused in one
-    line: a config file can add a key, not remove one. The seed is never a factor: the screen replicates over seeds."""
+    """The screen's factors (a list of Factor) between two diff Sides, and the diff. A key that exists on B only joins
+    the factor of a differing key under the same parent node (optim.schedule._target_ and optim.schedule.eta_min_ratio
+    become one factor, optim.schedule); one that exists on A only is refused in one line: a config file can add a
+    key, not remove one. The seed is never a factor: the screen replicates over seeds."""
     from vla_exp.attribution.diff import diff
     d = diff(a, b, split)
     out = []
-    for f in sorted((f for f in d["factors"] if f["factor"] != "seed"), key=lambda f: not f["composable"]):
-        if f["kind"] == "group":
-            out.append({"name": f["factor"], "group": f["factor"], "a": f["a"], "b": f["b"], "values": {}})
+    for found in sorted((x for x in d["factors"] if x["factor"] != "seed"), key=lambda x: not x["composable"]):
+        if found["kind"] == "group":
+            out.append(Factor(found["factor"], found["factor"], found["a"], found["b"]))
             continue
-        (key, (va, vb)), = f["leaves"].items()
+        (key, (va, vb)), = found["leaves"].items()
         if vb == "(absent)":
             raise UsageError(f"{key} exists on A only: a screen can add keys, not remove them; leave "
                              f"{key.split('.')[0]} unsplit (no --split {key.split('.')[0]})")
         parent = key.rsplit(".", 1)[0]
-        sibling = next((g for g in out if not g["group"] and any(k.startswith(parent + ".") for k in g["values"])),
+        sibling = next((g for g in out if not g.group and any(k.startswith(parent + ".") for k in g.values)),
                        None) if va == "(absent)" else None
         if sibling:
-            if not isinstance(sibling["a"], dict):  # the levels become the node's keys: {key: value}
-                sibling["a"], sibling["b"] = ({sibling["name"]: sibling[s]} for s in ("a", "b"))
-            sibling["name"] = parent
-            sibling["values"][key] = vb
-            sibling["a"][key], sibling["b"][key] = va, vb
+            if not isinstance(sibling.a, dict):  # the levels become the node's keys: {key: value}
+                sibling.a, sibling.b = {sibling.name: sibling.a}, {sibling.name: sibling.b}
+            sibling.name = parent
+            sibling.values[key] = vb
+            sibling.a[key], sibling.b[key] = va, vb
         else:
-            out.append({"name": key, "group": None, "a": va, "b": vb, "values": {key: vb}})
+            out.append(Factor(key, None, va, vb, {key: vb}))
     return out, d
 
 
@@ -159,9 +170,9 @@ def label(levels, names):
 
 def owned(f, side):
     """The keys of `side`'s resolved config that factor `f` decides: a group's every leaf, or a factor's keys."""
-    if f["group"]:
-        return [k for k in side.leaves if k.split(".")[0] == f["group"]]
-    return [k for k in f["values"] if k in side.leaves]
+    if f.group:
+        return [k for k in side.leaves if k.split(".")[0] == f.group]
+    return [k for k in f.values if k in side.leaves]
 
 
 def target(levels, facs, a, b):
@@ -170,7 +181,7 @@ def target(levels, facs, a, b):
     line), so nothing given on A's or B's command line or inside a preset can override or drop a value."""
     from vla_exp.attribution.diff import LABELS, groups
     at_b = [f for x, f in zip(levels, facs) if x > 0]
-    by_group = {f["group"]: f for f in facs if f["group"]}
+    by_group = {f.group: f for f in facs if f.group}
     options = {g: (b if g in by_group and by_group[g] in at_b else a).choices[g]
                for g in groups() if g not in NOT_RESULTS and g in a.choices}
     values = {k: v for k, v in a.leaves.items() if k.split(".")[0] not in (*NOT_RESULTS, "seed")}
@@ -188,7 +199,7 @@ def config_yaml(levels, facs, part, a, b):
     body = OmegaConf.create({"defaults": [{f"override /{g}": o} for g, o in options.items()]})
     for key, v in values.items():
         OmegaConf.update(body, key, literal(v), force_add=True)
-    names = [f["name"] for f in facs]
+    names = [f.name for f in facs]
     body.design = Design(name=config_name(levels), label=label(levels, names), part=part, factors=names,
                          levels=[int(x > 0) for x in levels], a=a.label, b=b.label).node()
     return "# @package _global_\n" + OmegaConf.to_yaml(body)
@@ -226,7 +237,7 @@ def check_config(folder, levels, facs, a, b):
     try:
         validate(cfg)  # a side's classes are the project's own, whatever its folder says
     except UsageError as e:
-        raise UsageError(f"configuration {name} ({label(levels, [f['name'] for f in facs])}): {e}") from None
+        raise UsageError(f"configuration {name} ({label(levels, [f.name for f in facs])}): {e}") from None
     got = leaves(OmegaConf.to_container(cfg, resolve=True))
     got = {k: v for k, v in got.items() if k.split(".")[0] not in (*NOT_RESULTS, "seed")
            and k.split(".")[-1] not in LABELS}
@@ -235,7 +246,7 @@ def check_config(folder, levels, facs, a, b):
         if got.get(key, "(absent)") != want.get(key, "(absent)"):
             owner = next((f for f in facs if key in owned(f, a) + owned(f, b)), None)
             side = "B" if owner and levels[facs.index(owner)] > 0 else "A"
-            raise UsageError(f"configuration {name} ({label(levels, [f['name'] for f in facs])}) composes {key}="
+            raise UsageError(f"configuration {name} ({label(levels, [f.name for f in facs])}) composes {key}="
                              f"{got.get(key, '(absent)')}, not {side}'s {want.get(key, '(absent)')}: the screen "
                              "cannot run it as A and B were given")
 
@@ -246,10 +257,10 @@ def budget_conflicts(overrides, facs):
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~").split("@")[0]
         for f in facs:
-            keys = [f["group"]] if f["group"] else list(f["values"])
+            keys = [f.group] if f.group else list(f.values)
             if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in keys):
-                raise UsageError(f"{o} is set for every run of the study, but {f['name']} differs between A and B "
-                                 f"({level_text(f['a'])} -> {level_text(f['b'])}): it would not vary; give A and B "
+                raise UsageError(f"{o} is set for every run of the study, but {f.name} differs between A and B "
+                                 f"({level_text(f.a)} -> {level_text(f.b)}): it would not vary; give A and B "
                                  "the same value, or leave the override out")
 
 
@@ -281,7 +292,7 @@ def word_name(word, names):
     return " x ".join(names[i] for i in word)
 
 
-def analyse(runs, metric, names):
+def estimate_effects(runs, metric, names):
     """Effects of the screen's factors on `metric`. `runs`: one row per run with columns `level:<name>` (0/1) and
     the metric. Returns a dict: n, dropped, method ('replicates' or 'lenth'), df, effects (DataFrame: term, order,
     effect, lo, hi, p, aliases, se_ratio), sigma (the seed noise's std, with replicates), notes."""
@@ -408,14 +419,6 @@ def confirmation(runs, metric, names, result, threshold=None):
         plan["without"].append({"left_out": left_out, "name": config_name(levels), "values": values.tolist(),
                                 "reached": ok})
     return plan
-
-
-def mean_pm(values):
-    """'0.02 ± 0.004' (mean ± std over seeds)."""
-    v = np.asarray(values, dtype=float)
-    if not len(v):
-        return "no finite value"
-    return f"{v.mean():.3g} ± {v.std(ddof=1):.2g}" if len(v) > 1 else f"{v.mean():.3g}"
 
 
 def sentence(plan):

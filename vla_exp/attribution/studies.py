@@ -143,7 +143,7 @@ def screen(args, parser, out, launcher):
     if len(seeds) < 2 and args.threshold is None:
         parser.error("screen with one seed has no seed noise to say when a step reaches B: give --seeds with two "
                      "or more, or --threshold")
-    print(f"{len(facs)} factors: " + "; ".join(f"{f['name']} ({sc.level_text(f['a'])} -> {sc.level_text(f['b'])})"
+    print(f"{len(facs)} factors: " + "; ".join(f"{f.name} ({sc.level_text(f.a)} -> {sc.level_text(f.b)})"
                                                for f in facs))
     print(f"design: {desc['kind']}, {desc['runs']} configurations x {len(seeds)} seeds = {desc['runs'] * len(seeds)} "
           f"runs" + (f", resolution {desc['resolution']}, I = {' = '.join(desc['defining_relation'][:6])}"
@@ -184,7 +184,7 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start):
     from vla_exp.attribution import screen as sc
     from vla_exp.config import reference_levels
     from vla_exp.runs import find_run_dirs, load_runs
-    names = [f["name"] for f in facs]
+    names = [f.name for f in facs]
     launched = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *sweep(list(matrix), "design"),
                                *launcher]).returncode
     if launched and nothing_ran([out]):
@@ -195,7 +195,7 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start):
         return found[found.design_name.notna()] if "design_name" in found else found.iloc[:0]
 
     plan, done = None, runs()
-    result = sc.analyse(done[done.design_part == "design"], args.metric, names)  # the design's runs are all in
+    result = sc.estimate_effects(done[done.design_part == "design"], args.metric, names)  # the design's runs are all in
     if "error" in result:
         print(f"no confirmation: {result['error']}")
     while "error" not in result:  # the confirmation, one configuration (all its seeds side by side) at a time

@@ -9,7 +9,7 @@ import pandas as pd
 from statsmodels.stats.weightstats import DescrStatsW
 
 from vla_exp.attribution import dashboard
-from vla_exp.attribution.analysis import markdown, num, welch
+from vla_exp.attribution.numbers import markdown, num, welch
 from vla_exp.config import reference_levels
 from vla_exp.files import write_text
 from vla_exp.runs import SUMMARY, find_run_dirs, load_curves, load_runs, read_metrics, read_summary
