@@ -139,16 +139,13 @@ def train(cfg, run_dir):
 
 
 def train_in(cfg, run_dir, procs, digest, stop):
-    """The run itself: build, init report, train, summarise."""
-    from vla_exp.training import checkpoint
-    from vla_exp.evaluation.heldout import init_report
+    """The run itself: build, init report, train, summarise; the summary is written however it ends."""
     from vla_exp.data.sources import episodes_dir
     from vla_exp.recorder import Recorder
+    from vla_exp.training import checkpoint
 
     device, bf16 = device_and_precision(cfg, procs.local_rank)
     ckpt = checkpoint.find_and_load(run_dir, cfg.resume, digest)
-
-    # -------------------------------------------------------------------------------- build
     start = time.time() - (ckpt["progress"]["elapsed_s"] if ckpt else 0)
     spent, began = {}, time.perf_counter()  # seconds by part of the run in this process (summary.json's time_s)
     reset_peak_memory()
@@ -167,78 +164,19 @@ def train_in(cfg, run_dir, procs, digest, stop):
         with timed(spent, "build"):
             p = build_parts(cfg, procs, device, bf16, run_dir)
         summary.update(data_dir=str(episodes_dir(cfg)), missing_head_params=len(p.missing))
-
-        # ---------------------------------------------------------------------------- init report
         with timed(spent, "init_report"):
-            first = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(p.val_set, p.eval_idx), 64)))
-            report = init_report(p.policy, p.train_scheduler, first, p.tokenizer, cfg.seed)
-        names = [n for n, _ in p.policy.named_parameters() if "lora_" not in n]  # peft's adapters are new, not loaded
-        report.update(checkpoint=p.source, missing_weights=p.missing, loaded_weights=len(names) - len(p.missing))
-        if procs.is_main:
-            write_json(run_dir / INIT_REPORT, report)
-            for w in report["warnings"]:
-                print(f"init report: WARNING {w}")
-        summary.update(initial_output_std=report["initial_output_std"], initial_loss=report["initial_loss"],
-                       init_warnings=report["warnings"], nonfinite_head_params=report["nonfinite_params"])
-
-        # ---------------------------------------------------------------------------- train
-        torch.manual_seed(cfg.seed)
-        p.gen = torch.Generator().manual_seed(cfg.seed)
-        state = LoopState()
+            summary.update(write_init_report(p, cfg, procs, run_dir))
+        run = Run(cfg, p, procs, rec, run_dir, digest, start, spent)
+        state = first_state(run, ckpt)
         if ckpt:
-            state = LoopState(**checkpoint.restore(ckpt, p.policy, p.optimizer, p.gen))
-            if procs.is_main:
-                print(f"{ckpt['path']}: resuming at epoch {state.epoch}, step {state.step}")
             summary["resumed_at_step"] = state.step
-
-        def save():
-            if procs.is_main:
-                with timed(spent, "saving"):
-                    checkpoint.save(run_dir, p.policy, p.optimizer, p.gen, {**asdict(state), "elapsed_s":
-                                    time.time() - start}, rec.rows, digest, rec.tracker.id)
-
-        per_epoch = math.ceil(len(p.train_set) / cfg.optim.batch_size)
-        bar = tqdm(total=cfg.epochs * per_epoch, initial=state.step, desc=run_name(cfg),
-                   disable=not (cfg.progress and procs.is_main))
-        stopping = False
-        while state.epoch < cfg.epochs and not state.diverged and not state.stopped_early:
-            for group in p.optimizer.param_groups:  # the LoRA weights' group has its own base rate
-                group["lr"] = p.lr_at(group["base_lr"], state.epoch, cfg.epochs)
-            lr = p.optimizer.param_groups[0]["lr"]
-            tick, seen = time.time(), 0
-            for batch in epoch_batches(p.train_set, cfg.optim.batch_size, cfg.seed, state.epoch, state.batch):
-                with timed(spent, "steps"):
-                    raw_loss, grad_norm, pred = optimisation_step(p, batch, state, procs, cfg.log_every)
-                seen += len(batch["actions"])
-                bar.update()
-                if state.step % cfg.log_every == 0:
-                    rec.log({"kind": "step", "step": state.step, "epoch": state.epoch, "loss": raw_loss,
-                             "output_std": procs.output_std(pred), "grad_norm": grad_norm, "lr": lr,
-                             "skipped_batches": state.skipped, "scaled_loss_steps": state.scaled,
-                             "samples_per_s": seen / (time.time() - tick)})
-                    bar.set_postfix(loss=f"{raw_loss:.4g}")
-                if cfg.diverge_after and state.nonfinite_streak >= cfg.diverge_after:
-                    state.diverged = True  # nothing more to learn: every recent step was NaN or inf
-                    break
-                if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
-                    save()
-                if stopping := procs.any(stop.signum is not None):
-                    break
-            if stopping:
-                break
-            with timed(spent, "evaluation"):
-                end_of_epoch(p, state, cfg, procs, rec, run_dir, start)
-            if cfg.checkpoint.every:
-                save()
-        bar.close()
-        if stopping:
-            save()
+        if train_epochs(run, state, stop):
+            run.save(state)
             name = signal.Signals(stop.signum).name
             summary.update(status="interrupted", signal=name, steps=state.step, wall_time_s=time.time() - start)
             raise stop.interrupted(f"{run_dir}: interrupted by {name} at step {state.step} of "
-                                   f"{cfg.epochs * per_epoch}, checkpoint saved; run the same command again to resume")
-
-        # ---------------------------------------------------------------------------- summarise
+                                   f"{cfg.epochs * steps_per_epoch(p, cfg)}, checkpoint saved; run the same command "
+                                   "again to resume")
         summary.update(summarise(state, cfg), wall_time_s=time.time() - start, peak_rss_mb=peak_memory_mb(),
                        **({"peak_gpu_mb": torch.cuda.max_memory_reserved(device) / 2 ** 20}
                           if device.type == "cuda" else {}))
@@ -264,6 +202,101 @@ def train_in(cfg, run_dir, procs, digest, stop):
             print(f"{run_dir}: summary.json could not be written ({e.strerror})", file=sys.stderr)
         rec.finish(exit_code=int(summary["status"] in ("failed", "interrupted")))
         procs.finish()
+
+
+@dataclass
+class Run:
+    """What the loop of one run carries beside its state: the config, the parts, the processes, the records, and
+    the clock (`start`, and `spent`: seconds by part of the run)."""
+    cfg: object
+    p: Parts
+    procs: object
+    rec: object
+    run_dir: Path
+    digest: str
+    start: float
+    spent: dict
+
+    def save(self, state):
+        """A checkpoint of everything the run needs to go on where it stopped (rank 0 writes it)."""
+        from vla_exp.training import checkpoint
+        if self.procs.is_main:
+            with timed(self.spent, "saving"):
+                checkpoint.save(self.run_dir, self.p.policy, self.p.optimizer, self.p.gen,
+                                {**asdict(state), "elapsed_s": time.time() - self.start}, self.rec.rows, self.digest,
+                                self.rec.tracker.id)
+
+
+def write_init_report(p, cfg, procs, run_dir):
+    """The head's weights and first outputs before any update, into init_report.json (rank 0); returns the
+    summary's fields from it."""
+    from vla_exp.evaluation.heldout import init_report
+    first = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(p.val_set, p.eval_idx), 64)))
+    report = init_report(p.policy, p.train_scheduler, first, p.tokenizer, cfg.seed)
+    names = [n for n, _ in p.policy.named_parameters() if "lora_" not in n]  # peft's adapters are new, not loaded
+    report.update(checkpoint=p.source, missing_weights=p.missing, loaded_weights=len(names) - len(p.missing))
+    if procs.is_main:
+        write_json(run_dir / INIT_REPORT, report)
+        for w in report["warnings"]:
+            print(f"init report: WARNING {w}")
+    return dict(initial_output_std=report["initial_output_std"], initial_loss=report["initial_loss"],
+                init_warnings=report["warnings"], nonfinite_head_params=report["nonfinite_params"])
+
+
+def first_state(run, ckpt):
+    """The loop's state at its first step: seeded afresh, or restored (with the RNGs) from a checkpoint."""
+    from vla_exp.training import checkpoint
+    torch.manual_seed(run.cfg.seed)
+    run.p.gen = torch.Generator().manual_seed(run.cfg.seed)
+    if not ckpt:
+        return LoopState()
+    state = LoopState(**checkpoint.restore(ckpt, run.p.policy, run.p.optimizer, run.p.gen))
+    if run.procs.is_main:
+        print(f"{ckpt['path']}: resuming at epoch {state.epoch}, step {state.step}")
+    return state
+
+
+def steps_per_epoch(p, cfg):
+    return math.ceil(len(p.train_set) / cfg.optim.batch_size)
+
+
+def train_epochs(run, state, stop):
+    """Epochs until the budget, a divergence or early stopping; returns True where a signal stopped them first."""
+    cfg, p, procs, rec = run.cfg, run.p, run.procs, run.rec
+    bar = tqdm(total=cfg.epochs * steps_per_epoch(p, cfg), initial=state.step, desc=run_name(cfg),
+               disable=not (cfg.progress and procs.is_main))
+    stopping = False
+    while state.epoch < cfg.epochs and not state.diverged and not state.stopped_early:
+        for group in p.optimizer.param_groups:  # the LoRA weights' group has its own base rate
+            group["lr"] = p.lr_at(group["base_lr"], state.epoch, cfg.epochs)
+        lr = p.optimizer.param_groups[0]["lr"]
+        tick, seen = time.time(), 0
+        for batch in epoch_batches(p.train_set, cfg.optim.batch_size, cfg.seed, state.epoch, state.batch):
+            with timed(run.spent, "steps"):
+                raw_loss, grad_norm, pred = optimisation_step(p, batch, state, procs, cfg.log_every)
+            seen += len(batch["actions"])
+            bar.update()
+            if state.step % cfg.log_every == 0:
+                rec.log({"kind": "step", "step": state.step, "epoch": state.epoch, "loss": raw_loss,
+                         "output_std": procs.output_std(pred), "grad_norm": grad_norm, "lr": lr,
+                         "skipped_batches": state.skipped, "scaled_loss_steps": state.scaled,
+                         "samples_per_s": seen / (time.time() - tick)})
+                bar.set_postfix(loss=f"{raw_loss:.4g}")
+            if cfg.diverge_after and state.nonfinite_streak >= cfg.diverge_after:
+                state.diverged = True  # nothing more to learn: every recent step was NaN or inf
+                break
+            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+                run.save(state)
+            if stopping := procs.any(stop.signum is not None):
+                break
+        if stopping:
+            break
+        with timed(run.spent, "evaluation"):
+            end_of_epoch(p, state, cfg, procs, rec, run.run_dir, run.start)
+        if cfg.checkpoint.every:
+            run.save(state)
+    bar.close()
+    return stopping
 
 
 def write_policy(p, cfg, run_dir):
