@@ -627,6 +627,12 @@ def gpu_matmul(device, dtype, n=4096, reps=20):
     return 2 * n ** 3 * reps / (time.perf_counter() - tick) / 1e12
 
 
+def in_scratch(measure):
+    """measure(folder) in a scratch folder that is removed after."""
+    with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
+        return measure(Path(tmp))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/benchmark/benchmark.json", help="the JSON file to write")
@@ -649,13 +655,11 @@ def main():
     args = p.parse_args()
     if args.gpu:
         args.out = args.out.replace("benchmark.json", "gpu.json")
-        with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
-            res = gpu_figures(args, Path(tmp))
+        res = in_scratch(lambda tmp: gpu_figures(args, tmp))
         print(json.dumps(res, indent=1))
         return
     if args.lerobot:
-        with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
-            r = lerobot_io(Path(tmp))
+        r = in_scratch(lerobot_io)
         print(f"LeRobot v3.0 copy of data=tint ({r['frames']} frames, AV1 64x64): first decode "
               f"{r['first_decode_frames_per_s']:.0f} frames/s ({r['first_decode_s']:.1f} s), cached reads "
               f"{r['cached_frames_per_s']:.0f} frames/s ({r['cached_s']:.2f} s); loader / model samples/s "
@@ -670,8 +674,7 @@ def main():
         data = datasets(compose())[0]  # the default data: the runs below train on it
         r = {"matmul_flops": matmul_flops(), "threads": torch.get_num_threads(),
              "step": step_options(cfg, data, compiled=args.compile)}
-        with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
-            r["runs"] = run_breakdown(Path(tmp))
+        r["runs"] = in_scratch(run_breakdown)
         today = r["step"]["fp32 (today) ms"]
         print(f"One training step, batch 8, {r['threads']} threads, matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s "
               f"(medians of 3 interleaved rounds of the same batches):")
@@ -684,15 +687,13 @@ def main():
         save(args.out.replace("benchmark.json", "options.json"), r)
         return
     if args.llava_400m:
-        with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
-            r = llava_400m(Path(tmp))
+        r = in_scratch(llava_400m)
         print(f"model=llava_pythia_400m, train=lora, batch 2: {r['s_per_step']:.2f} s a step (median of 3 after one "
               f"of {r['first_step_s']:.2f} s), peak RSS {r['peak_rss_mb']:.0f} MB, {r['params'] / 1e6:.0f}M "
               f"parameters ({r['trainable'] / 1e6:.1f}M trained), {r['threads']} threads, matmul "
               f"{r['matmul_flops'] / 1e9:.0f} GFLOP/s; the random-weight folder took {r['folder_written_s']:.0f} s")
         return
-    with tempfile.TemporaryDirectory(prefix="vla_benchmark_", ignore_cleanup_errors=True) as tmp:
-        res = measure(args, Path(tmp))
+    res = in_scratch(lambda tmp: measure(args, tmp))
     rows, m, s = table(res)
     width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     print(f"\n{'figure':<{width[0]}}  {'measured (median of ' + str(args.repeats) + ')':<{width[1]}}  target  holds")

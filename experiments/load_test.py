@@ -1,6 +1,6 @@
 """Under load: the 16-cell factorial, 2 jobs side by side, on a small budget; prints every job's peak memory.
 
-    python experiments/load_test.py                  # about 2 minutes on 2 CPU cores
+    python experiments/load_test.py
     python experiments/load_test.py --out DIR epochs=2   # trailing Hydra overrides for every run
 
 Checks that every one of the 16 runs leaves a summary.json, and prints the peak resident memory each job reached

@@ -43,9 +43,9 @@ from vla_exp.files import exclusive, write_json, write_text
 from vla_exp.runs import CONFIRMATION_JSON, CONFIRMATION_MD, nothing_ran, write_study
 from vla_exp.attribution.report import main as report
 
-# Sized for the 48-run factorial to fit in 30 minutes on 2 CPU cores (README: how long it takes on which machine);
-# the recipes' own default is 4 epochs of 200.
-# The studies read the last epoch's figures (all 256 held-out samples); the epochs before it use the first 64.
+# A cheap budget at which no policy works yet (docs/results/2026-12-03-factorial.md), so that a study of many runs
+# stays short on CPUs; the recipes' own default is 4 epochs of 200 episodes. The studies read the last epoch's
+# figures (all 256 held-out samples); the epochs before it use the first 64.
 BUDGET = ["epochs=3", "data.episodes=100", "eval.epoch_samples=64"]
 METAWORLD_BUDGET = ["data=metaworld", "epochs=12", "eval.rollouts=20", "eval.rollout_every=4"]
 CURVE_BUDGET = ["epochs=16"]  # the default data (180 training episodes), four times the recipes' epochs

@@ -68,7 +68,7 @@ def encode_tokens(lm, image_tokens, input_ids, attention_mask, pooling):
     embeds = torch.cat([image_tokens, lm.get_input_embeddings()(input_ids)], dim=1)
     mask = torch.cat([attention_mask.new_ones(image_tokens.shape[:2]), attention_mask], dim=1)
     hidden = lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    if pooling == "mean":  # TinyVLA's choice; dilutes a one-word instruction (see README)
+    if pooling == "mean":  # TinyVLA's choice; dilutes a one-word instruction (docs/models.md)
         return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     last = mask.sum(1) - 1  # right padding: the last real token sees the image and the whole instruction
     return hidden[torch.arange(len(hidden)), last]

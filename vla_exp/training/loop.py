@@ -331,7 +331,7 @@ def build_parts(cfg, procs, device, bf16, run_dir):
     train_scheduler, ddim = schedulers(cfg.diffusion)
     policy, groups = trainable(policy, cfg.model, cfg.optim.lr)
     params = [p for g in groups for p in g["params"]]
-    # fused: one kernel for all parameters; the per-tensor loop was a third of a CPU step (66 -> 49 ms at batch 8)
+    # fused: one kernel for all parameters; the per-tensor loop was a third of a CPU step (docs/sweeps-and-scale.md)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.adamw.betas),
                                   weight_decay=cfg.adamw.weight_decay, fused=True)
     parts = Parts(policy=policy, model=procs.wrap(policy), tokenizer=tokenizer, optimizer=optimizer, params=params,
