@@ -127,3 +127,46 @@ def test_a_data_folders_fingerprint_follows_its_manifest(tmp_path):
     before = fingerprint(str(tmp_path))
     (tmp_path / "manifest.json").write_text('{"a": 2}')
     assert fingerprint(str(tmp_path)) != before and str(tmp_path) in before
+
+
+def saved_run(folder, cfg=None, hydra=None):
+    """A run folder's .hydra as Hydra saves it: the composed config, and its record of the choices."""
+    from omegaconf import OmegaConf
+    from vla_exp.config import compose
+    (folder / ".hydra").mkdir(parents=True)
+    if cfg is None:
+        cfg = OmegaConf.to_yaml(compose("recipe=fixed"))
+    (folder / ".hydra" / "config.yaml").write_text(cfg)
+    if hydra is not None:
+        (folder / ".hydra" / "hydra.yaml").write_text(hydra)
+    return folder
+
+
+@pytest.mark.parametrize("cfg, hydra, message", [
+    ("optim: [unclosed", None, "config.yaml is not valid YAML ("),
+    ("- 1\n- 2\n", None, "config.yaml holds a YAML list, not a config (a mapping of keys)"),
+    (None, "- 1\n", "hydra.yaml holds a YAML list, not Hydra's record of the run (a mapping of keys)"),
+    (None, "hydra:\n  runtime: {}\n", "hydra.yaml has no hydra.runtime.choices mapping (not written by Hydra?)"),
+])
+def test_a_run_folders_saved_yaml_of_the_wrong_shape_is_one_line(tmp_path, cfg, hydra, message):
+    folder = saved_run(tmp_path / "run", cfg, hydra)
+    with pytest.raises(SystemExit) as e:
+        main([str(folder), "recipe=fixed"])
+    assert str(e.value).startswith(f"error: A: {folder / '.hydra'}/") and message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_key_the_project_has_not_is_refused_from_a_folder_or_the_command_line(tmp_path):
+    from omegaconf import OmegaConf
+    from vla_exp.config import compose
+    cfg = compose("recipe=fixed")
+    OmegaConf.update(cfg, "init.fname", "/tmp/planted", force_add=True)  # a hand-edited run folder
+    folder = saved_run(tmp_path / "run", OmegaConf.to_yaml(cfg))
+    with pytest.raises(SystemExit) as e:
+        main([str(folder), "recipe=fixed"])
+    assert str(e.value) == f"error: A: {folder} sets init.fname, which is no key of the project's config"
+    with pytest.raises(SystemExit) as e:
+        main(["recipe=fixed", "recipe=fixed +init.fname=x +extra.a=1"])
+    assert str(e.value) == ("error: B: recipe=fixed +init.fname=x +extra.a=1 sets init.fname, which is no key of the "
+                            "project's config (1 more)")
+    assert Side(str(saved_run(tmp_path / "plain")), "A").leaves == Side("recipe=fixed", "B").leaves

@@ -1,5 +1,6 @@
 """LeRobot datasets: written by vla_exp.data.lerobot the way LeRobot lays them out (pyarrow parquet, PyAV AV1 video),
 read back through `data=lerobot` with the HDF5 reader's split, normalisation and checks."""
+import io
 import json
 import os
 import shutil
@@ -7,6 +8,7 @@ import shutil
 import h5py
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
@@ -369,3 +371,130 @@ def test_a_sweep_and_its_report_on_a_lerobot_dataset(written, tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     table = pd.read_csv(tmp_path / "report" / "table.csv")
     assert sorted(table.init) == ["none", "xavier"] and table.n_runs.tolist() == [1, 1]
+
+
+# ------------------------------------------------------------------------------------------------ one line for each
+def test_a_path_template_with_a_field_its_version_does_not_fill(written, tmp_path):
+    root = broken(written, tmp_path)
+    edit_info(root, data_path="data/chunk-{episode_chunk:03d}/file-{file_index:03d}.parquet")
+    assert refused(root) == (f"{root / 'meta' / 'info.json'}: the path template "
+                             "'data/chunk-{episode_chunk:03d}/file-{file_index:03d}.parquet' cannot be filled (KeyError: "
+                             "'episode_chunk'); a v3.0 dataset fills chunk_index, file_index")
+
+
+def test_a_feature_whose_shape_is_not_its_data(written, tmp_path):
+    root = broken(written, tmp_path)
+    info = json.loads((root / "meta" / "info.json").read_text())
+    info["features"]["action"]["shape"] = [3]
+    edit_info(root, features=info["features"])
+    assert refused(root, "data.action_dim=3") == (
+        f"{root / 'data' / 'chunk-000' / 'file-000.parquet'}: action holds 2 values a frame, but meta/info.json gives "
+        "it shape [3]")
+
+
+@pytest.mark.parametrize("info, message", [
+    ("[1, 2]", "holds a JSON list, not LeRobot's info (a mapping)"),
+    ('{"codebase_version": "v3.0"}', "no features mapping in it"),
+    ('{"codebase_version": "v3.0", "features": {"action": {"shape": [2]}}}', "feature action has no dtype or shape"),
+    ("{not json", "not JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+])
+def test_an_info_json_that_is_no_info(written, tmp_path, info, message):
+    root = broken(written, tmp_path)
+    (root / "meta" / "info.json").write_text(info)
+    assert refused(root) == f"{root / 'meta' / 'info.json'}: {message}"
+
+
+@pytest.mark.parametrize("layout, name", [(("v2.1", "video"), "episodes.jsonl"), (("v2.1", "video"), "tasks.jsonl"),
+                                          (("v3.0", "video"), "tasks.parquet")])
+def test_a_missing_meta_file(written, tmp_path, layout, name):
+    root = broken(written, tmp_path, layout)
+    (root / "meta" / name).unlink()
+    assert refused(root) == f"{root / 'meta' / name}: missing (every LeRobot {layout[0]} dataset has it)"
+
+
+def test_a_jsonl_line_that_is_not_json(written, tmp_path):
+    root = broken(written, tmp_path, ("v2.1", "video"))
+    path = root / "meta" / "episodes.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1][:-5], *lines[2:]]) + "\n")
+    assert refused(root) == f"{path}: line 2 is not JSON"
+
+
+def test_one_png_frame_of_another_size(originals, tmp_path):
+    bad = [dict(o) for o in originals]
+    root = lerobot.write_dataset(tmp_path / "ds", bad, "top", images="image")
+    import pyarrow.parquet as pq
+    from PIL import Image
+    data = root / "data" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(data)
+    column = table.column("observation.images.top").to_pylist()
+    small = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(small, format="PNG")
+    episode = table.column("episode_index").to_pylist()
+    first = episode.index(2)
+    column[first + 3] = {**column[first + 3], "bytes": small.getvalue()}
+    index = table.schema.get_field_index("observation.images.top")
+    pq.write_table(table.set_column(index, table.schema.field(index), pa.array(column, table.schema.field(index).type)),
+                   data)
+    assert refused(root) == (f"{data}: observation.images.top frame 3 of episode 2 is 32x32, frame 0 is 64x64: an image "
+                             "feature's frames must share one size")
+
+
+# ------------------------------------------------------------------------------------------------ what the reader promises
+def test_more_rows_than_its_length_in_meta_is_refused_too(written, tmp_path):
+    root = broken(written, tmp_path)
+    table = root / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
+    eps = pd.read_parquet(table)
+    eps.loc[2, "length"] -= 1
+    eps.to_parquet(table)
+    assert refused(root).endswith("file-000.parquet: episode 2 has 8 rows but its length in meta/ is 7")
+
+
+def test_inf_in_actions_is_refused_like_nan(originals, tmp_path):
+    bad = [dict(o) for o in originals]
+    bad[1] = {**bad[1], "action": bad[1]["action"].copy()}
+    bad[1]["action"][2, 0] = np.inf
+    root = lerobot.write_dataset(tmp_path / "ds", bad, "top", images="image")
+    assert refused(root).endswith("file-000.parquet: action of episode 1 holds NaN or inf (first at frame 2)")
+
+
+def test_frames_are_resized_bilinearly():
+    checks = np.indices((64, 64)).sum(axis=0) % 2 * 255  # a 1-pixel checkerboard: nearest gives 0 or 255
+    frames = np.repeat(checks[None, :, :, None], 3, axis=3).astype(np.uint8)
+    small = lerobot.resize(frames, 32)
+    assert small.shape == (1, 32, 32, 3) and 100 < small.min() <= small.max() < 155
+
+
+def test_a_data_file_of_another_size_is_another_dataset(written, tmp_path):
+    import pyarrow.parquet as pq
+    root = shutil.copytree(written[("v3.0", "image")], tmp_path / "ds")
+    first = episodes_dir(lerobot_cfg(root))
+    data = root / "data" / "chunk-000" / "file-000.parquet"
+    pq.write_table(pq.read_table(data), data, compression="none")  # the same rows, rewritten: meta/ is unchanged
+    assert episodes_dir(lerobot_cfg(root)) != first
+
+
+def test_cameras_of_one_height_and_other_widths_go_side_by_side(originals, tmp_path):
+    import pyarrow.parquet as pq
+    root = lerobot.write_dataset(tmp_path / "a", originals, "left", images="image")
+    data = root / "data" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(data)
+    narrow = [{"bytes": lerobot.png(np.asarray(f)[:, :32]), "path": None} for o in originals for f in o["images"]]
+    field = table.schema.field("observation.images.left")
+    pq.write_table(table.append_column("observation.images.right", pa.array(narrow, field.type)), data)
+    info = json.loads((root / "meta" / "info.json").read_text())
+    info["features"]["observation.images.right"] = {**info["features"]["observation.images.left"], "shape": [64, 32, 3]}
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    got = cached(root, "data.camera=[observation.images.left,observation.images.right]")
+    frame = originals[0]["images"][0]
+    expected = lerobot.resize(np.concatenate([frame, frame[:, :32]], axis=1)[None], 64)[0]  # 64 x 96 -> 64 x 64
+    assert np.array_equal(got[0]["images"][0], expected)
+
+
+def test_an_episode_of_several_tasks_takes_its_first(written, tmp_path):
+    root = broken(written, tmp_path)
+    table = root / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
+    eps = pd.read_parquet(table)
+    eps["tasks"] = [["pick the block", *t] for t in eps.tasks]
+    eps.to_parquet(table)
+    assert {e["instruction"] for e in cached(root)} == {"pick the block"}

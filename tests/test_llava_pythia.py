@@ -241,3 +241,133 @@ def test_the_init_report_says_what_came_from_the_folder(folder, tmp_path):
     assert report["checkpoint"] == str(folder) and s["missing_head_params"] == len(report["missing_weights"]) > 50
     assert all(k.startswith("embed_out.") for k in report["missing_weights"])
     assert report["loaded_weights"] == len([k for k in weights if not k.startswith("embed_out.")])
+
+
+# ------------------------------------------------------------------------------------------------ one line for each
+@pytest.fixture(scope="module")
+def linear(tmp_path_factory):
+    return write_random_folder(tmp_path_factory.mktemp("llava") / "base", TEXT, VISION, "linear", "patch")
+
+
+def with_config(folder, tmp_path, edit):
+    path = tmp_path / "edited"
+    shutil.copytree(folder, path)
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(num_attention_heads=0), "num_attention_heads=0 must be an integer >= 1 that divides "
+                                                "hidden_size=64"),
+    (lambda c: c["vision_config"]["mm_projector"].pop("mm_hidden_size"),
+     "vision_config.mm_projector.mm_hidden_size must be an integer >= 1 (here None)"),
+    (lambda c: c["vision_config"].update(vision_tower=[1, 2]),
+     "config.json's vision_config.vision_tower is a list, not a mapping (a LLaVA-Pythia config)"),
+    (lambda c: c["vision_config"]["vision_tower"].update(mm_vision_select_layer=99),
+     "mm_vision_select_layer=99: the tower has 3 layers, so it must be an integer from -4 to 3"),
+])
+def test_a_config_json_that_cannot_build_the_model_is_one_line(linear, tmp_path, edit, message):
+    path = with_config(linear, tmp_path, edit)
+    assert refused(path) == f"model.path={path}: {message}"
+
+
+def test_a_folder_without_its_tokenizer_is_refused_before_the_model_is_built(linear, tmp_path):
+    path = tmp_path / "no-tokenizer"
+    shutil.copytree(linear, path)
+    for f in path.glob("*token*"):
+        f.unlink()
+    assert refused(path).startswith(f"model.path={path}: no tokenizer loads from it (tokenizer.json and ")
+
+
+def test_base_weights_that_are_a_pickle_are_refused_in_one_line(linear, tmp_path):
+    path = tmp_path / "pickled"
+    shutil.copytree(linear, path)
+    weights = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    torch.save({"weights": weights, "planted": print}, path / "pytorch_model.bin")  # loading it would run code
+    message = refused(path)
+    assert message.startswith(f"model.path={path}: cannot load a TinyVLA backbone from it (") and "\n" not in message
+
+
+@pytest.fixture(scope="module")
+def lora_policy(linear, tmp_path_factory):
+    """A LoRA policy folder in TinyVLA's layout (adapters over `linear`), saved untrained."""
+    from vla_exp.policy.llava_pythia import save_policy
+    cfg = cfg_for(linear, "recipe=fixed", "model.train=lora", "model.lora.r=4")
+    tmp = tmp_path_factory.mktemp("lora")
+    p = build_parts(cfg, ddp.OneProcess(), torch.device("cpu"), False, tmp)
+    save_policy(p.policy, p.tokenizer, linear, tmp / "policy")
+    return tmp / "policy"
+
+
+def damaged_copy(folder, tmp_path, damage):
+    path = tmp_path / "lora"
+    shutil.copytree(folder, path)
+    damage(path)
+    return path
+
+
+def edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: (p / "adapter_model.safetensors").unlink(),
+     "adapter_config.json but no adapter_model.safetensors (peft's adapter weights)"),
+    (lambda p: edit_json(p / "adapter_config.json", base_model_name_or_path=None),
+     "adapter_config.json names no base model (base_model_name_or_path, the folder of the base weights the adapters "
+     "were trained on)"),
+    (lambda p: (p / "adapter_model.safetensors").write_bytes((p / "adapter_model.safetensors").read_bytes()[:200]),
+     "its LoRA adapters do not load onto the base ("),
+    (lambda p: edit_json(p / "adapter_config.json", r=8), "its LoRA adapters do not load onto the base ("),
+])
+def test_a_lora_folder_that_cannot_be_loaded_is_one_line(lora_policy, tmp_path, damage, message):
+    path = damaged_copy(lora_policy, tmp_path, damage)
+    got = refused(path, "model.train=lora")
+    assert got.startswith(f"model.path={path}: {message}") and "\n" not in got
+
+
+# ------------------------------------------------------------------------------------------------ as TinyVLA builds it
+def test_projectors_are_tinyvlas(linear, tmp_path):
+    from types import SimpleNamespace
+    from torch import nn
+    from vla_exp.policy.llava_pythia import projector
+    built = lambda kind, d_in=8, d_out=16: projector(SimpleNamespace(vision_config={"mm_projector": {
+        "mm_projector_type": kind, "mm_hidden_size": d_in, "hidden_size": d_out}}))
+    assert isinstance(built("identity", 16, 16), nn.Identity)
+    assert isinstance(built("linear"), nn.Linear) and built("linear").weight.shape == (16, 8)
+    # builder.py: mlp<N>x_gelu is Linear(in, out), then (GELU, Linear(out, out)) N - 1 times
+    assert [type(m).__name__ for m in built("mlp3x_gelu")] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    assert [tuple(m.weight.shape) for m in built("mlp2x_gelu") if isinstance(m, nn.Linear)] == [(16, 8), (16, 16)]
+
+
+def test_an_mlp2x_folder_holds_two_projector_layers(tmp_path):
+    folder = write_random_folder(tmp_path / "mlp", TEXT, VISION, "mlp2x_gelu", "patch")
+    shapes = {k.removeprefix("gpt_neox.mm_projector."): tuple(v.shape)
+              for k, v in load_file(folder / "model.safetensors").items() if k.startswith("gpt_neox.mm_projector.")}
+    assert shapes == {"0.weight": (64, 32), "0.bias": (64,), "2.weight": (64, 64), "2.bias": (64,)}
+
+
+def test_the_image_std_is_the_folders(linear):
+    policy = load(linear)[0]
+    pre = json.loads((linear / "preprocessor_config.json").read_text())
+    assert pre["image_std"] != pre["image_mean"]
+    assert policy.pixel_std.flatten().tolist() == pytest.approx(pre["image_std"])
+
+
+def test_a_trained_head_of_another_chunk_size_is_refused(linear, tmp_path):
+    path = with_config(linear, tmp_path, lambda c: c.update(action_head_type="droid_diffusion", action_dim=2,
+                                                              state_dim=2, chunk_size=8))
+    assert refused(path) == (f"model.path={path}: its trained head has chunk_size=8, the data and model.config give "
+                             "horizon=16")
+
+
+def test_unknown_weights_in_non_lora_trainables_are_refused(lora_policy, tmp_path):
+    def plant(p):
+        extra = torch.load(p / "non_lora_trainables.bin")
+        torch.save({**extra, "base_model.model.nonsense.weight": torch.zeros(2)}, p / "non_lora_trainables.bin")
+    path = damaged_copy(lora_policy, tmp_path, plant)
+    assert refused(path, "model.train=lora") == (f"model.path={path}: non_lora_trainables.bin holds weights the model "
+                                                 "has not (first: nonsense.weight)")

@@ -86,6 +86,47 @@ def test_a_checkpoint_of_another_format_is_refused_before_training(make_cfg, tmp
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("damage", ["shape", "progress"])
+def test_a_same_config_checkpoint_that_cannot_be_restored_is_one_line(make_cfg, tmp_path, damage):
+    cfg = make_cfg(*FAST, "checkpoint.keep=true")
+    train(cfg, tmp_path / "done")
+    ckpt = tensors.read(tmp_path / "done" / "checkpoint.pt", "checkpoint")
+    key = next(k for k in ckpt["policy"] if k.startswith("embed_out.") and k.endswith(".weight"))
+    shape = tuple(ckpt["policy"][key].shape)
+    if damage == "shape":
+        ckpt["policy"][key] = ckpt["policy"][key][..., :1].clone()
+    else:
+        ckpt["progress"] = "{not json"
+    (tmp_path / "run").mkdir()
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(UsageError) as e:
+        train(cfg, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint.pt"
+    assert one_line(e) == (f"{path}: {key} is {(*shape[:-1], 1)} there, {shape} in this run's model: delete it (the "
+                           "run then starts afresh)" if damage == "shape" else
+                           f"{path}: its progress record is not readable JSON: delete it (the run then starts afresh)")
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "metrics.jsonl", "summary.json"])
+def test_a_folder_where_a_run_writes_a_file_is_refused_before_training(make_cfg, tmp_path, name):
+    (tmp_path / "run" / name).mkdir(parents=True)
+    with pytest.raises(UsageError) as e:
+        train(make_cfg(*FAST), tmp_path / "run")
+    assert one_line(e) == (f"{tmp_path / 'run' / name} is a folder, not the file a run writes there: remove it or "
+                           "give another run folder")
+
+
+@pytest.mark.parametrize("where", ["run", "run/.hydra"])
+def test_a_run_folder_that_is_a_file_is_one_line(tmp_path, where):
+    (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / where).write_text("")
+    out = cli("-m", "vla_exp.training.main", *FAST, f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 1
+    what = "run folder" if where == "run" else "config folder"
+    assert out.stderr.strip() == (f"error: {tmp_path / where} is a file, not a folder: the {what} "
+                                  f"{tmp_path / where} cannot be made there; remove it or give another folder")
+
+
 # ------------------------------------------------------------------------------------------------ shared folders
 def test_a_run_into_a_held_folder_stops_naming_the_holder_and_touches_nothing(make_cfg, tmp_path):
     train(make_cfg(*FAST), tmp_path)

@@ -281,3 +281,13 @@ def test_a_screen_runs_design_node_must_hold_every_key(tmp_path):
     (tmp_path / "x01-s0" / "summary.json").write_text(json.dumps({**summary, "design": node}))
     with pytest.raises(UsageError, match=r"x01-s0/summary.json: its design node lacks part "):
         load_runs(find_run_dirs([tmp_path]), reference_levels())
+
+
+def test_a_figure_that_is_text_is_counted_and_named(tmp_path, capsys):
+    fake_run(tmp_path / "fixed-s0", FIXED, 0)
+    summary = json.loads((tmp_path / "fixed-s0" / "summary.json").read_text())
+    (tmp_path / "fixed-s0" / "summary.json").write_text(json.dumps({**summary, "final_loss": "0.5 (bad)"}))
+    runs = load_runs(find_run_dirs([tmp_path]), reference_levels())
+    assert np.isnan(runs.final_loss.iloc[0]) and runs.val_action_error.iloc[0] == 0.05
+    assert capsys.readouterr().out.strip() == (f"warning: 1 figure of summary.json not a number, read as missing: "
+                                               f"{(tmp_path / 'fixed-s0').resolve()}: final_loss='0.5 (bad)'")

@@ -226,7 +226,10 @@ def test_a_configuration_that_cannot_compose_to_its_side_is_refused_and_writes_n
 
 
 def test_a_run_folder_cannot_make_the_screen_run_foreign_code(tmp_path):
-    a = Side(str(saved_run(tmp_path / "a", "recipe=original", "init._target_=numpy.savetxt", "+init.fname=x")), "A")
+    planted = saved_run(tmp_path / "p", "recipe=original", "init._target_=numpy.savetxt", "+init.fname=x")
+    with pytest.raises(UsageError, match=r"sets init.fname, which is no key of the project's config$"):
+        Side(str(planted), "A")  # the key numpy.savetxt needs is refused first
+    a = Side(str(saved_run(tmp_path / "a", "recipe=original", "init._target_=numpy.savetxt")), "A")
     facs, _ = screen.factors(a, Side("recipe=fixed", "B"))
     with pytest.raises(UsageError, match=r"configuration A \(A\): init._target_='numpy.savetxt': must be one of the "
                                          "project's own classes"):
@@ -398,3 +401,12 @@ def test_one_replicate_degree_of_freedom_is_used_not_lenth():
     one_more = pd.concat([runs[runs.seed == 0], runs[runs.seed == 1].head(1)])  # 5 runs, 4 columns: df 1
     result = screen.estimate_effects(one_more, "val_action_error", ["f0", "f1"])
     assert result["method"] == "replicates" and result["df"] == 1
+
+
+def test_a_screen_split_of_no_group_is_refused(tmp_path):
+    study = load_study()
+    with pytest.raises(SystemExit) as e:
+        study.main(["screen", "--a", "recipe=original", "--b", "recipe=fixed", "--split", "optm", "--dry-run",
+                    "--out", str(tmp_path)])
+    assert str(e.value).startswith("error: --split optm: not a config group; the groups are ")
+    assert not any(tmp_path.iterdir())

@@ -2,6 +2,7 @@
 
 Torch-free, so the report and the analysis can read runs without loading the training stack.
 """
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -33,6 +34,28 @@ def leaves(node, prefix=""):
         return {k: v for key, sub in node.items() for k, v in leaves(sub, f"{prefix}{key}.").items()} if node \
             else {prefix[:-1]: {}}
     return {prefix[:-1]: node}
+
+
+@functools.cache
+def conf_leaves():
+    """(dotted key, value) of every leaf that the project's config files set, each file's keys under its package
+    (its group's folder, or the top for `@package _global_`): what a composed config can hold."""
+    found = []
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        group = path.parent.relative_to(CONF_DIR).as_posix().replace("/", ".")
+        prefix = "" if group == "." or "@package _global_" in path.read_text() else f"{group}."
+        found += [(prefix + k, v) for k, v in leaves({k: v for k, v in node.items() if k != "defaults"}).items()]
+    return tuple(found)
+
+
+def foreign_keys(cfg_leaves):
+    """The keys of a config's leaves that no project config file sets (a key given with `+`, or a hand-edited run
+    folder's), the screen's `design` label and Hydra's own node aside."""
+    known = {k for k, _ in conf_leaves()}
+    open_nodes = tuple(f"{k}." for k, v in conf_leaves() if v == {})
+    return [k for k in cfg_leaves if k.split(".")[0] not in ("design", "hydra") and k not in known
+            and not k.startswith(open_nodes) and not any(e.startswith(f"{k}.") for e in known)]
 
 
 def literal(value):

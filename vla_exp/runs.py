@@ -30,7 +30,7 @@ from vla_exp.config import GROUPS, NOT_RESULTS, leaves
 from vla_exp.files import write_json
 
 SUMMARY, METRICS, CONFIG, INIT_REPORT = "summary.json", "metrics.jsonl", ".hydra/config.yaml", "init_report.json"
-POLICY, NORMALIZATION, STUDY = "policy.pt", "normalization.json", "study.json"
+POLICY, NORMALIZATION, STUDY, CHECKPOINT = "policy.pt", "normalization.json", "study.json", "checkpoint.pt"
 CONFIRMATION_JSON, CONFIRMATION_MD = "confirmation.json", "confirmation.md"
 FINISHED = ("completed", "diverged")  # a run with one of these is done: a rerun of its config skips it
 # What every finished run's summary holds (vla_exp.training.loop writes them) and the analysis reads: the report
@@ -68,6 +68,23 @@ class Design:
 
 
 # ------------------------------------------------------------------------------------------------ one run
+def check_folder(path, what):
+    """A folder Hydra is about to make (a run's, its .hydra, a sweep's): one line if a file is in its place."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"{p} is a file, not a folder: the {what} {path} cannot be made there; remove it or "
+                             "give another folder")
+
+
+def check_run_folder(run_dir):
+    """Before a run trains: each file it will write is a file where it exists (a folder in its place would be found
+    only when the run ends)."""
+    for name in (SUMMARY, METRICS, INIT_REPORT, POLICY, NORMALIZATION, CHECKPOINT):
+        if (path := Path(run_dir) / name).exists() and not path.is_file():
+            raise UsageError(f"{path} is a folder, not the file a run writes there: remove it or give another "
+                             "run folder")
+
+
 def read_summary(run_dir):
     """The run's summary as a dict, or None where there is none; an unreadable one reads as a failed run."""
     path = Path(run_dir) / SUMMARY
@@ -202,8 +219,18 @@ def load_runs(run_dirs, levels):
     runs["status"] = runs["status"].fillna("unknown") if "status" in runs else "unknown"
     runs["seed"] = pd.to_numeric(runs["seed"], errors="coerce").astype("Int64") if "seed" in runs else pd.NA
     numeric = [*TABLE_METRICS, *METRICS_READ, *(c for c in runs if c.startswith("baseline_"))]
-    for m in numeric:  # a failed run may lack every metric; null becomes NaN
-        runs[m] = pd.to_numeric(runs[m], errors="coerce").astype(float) if m in runs else np.nan
+    bad = []
+    for m in dict.fromkeys(numeric):  # a failed run may lack every metric; null becomes NaN
+        if m not in runs:
+            runs[m] = np.nan
+            continue
+        figures = pd.to_numeric(runs[m], errors="coerce").astype(float)
+        bad += [f"{d}: {m}={v!r}" for d, v, x in zip(runs.run_dir, runs[m], figures)
+                if v is not None and not isinstance(v, bool) and not (isinstance(v, float) and np.isnan(v)) and np.isnan(x)]
+        runs[m] = figures
+    if bad:  # a figure that is text reads as missing, and says so
+        print(f"warning: {len(bad)} figure{'s' if len(bad) > 1 else ''} of summary.json not a number, read as "
+              f"missing: {'; '.join(bad[:5])}" + (" ..." if len(bad) > 5 else ""))
     check_replicates(runs)
     return runs
 

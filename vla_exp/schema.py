@@ -9,14 +9,12 @@ import math
 from omegaconf import OmegaConf
 
 from vla_exp import UsageError
-from vla_exp.config import CONF_DIR, leaves
+from vla_exp.config import conf_leaves, leaves
 
 ABSENT = object()
 # The classes a config may name for instantiation: those the project's own config files name. A run folder or a
 # command line is data, so `init._target_=numpy.savetxt` must not reach hydra.utils.instantiate.
-OWN_TARGETS = frozenset(v for f in CONF_DIR.rglob("*.yaml")
-                        for k, v in leaves(OmegaConf.to_container(OmegaConf.load(f))).items()
-                        if k.rsplit(".", 1)[-1] == "_target_" and not k.startswith("hydra."))
+OWN_TARGETS = frozenset(v for k, v in conf_leaves() if k.rsplit(".", 1)[-1] == "_target_" and not k.startswith("hydra."))
 
 
 def number(v):

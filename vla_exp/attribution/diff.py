@@ -18,10 +18,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from vla_exp import UsageError
-from vla_exp.config import CONF_DIR, NOT_RESULTS, leaves, literal
+from vla_exp.config import CONF_DIR, NOT_RESULTS, foreign_keys, leaves, literal
 from vla_exp.runs import read_normalization, read_summary
 
 LABELS = ("name", "recipe")  # say which option a group or preset is; they decide nothing by themselves
@@ -46,9 +46,14 @@ class Side:
             if not (saved / "config.yaml").is_file():
                 raise UsageError(f"{which}: {path} is a folder without .hydra/config.yaml (the config a run of "
                                  "vla-exp-train saves): give a run folder or a list of overrides")
-            cfg = OmegaConf.load(saved / "config.yaml")
-            hydra = OmegaConf.load(saved / "hydra.yaml") if (saved / "hydra.yaml").is_file() else None
-            self.choices = dict(hydra.hydra.runtime.choices) if hydra else {}
+            cfg = saved_yaml(saved / "config.yaml", which, "a config")
+            hydra = saved_yaml(saved / "hydra.yaml", which, "Hydra's record of the run") \
+                if (saved / "hydra.yaml").is_file() else None
+            choices = OmegaConf.select(hydra, "hydra.runtime.choices") if hydra else {}
+            if not isinstance(choices, (dict, DictConfig)):
+                raise UsageError(f"{which}: {saved / 'hydra.yaml'} has no hydra.runtime.choices mapping (not written "
+                                 "by Hydra?)")
+            self.choices = dict(choices)
         else:
             from hydra import compose, initialize_config_dir
             from hydra.errors import HydraException
@@ -65,7 +70,30 @@ class Side:
             if isinstance(v, str) and "${oc.env:" in v:  # the environment's value may be a secret, or unset here
                 OmegaConf.update(cfg, key, literal(v), force_add=True)
         self.leaves = leaves(OmegaConf.to_container(cfg, resolve=True))
+        if foreign := foreign_keys(self.leaves):  # a config is data: it may set the project's keys, no others
+            raise UsageError(f"{which}: {self.label} sets {foreign[0]}, which is no key of the project's config"
+                             + (f" ({len(foreign) - 1} more)" if len(foreign) > 1 else ""))
 
+
+
+def saved_yaml(path, which, what):
+    """A run folder's saved YAML as a config mapping, or one line saying why it is none."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        node = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+        raise UsageError(f"{which}: {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(node, DictConfig):
+        raise UsageError(f"{which}: {path} holds a YAML {type(OmegaConf.to_container(node)).__name__}, not {what} "
+                         "(a mapping of keys)")
+    return node
+
+
+def check_split(split):
+    """--split names config groups only (a misspelt group must not leave the group unsplit without a word)."""
+    if bad := [g for g in split if g not in groups()]:
+        raise UsageError(f"--split {bad[0]}: not a config group; the groups are {', '.join(groups())}")
 
 
 def diff(a, b, split=()):
@@ -170,8 +198,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print the diff as JSON")
     args = p.parse_args(argv)
     try:
-        if bad := [g for g in args.split if g not in groups()]:
-            raise UsageError(f"--split {bad[0]}: not a config group; the groups are {', '.join(groups())}")
+        check_split(args.split)
         d = diff(Side(args.a, "A"), Side(args.b, "B"), args.split)
     except UsageError as e:
         sys.exit(f"error: {e}")

@@ -128,11 +128,12 @@ def main(argv=None):
 def screen(args, parser, out, launcher):
     """The screen: design, its multirun, the confirmation's multiruns one step at a time, the report."""
     from vla_exp.attribution import screen as sc
-    from vla_exp.attribution.diff import Side
+    from vla_exp.attribution.diff import Side, check_split
     if not (args.a and args.b):
         parser.error("screen needs --a and --b: each a quoted list of overrides or a run folder")
     start = time.time()
     try:
+        check_split(args.split)
         a, b = Side(args.a, "--a"), Side(args.b, "--b")
         facs, _ = sc.factors(a, b, args.split)
         matrix, desc = sc.design(len(facs), args.max_runs, args.resolution, args.foldover)

@@ -49,15 +49,22 @@ class Dataset:
 
     def __init__(self, root):
         self.root = root = Path(root).expanduser()
+        self.version = None
         if not (root / "meta" / "info.json").is_file():
             raise UsageError(f"{root}: no meta/info.json, not a LeRobot dataset (data.root must be the folder that "
                              "holds meta/, data/ and videos/)")
-        self.info = json.loads((root / "meta" / "info.json").read_text())
-        self.version = self.info.get("codebase_version")
+        self.info = info = self.meta_json("info.json")
+        if not isinstance(info, dict) or not isinstance(info.get("features"), dict):
+            raise UsageError(f"{root / 'meta' / 'info.json'}: " + ("no features mapping in it" if isinstance(info, dict)
+                             else f"holds a JSON {type(info).__name__}, not LeRobot's info (a mapping)"))
+        self.version = info.get("codebase_version")
         if self.version not in SUPPORTED:
             raise UsageError(f"{root / 'meta' / 'info.json'}: codebase_version {self.version!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED)})")
-        self.features, self.fps = self.info["features"], self.info.get("fps")
+        self.features, self.fps = info["features"], info.get("fps")
+        if bad := next((k for k, f in self.features.items() if not isinstance(f, dict) or "dtype" not in f
+                        or "shape" not in f), None):
+            raise UsageError(f"{root / 'meta' / 'info.json'}: feature {bad} has no dtype or shape")
         if isinstance(self.fps, bool) or not isinstance(self.fps, (int, float)) or not self.fps > 0:
             raise UsageError(f"{root / 'meta' / 'info.json'}: fps={self.fps!r}: must be a number > 0 (frames a "
                              "second, which place each frame in its video)")
@@ -68,8 +75,40 @@ class Dataset:
             raise UsageError(f"{missing}: missing (named by meta/info.json's data_path/video_path for the episodes "
                              "in meta/)")
 
+    def meta_path(self, name):
+        path = self.root / "meta" / name
+        if not path.is_file():
+            raise UsageError(f"{path}: missing (every LeRobot {self.version} dataset has it)")
+        return path
+
+    def meta_json(self, name):
+        try:
+            return json.loads(self.meta_path(name).read_text())
+        except ValueError as e:
+            raise UsageError(f"{self.root / 'meta' / name}: not JSON ({e})") from None
+
+    def meta_jsonl(self, name):
+        rows = []
+        for n, line in enumerate(self.meta_path(name).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise UsageError(f"{self.root / 'meta' / name}: line {n} is not JSON") from None
+        return rows
+
+    def path(self, template, **fields):
+        """A file a template of meta/info.json names, with the fields a dataset of this version fills."""
+        try:
+            return self.root / template.format(**fields)
+        except (KeyError, IndexError, ValueError) as e:
+            raise UsageError(f"{self.root / 'meta' / 'info.json'}: the path template {template!r} cannot be filled "
+                             f"({type(e).__name__}: {e}); a {self.version} dataset fills {', '.join(sorted(fields))}"
+                             ) from None
+
     def read_v30(self):
-        tasks = pd.read_parquet(self.root / "meta" / "tasks.parquet")
+        tasks = pd.read_parquet(self.meta_path("tasks.parquet"))
         tasks = dict(zip(tasks.task_index, tasks.index))
         files = sorted((self.root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
         if not files:
@@ -79,23 +118,21 @@ class Dataset:
         videos = [k for k in self.cameras if self.features[k]["dtype"] == "video"]
         return tasks, [{
             "index": int(r["episode_index"]), "length": int(r["length"]), "task": list(r["tasks"])[0],
-            "data": self.root / data_path.format(chunk_index=r["data/chunk_index"], file_index=r["data/file_index"]),
-            "videos": {k: self.root / video_path.format(video_key=k, chunk_index=r[f"videos/{k}/chunk_index"],
-                                                        file_index=r[f"videos/{k}/file_index"]) for k in videos},
+            "data": self.path(data_path, chunk_index=r["data/chunk_index"], file_index=r["data/file_index"]),
+            "videos": {k: self.path(video_path, video_key=k, chunk_index=r[f"videos/{k}/chunk_index"],
+                                    file_index=r[f"videos/{k}/file_index"]) for k in videos},
             "starts": {k: float(r[f"videos/{k}/from_timestamp"]) for k in videos}} for _, r in table.iterrows()]
 
     def read_v21(self):
-        lines = lambda name: [json.loads(line) for line in (self.root / "meta" / name).read_text().splitlines()
-                              if line.strip()]
-        tasks = {t["task_index"]: t["task"] for t in lines("tasks.jsonl")}
+        tasks = {t["task_index"]: t["task"] for t in self.meta_jsonl("tasks.jsonl")}
         chunks = self.info.get("chunks_size", CHUNKS_SIZE)
         videos = [k for k in self.cameras if self.features[k]["dtype"] == "video"]
-        at = lambda template, e, **kw: self.root / template.format(episode_chunk=e // chunks, episode_index=e, **kw)
+        at = lambda template, e, **kw: self.path(template, episode_chunk=e // chunks, episode_index=e, **kw)
         return tasks, [{
             "index": e["episode_index"], "length": e["length"], "task": e["tasks"][0],
             "data": at(self.info["data_path"], e["episode_index"]),
             "videos": {k: at(self.info["video_path"], e["episode_index"], video_key=k) for k in videos},
-            "starts": {k: 0.0 for k in videos}} for e in sorted(lines("episodes.jsonl"), key=lambda e: e["episode_index"])]
+            "starts": {k: 0.0 for k in videos}} for e in sorted(self.meta_jsonl("episodes.jsonl"), key=lambda e: e["episode_index"])]
 
     def fingerprint(self):
         """What identifies the dataset's contents: its metadata files' bytes and every data and video file's size."""
@@ -181,12 +218,16 @@ def data_file(path):
         raise UsageError(f"{path}: not a readable parquet file ({e})") from None
 
 
-def column(table, name, shape):
-    """A feature's column as an array (rows, *shape): lists (fixed-size or not, nested or not) flattened."""
+def column(table, name, shape, where):
+    """A feature's column as an array (rows, *shape): lists (fixed-size or not, nested or not) flattened; `where`
+    (the data file) names it when its rows do not hold the shape meta/info.json gives."""
     values = table.column(name).combine_chunks()
     while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type) \
             or pa.types.is_large_list(values.type):
         values = values.flatten()
+    if len(values) != len(table) * math.prod(shape):
+        raise UsageError(f"{where}: {name} holds {len(values) / max(len(table), 1):g} values a frame, but "
+                         f"meta/info.json gives it shape {list(shape)}")
     return values.to_numpy(zero_copy_only=False).reshape(len(table), *shape)
 
 
@@ -198,7 +239,7 @@ def read_episode(ds, e, cameras, keys, frames, image_size=None):
     if len(rows) != e["length"]:
         raise UsageError(f"{e['data']}: episode {e['index']} has {len(rows)} rows but its length in meta/ is "
                          f"{e['length']}")
-    arrays = {what: column(rows, key, [ds.width(key)]).astype(np.float32) for what, key in keys.items()}
+    arrays = {what: column(rows, key, [ds.width(key)], e["data"]).astype(np.float32) for what, key in keys.items()}
     for what, a in arrays.items():
         if not np.isfinite(a).all():
             step = np.argwhere(~np.isfinite(a))[0][0]
@@ -207,14 +248,19 @@ def read_episode(ds, e, cameras, keys, frames, image_size=None):
     views = []
     for key in cameras:
         if key in e["videos"]:
-            times = e["starts"][key] + (column(rows, "timestamp", [1])[:, 0].astype(np.float64)
+            times = e["starts"][key] + (column(rows, "timestamp", [1], e["data"])[:, 0].astype(np.float64)
                                         if "timestamp" in rows.column_names else np.arange(len(rows)) / ds.fps)
             views.append(frames.read(e["videos"][key], times, ds.fps, e["index"], key))
         else:  # an image feature: encoded image files in the table
             from PIL import Image
-            views.append(np.stack([np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB"))
-                                   for cell in rows.column(key).to_pylist()]))
-    baselines = {k[len(BASELINE):]: column(rows, k, ds.features[k]["shape"]).astype(np.float32)
+            images = [np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB"))
+                      for cell in rows.column(key).to_pylist()]
+            if odd := next((i for i, im in enumerate(images) if im.shape != images[0].shape), None):
+                size = lambda im: f"{im.shape[1]}x{im.shape[0]}"
+                raise UsageError(f"{e['data']}: {key} frame {odd} of episode {e['index']} is {size(images[odd])}, "
+                                 f"frame 0 is {size(images[0])}: an image feature's frames must share one size")
+            views.append(np.stack(images))
+    baselines = {k[len(BASELINE):]: column(rows, k, ds.features[k]["shape"], e["data"]).astype(np.float32)
                  for k in ds.features if k.startswith(BASELINE)}
     if len({v.shape[1] for v in views}) > 1:
         raise UsageError(f"{ds.root}: cameras {', '.join(cameras)} have different heights "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.dataclasses import strict
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (AutoImageProcessor, CLIPVisionConfig, CLIPVisionModel, GPTNeoXConfig, GPTNeoXModel,
                           PreTrainedModel, SiglipVisionConfig, SiglipVisionModel)
@@ -62,13 +63,29 @@ def check_config(path, raw):
     if not isinstance(vision, dict) or not {"vision_tower", "mm_projector"} <= vision.keys():
         raise UsageError(f"model.path={path}: config.json's vision_config must hold vision_tower and mm_projector "
                          "(a LLaVA-Pythia config)")
-    if tower_kind(vision["vision_tower"]) is None:
-        name = vision["vision_tower"].get("vision_model_name_or_path")
+    tower, proj = vision["vision_tower"], vision["mm_projector"]
+    for name, node in (("vision_tower", tower), ("mm_projector", proj)):
+        if not isinstance(node, dict):
+            raise UsageError(f"model.path={path}: config.json's vision_config.{name} is a {type(node).__name__}, "
+                             "not a mapping (a LLaVA-Pythia config)")
+    heads, width = raw.get("num_attention_heads"), raw.get("hidden_size")
+    if not (isinstance(heads, int) and isinstance(width, int) and heads >= 1 and width % heads == 0):
+        raise UsageError(f"model.path={path}: num_attention_heads={heads!r} must be an integer >= 1 that divides "
+                         f"hidden_size={width!r}")
+    if tower_kind(tower) is None:
+        name = tower.get("vision_model_name_or_path")
         raise UsageError(f"model.path={path}: vision_model_name_or_path={name!r} names neither a CLIP nor a SigLIP "
                          "vision tower (the name must contain 'clip' or 'siglip')")
-    kind = vision["mm_projector"].get("mm_projector_type", "linear")
+    kind = proj.get("mm_projector_type", "linear")
     if not (kind in ("linear", "identity") or re.fullmatch(r"mlp(\d+)x_gelu", str(kind))):
         raise UsageError(f"model.path={path}: mm_projector_type={kind!r}: must be {PROJECTORS}")
+    if missing := [k for k in ("mm_hidden_size", "hidden_size") if not isinstance(proj.get(k), int) or proj[k] < 1]:
+        raise UsageError(f"model.path={path}: vision_config.mm_projector.{missing[0]} must be an integer >= 1 "
+                         f"(here {proj.get(missing[0])!r})")
+    layers, select = tower.get("num_hidden_layers"), tower.get("mm_vision_select_layer", -2)
+    if isinstance(layers, int) and not (isinstance(select, int) and -(layers + 1) <= select <= layers):
+        raise UsageError(f"model.path={path}: mm_vision_select_layer={select!r}: the tower has {layers} layers, so "
+                         f"it must be an integer from {-(layers + 1)} to {layers}")
 
 
 def projector(config):
@@ -247,9 +264,17 @@ def save_policy(policy, tokenizer, source, folder):
 
 def adapter_base(path):
     """The base folder of a LoRA policy folder (peft's adapter_config.json names it), or None for a full one."""
-    if not (Path(path) / "adapter_config.json").is_file():
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
         return None
-    base = Path(json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"])
+    try:
+        base = json.loads(config.read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError):
+        base = None
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"model.path={path}: adapter_config.json names no base model (base_model_name_or_path, the "
+                         "folder of the base weights the adapters were trained on)")
+    base = Path(base)
     if not (base / "config.json").is_file():
         raise UsageError(f"model.path={path}: its LoRA adapters were trained on the base model in {base}, which is "
                          "not there (the adapter folder holds no base weights, as in TinyVLA)")
@@ -265,4 +290,11 @@ def apply_adapters(policy, path):
     unknown = policy.load_state_dict(trained, strict=False).unexpected_keys
     if unknown:
         raise UsageError(f"model.path={path}: {LORA_TRAINABLES} holds weights the model has not (first: {unknown[0]})")
-    return PeftModel.from_pretrained(policy, path).merge_and_unload(), set(trained)
+    if not (Path(path) / "adapter_model.safetensors").is_file() and not (Path(path) / "adapter_model.bin").is_file():
+        raise UsageError(f"model.path={path}: adapter_config.json but no adapter_model.safetensors (peft's adapter "
+                         "weights)")
+    try:
+        return PeftModel.from_pretrained(policy, path).merge_and_unload(), set(trained)
+    except (RuntimeError, ValueError, OSError, SafetensorError) as e:
+        raise UsageError(f"model.path={path}: its LoRA adapters do not load onto the base "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None

@@ -5,6 +5,7 @@ The loader's report of missing head weights is expected (the backbone has no dif
 report covers it, so transformers' own warning is silenced.
 """
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -66,6 +67,12 @@ def load_policy(cfg, cache_dir, seed):
     Returns (policy, tokenizer, names of the head parameters the checkpoint did not hold).
     """
     path = backbone_path(cfg, cache_dir)
+    try:  # before the model is built: a folder without its tokenizer would be found only after
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"model.path={path}: no tokenizer loads from it (tokenizer.json and tokenizer_config.json, "
+                         f"as save_pretrained writes them; {type(e).__name__}: {' '.join(str(e).split())[:160]})"
+                         ) from None
     # the backbone comes from the checkpoint's config; the head's shape and the pooling from ours (they fit the data)
     head = {k: v for k, v in OmegaConf.to_container(cfg.config, resolve=True).items() if k not in VLAConfig.sub_configs}
     policy_class, weights = TinyVLAPolicy, path
@@ -78,7 +85,7 @@ def load_policy(cfg, cache_dir, seed):
     try:  # ignore_mismatched_sizes: instead of raising with "see the log", list them for check_compatible to name
         policy, info = policy_class.from_pretrained(weights, output_loading_info=True, ignore_mismatched_sizes=True,
                                                     **head)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
         raise UsageError(f"model.path={path}: cannot load a TinyVLA backbone from it ({' '.join(str(e).split())})"
                          ) from None
     check_compatible(weights, policy, info, cfg)
@@ -90,7 +97,6 @@ def load_policy(cfg, cache_dir, seed):
             missing = [k for k in missing if k not in trained]
     if cfg.head_loading != "current":
         legacy_head_loading(policy, missing, cfg.head_loading.removeprefix("legacy_"), seed, cfg.stale_fraction)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # GPT-NeoX's tokenizer has none; padded positions are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return policy, tokenizer, sorted(missing)

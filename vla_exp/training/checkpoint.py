@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from vla_exp import UsageError, tensors
+from vla_exp.runs import CHECKPOINT
 
-NAME = "checkpoint.pt"
+NAME = CHECKPOINT
 FORMAT = 2  # 1: before the format was versioned (pickled numpy RNG state and loop state); raise on any change
 
 
@@ -65,10 +66,19 @@ def load(path):
     if version != FORMAT:
         raise UsageError(f"{path}: a checkpoint of format {version}; this version of vla-exp reads format {FORMAT}. "
                          "Delete it (the run then starts afresh) or finish the run with the version that wrote it")
-    return {**ckpt, "progress": json.loads(ckpt["progress"]), "path": str(path)}
+    try:
+        progress = json.loads(ckpt["progress"])
+    except (KeyError, TypeError, ValueError):
+        raise UsageError(f"{path}: its progress record is not readable JSON: delete it (the run then starts afresh)"
+                         ) from None
+    return {**ckpt, "progress": progress, "path": str(path)}
 
 
 def restore(ckpt, policy, optimizer, gen):
+    own = policy.state_dict()
+    if odd := next((k for k, v in ckpt["policy"].items() if k in own and tuple(v.shape) != tuple(own[k].shape)), None):
+        raise UsageError(f"{ckpt['path']}: {odd} is {tuple(ckpt['policy'][odd].shape)} there, "
+                         f"{tuple(own[odd].shape)} in this run's model: delete it (the run then starts afresh)")
     policy.load_state_dict(ckpt["policy"])
     optimizer.load_state_dict(ckpt["optimizer"])
     rng = ckpt["rng"]

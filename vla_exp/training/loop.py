@@ -21,7 +21,7 @@ from tqdm import tqdm
 from vla_exp import UsageError
 from vla_exp.config import choices, config_hash, run_name
 from vla_exp.files import exclusive, write_json
-from vla_exp.runs import INIT_REPORT, NORMALIZATION, POLICY, finished
+from vla_exp.runs import INIT_REPORT, NORMALIZATION, POLICY, check_run_folder, finished
 from vla_exp.signals import Interrupted, StopOnSignal
 
 
@@ -130,6 +130,7 @@ def train(cfg, run_dir):
     validate(cfg)
     procs = ddp.setup()  # under distributed training only rank 0 writes files, logs to W&B and prints
     run_dir = Path(procs.same_dir(run_dir, cfg.optim.batch_size))
+    check_run_folder(run_dir)
     digest = config_hash(cfg)
     if cfg.skip_finished and (done := finished(run_dir, digest)):
         print(f"{run_dir}: finished before with the same config; skipped (skip_finished=false reruns it)")

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from vla_exp import UsageError
 from vla_exp.files import exclusive, write_text
-from vla_exp.runs import SUMMARY, status_of
+from vla_exp.runs import SUMMARY, check_folder, status_of
 
 
 def sweep_settings(cfg, hc):
@@ -31,12 +31,23 @@ def sweep_settings(cfg, hc):
 class Sweep(Callback):
     """A multirun holds its sweep folder (a second sweep into it stops at once), checks every job's config before
     the launcher starts any (one line per bad job, nothing launched), and at its end counts the jobs that failed or
-    were interrupted, with a non-zero exit if any were."""
+    were interrupted, with a non-zero exit if any were. A single run (or sweep) whose folder is a file in the way
+    stops in one line before Hydra would make it."""
+
+    def on_run_start(self, config, **kwargs):
+        """A single run: its folder and .hydra must be folders where they exist (Hydra would stop in a traceback)."""
+        try:
+            check_folder(config.hydra.run.dir, "run folder")
+            if config.hydra.output_subdir:
+                check_folder(Path(config.hydra.run.dir) / config.hydra.output_subdir, "config folder")
+        except UsageError as e:
+            sys.exit(f"error: {e}")
 
     def on_multirun_start(self, config, **kwargs):
         from vla_exp.data.sources import validate
         self.hold = ExitStack()
         try:
+            check_folder(config.hydra.sweep.dir, "sweep folder")
             self.hold.enter_context(exclusive(config.hydra.sweep.dir, "another sweep"))
         except UsageError as e:
             sys.exit(f"error: {e}")
