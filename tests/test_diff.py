@@ -170,3 +170,25 @@ def test_a_key_the_project_has_not_is_refused_from_a_folder_or_the_command_line(
     assert str(e.value) == ("error: B: recipe=fixed +init.fname=x +extra.a=1 sets init.fname, which is no key of the "
                             "project's config (1 more)")
     assert Side(str(saved_run(tmp_path / "plain")), "A").leaves == Side("recipe=fixed", "B").leaves
+
+
+def test_what_differs_outside_the_config_is_printed_side_by_side(tmp_path):
+    from vla_exp.attribution.diff import text
+    for name, version, data in (("a", "4.37.1", "/data/one"), ("b", "5.24.0", "/data/two")):
+        folder = saved_run(tmp_path / name)
+        (folder / "summary.json").write_text(json.dumps({"versions": {"transformers": version, "torch": "2.13.0"},
+                                                         "data_dir": data}))
+    (tmp_path / "b" / "normalization.json").write_text(json.dumps({"action_min": [0.0], "action_max": [1.0]}))
+    d = diff(Side(str(tmp_path / "a"), "A"), Side(str(tmp_path / "b"), "B"))
+    o = d["outside_config"]
+    assert o["versions"] == {"transformers": ["4.37.1", "5.24.0"]}  # torch is the same: not listed
+    assert o["normalization"] == {"action_max": [None, [1.0]], "action_min": [None, [0.0]]}  # A has none
+    shown = text(d)
+    assert f"  data: {o['data'][0]} -> {o['data'][1]}" in shown and o["data"][0] != o["data"][1]
+    assert "  transformers 4.37.1 -> 5.24.0" in shown
+
+
+def test_a_group_factor_lists_its_leaves_under_it():
+    from vla_exp.attribution.diff import text
+    shown = text(diff(Side("recipe=original", "A"), Side("recipe=fixed", "B")))
+    assert "  optim: original -> fixed\n" in shown and "      optim.lr: 0.001 -> 0.0001\n" in shown

@@ -498,3 +498,30 @@ def test_an_episode_of_several_tasks_takes_its_first(written, tmp_path):
     eps["tasks"] = [["pick the block", *t] for t in eps.tasks]
     eps.to_parquet(table)
     assert {e["instruction"] for e in cached(root)} == {"pick the block"}
+
+
+def test_info_json_counts_and_describes_videos_as_lerobots_writer_does(written):
+    for version in ("v3.0", "v2.1"):
+        image = json.loads((written[(version, "image")] / "meta" / "info.json").read_text())
+        video = json.loads((written[(version, "video")] / "meta" / "info.json").read_text())
+        if version == "v2.1":  # v3.0's info.json has no total_videos
+            assert image["total_videos"] == 0 and video["total_videos"] == video["total_episodes"] > 0
+        camera = "observation.images.top"
+        assert "info" not in image["features"][camera] and image["features"][camera]["dtype"] == "image"
+        assert video["features"][camera]["info"]["video.codec"] == "av1"
+
+
+def test_two_episodes_are_enough(originals, tmp_path):
+    root = lerobot.write_dataset(tmp_path / "ds", originals[:2], "top", images="image")
+    train, val = datasets(lerobot_cfg(root))
+    assert len(train) and len(val)
+
+
+def test_damage_inside_a_data_file_is_named_against_the_datasets_file(written, tmp_path):
+    root = broken(written, tmp_path)
+    data = root / "data" / "chunk-000" / "file-000.parquet"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3:len(raw) // 3 + 400] = bytes(b ^ 0xFF for b in raw[len(raw) // 3:len(raw) // 3 + 400])
+    data.write_bytes(bytes(raw))
+    message = refused(root)
+    assert message.startswith(f"{data}: not a readable parquet file (") and "\n" not in message

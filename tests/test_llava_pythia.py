@@ -319,6 +319,9 @@ def edit_json(path, **changes):
     (lambda p: edit_json(p / "adapter_config.json", base_model_name_or_path=None),
      "adapter_config.json names no base model (base_model_name_or_path, the folder of the base weights the adapters "
      "were trained on)"),
+    (lambda p: edit_json(p / "adapter_config.json", base_model_name_or_path=""),
+     "adapter_config.json names no base model (base_model_name_or_path, the folder of the base weights the adapters "
+     "were trained on)"),
     (lambda p: (p / "adapter_model.safetensors").write_bytes((p / "adapter_model.safetensors").read_bytes()[:200]),
      "its LoRA adapters do not load onto the base ("),
     (lambda p: edit_json(p / "adapter_config.json", r=8), "its LoRA adapters do not load onto the base ("),
@@ -371,3 +374,68 @@ def test_unknown_weights_in_non_lora_trainables_are_refused(lora_policy, tmp_pat
     path = damaged_copy(lora_policy, tmp_path, plant)
     assert refused(path, "model.train=lora") == (f"model.path={path}: non_lora_trainables.bin holds weights the model "
                                                  "has not (first: nonsense.weight)")
+
+
+# ------------------------------------------------------------------------------------------------ the folder decides
+def test_the_checkpoint_decides_the_image_size_and_the_data_follow(linear):
+    from vla_exp.policy.shape import adopt_checkpoint
+    cfg = compose("debug=smoke", "model=llava_pythia", f"model.path={linear}")
+    assert cfg.model.config.vision_config.image_size == 224  # the preset's
+    assert adopt_checkpoint(cfg) is True
+    assert cfg.model.config.vision_config.image_size == 32 and cfg.data.image_size == 32
+    assert adopt_checkpoint(cfg) is False  # nothing left to take
+
+
+def test_a_command_line_value_that_differs_from_the_checkpoint_is_refused(linear):
+    from vla_exp.policy.shape import adopt_checkpoint
+    given = ("model=llava_pythia", f"model.path={linear}", "model.config.vision_config.image_size=64")
+    cfg = compose("debug=smoke", *given)
+    with pytest.raises(UsageError) as e:
+        adopt_checkpoint(cfg, given)
+    assert str(e.value) == (f"model.path={linear}: the checkpoint states model.config.vision_config.image_size=32, "
+                            "the command line sets model.config.vision_config.image_size=64: leave it out, the "
+                            "checkpoint's value is taken")
+
+
+def test_a_trained_heads_chunk_size_is_taken(linear, tmp_path):
+    from vla_exp.policy.shape import adopt_checkpoint
+    path = with_config(linear, tmp_path, lambda c: c.update(action_dim=2, state_dim=2, chunk_size=8))
+    cfg = compose("debug=smoke", "model=llava_pythia", f"model.path={path}")
+    adopt_checkpoint(cfg)
+    assert cfg.model.config.horizon == 8
+
+
+@pytest.mark.slow
+def test_a_run_from_a_folder_takes_its_image_size_and_says_so(linear, tmp_path):
+    import subprocess
+    import sys
+    from omegaconf import OmegaConf
+    out = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "debug=smoke", "logger=none", "progress=false",
+                          "model=llava_pythia", f"model.path={linear}", "model.train=head",
+                          "model.config.down_dims=[32,64]", "model.config.step_embed_dim=32",
+                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml")
+    assert saved.model.config.vision_config.image_size == 32  # what ran, not the preset's 224
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_one_attention_head_is_a_valid_config(linear, tmp_path):
+    path = with_config(linear, tmp_path, lambda c: c.update(num_attention_heads=1))
+    policy, _, _ = load(path)
+    assert policy.config.num_attention_heads == 1
+
+
+def test_pixels_are_scaled_to_0_1_then_normalised_with_the_folders_statistics(linear):
+    policy = load(linear)[0]
+    white = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
+    expected = (1.0 - policy.pixel_mean) / policy.pixel_std
+    assert torch.allclose(policy.pixels(white)[:, :, 0, 0], expected[:, :, 0, 0])
+
+
+def test_a_one_layer_tower_takes_the_default_select_layer(tmp_path):
+    folder = write_random_folder(tmp_path / "one", TEXT, {**VISION, "num_hidden_layers": 1}, "linear", "patch")
+    tower = json.loads((folder / "config.json").read_text())["vision_config"]["vision_tower"]
+    tower.pop("mm_vision_select_layer", None)
+    assert isinstance(load(with_config(folder, tmp_path, lambda c: c["vision_config"].update(vision_tower=tower)))[0],
+                      LlavaPythiaPolicy)

@@ -410,3 +410,28 @@ def test_a_screen_split_of_no_group_is_refused(tmp_path):
                     "--out", str(tmp_path)])
     assert str(e.value).startswith("error: --split optm: not a config group; the groups are ")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_main_effect_that_missing_runs_leave_inestimable_is_named():
+    names = ["f0", "f1", "f2"]
+    runs = synthetic(screen.design(3, max_runs=8)[0], names, [0.3, 0.2, 0.1], ((0, 1), 0.0))
+    runs.loc[runs["level:f0"] == 1, "val_action_error"] = np.nan  # every run with f0 at B's level diverged
+    res = screen.estimate_effects(runs, "val_action_error", names)
+    assert "runs missing from whole rows leave main effects inestimable: f0" in res["notes"]
+
+
+def test_a_confirmation_step_the_design_already_ran_keeps_the_designs_config(tmp_path):
+    a, b = Side("recipe=original", "A"), Side("recipe=original init=xavier_all optim.lr=0.0001", "B")
+    facs, _ = screen.factors(a, b)
+    screen.write_configs(tmp_path, [([1, -1], "design")], facs, a, b)
+    screen.write_configs(tmp_path, [([1, -1], "confirm"), ([-1, 1], "confirm")], facs, a, b)
+    part = lambda name: OmegaConf.load(tmp_path / "screen" / f"{name}.yaml").design.part
+    assert part("x10") == "design" and part("x01") == "confirm"  # its runs count for both
+
+
+@pytest.mark.parametrize("k", [4, 5, 8, 10, 12, 14])
+def test_the_smallest_resolution_iv_fractions_are_resolution_iv(k):
+    """4 factors in 8 runs is one that pyDOE3's fracfact_by_res refuses: the screen writes its generators itself."""
+    runs = screen.min_runs(k, 4)
+    matrix, desc = screen.design(k, max_runs=runs)
+    assert matrix.shape == (runs, k) and screen.stated_resolution(matrix) >= 4 and desc["resolution"] >= 4

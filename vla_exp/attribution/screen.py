@@ -307,9 +307,10 @@ def estimate_effects(runs, metric, names):
     classes = effect_columns(coded)  # from every run of the design, finite or not: the design's own structure
     X_all = np.column_stack([np.ones(len(coded))] + [coded[:, list(w)].prod(axis=1) for w, _ in classes])
     X, y = X_all[ok], y[ok]
-    kept = list(range(len(classes)))
-    while kept and np.linalg.matrix_rank(X[:, [0, *(i + 1 for i in kept)]]) < len(kept) + 1:
-        kept.pop()  # runs missing from a whole row: the highest-order columns go first
+    kept = []  # runs missing from whole rows: a column the kept ones already span goes, main effects kept first
+    for i in range(len(classes)):
+        if np.linalg.matrix_rank(X[:, [0, *(k + 1 for k in kept), i + 1]]) == len(kept) + 2:
+            kept.append(i)
     lost = [word_name(classes[i][0], names) for i in range(len(classes)) if i not in kept]
     if any(len(classes[i][0]) == 1 for i in range(len(classes)) if i not in kept):
         out["notes"].append("runs missing from whole rows leave main effects inestimable: "

@@ -215,7 +215,7 @@ def data_file(path):
     try:
         return pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as e:
-        raise UsageError(f"{path}: not a readable parquet file ({e})") from None
+        raise UsageError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:200]})") from None
 
 
 def column(table, name, shape, where):

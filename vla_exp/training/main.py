@@ -12,7 +12,8 @@ from vla_exp.files import Busy
 from vla_exp.runs import read_summary, write_summary
 from vla_exp.signals import Interrupted
 from vla_exp.training.loop import train
-from vla_exp.training.sweep import sweep_settings
+from vla_exp.policy.shape import adopt_checkpoint
+from vla_exp.training.sweep import save_config, sweep_settings
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -22,6 +23,8 @@ def main(cfg):
     if sweep:
         sweep_settings(cfg, hc)
     try:
+        if adopt_checkpoint(cfg, hc.overrides.task):
+            save_config(cfg, hc)
         s = train(cfg, hc.runtime.output_dir)
     except Interrupted as e:  # one line; then submitit's requeue where it asked for the signal, else the exit
         print(f"job {hc.job.num}: {e}" if sweep else e, file=sys.stderr)

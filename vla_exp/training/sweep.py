@@ -24,6 +24,11 @@ def sweep_settings(cfg, hc):
     if cfg.threads is None and n_jobs:
         cpus = os.cpu_count()
         cfg.threads = max(1, cpus // min(cpus, n_jobs if n_jobs > 0 else cpus + 1 + n_jobs))
+    save_config(cfg, hc)
+
+
+def save_config(cfg, hc):
+    """The job's config, saved again over the one Hydra saved before the job began, so that it says what ran."""
     if hc.output_subdir is not None:
         write_text(Path(hc.runtime.output_dir) / hc.output_subdir / "config.yaml", OmegaConf.to_yaml(cfg))
 
