@@ -80,3 +80,6 @@ def test_submitit_tasks_train_as_one_distributed_run(uninterrupted, tmp_path):
     (run_dir,) = [p.parent for p in tmp_path.glob("*/summary.json")]
     assert json.loads((run_dir / "summary.json").read_text())["processes"] == 2
     assert_same_training(uninterrupted, run_dir)
+    logs = {p.name.split("_")[1]: p.read_text() for p in tmp_path.glob(".submitit/*/*_log.out")}
+    assert sorted(logs) == ["0", "1"]  # each task's own output
+    assert ": completed, action error" in logs["0"] and ": completed" not in logs["1"]  # rank 0 speaks for the run

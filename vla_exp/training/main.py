@@ -1,4 +1,5 @@
 """The Hydra entry point: `vla-exp-train recipe=fixed init=none`, `vla-exp-train -m init=xavier,none`."""
+import os
 import sys
 import traceback
 
@@ -16,6 +17,12 @@ from vla_exp.policy.shape import adopt_checkpoint
 from vla_exp.training.sweep import save_config, sweep_settings
 
 
+def first_process():
+    """Rank 0, or the only process: the one that speaks for a run of several (torchrun's, or a submitit job's tasks,
+    whose variables vla_exp.training.ddp exports as torchrun's when the run starts)."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg):
     hc = HydraConfig.get()
@@ -27,7 +34,8 @@ def main(cfg):
             save_config(cfg, hc)
         s = train(cfg, hc.runtime.output_dir)
     except Interrupted as e:  # one line; then submitit's requeue where it asked for the signal, else the exit
-        print(f"job {hc.job.num}: {e}" if sweep else e, file=sys.stderr)
+        if first_process():
+            print(f"job {hc.job.num}: {e}" if sweep else e, file=sys.stderr)
         e.hand_on()
         sys.exit(128 + e.signum)  # a sweep stops too: the same command resumes this job and skips the finished ones
     except KeyboardInterrupt:
@@ -35,7 +43,8 @@ def main(cfg):
     except UsageError as e:  # bad input: one line, no traceback (bugs keep theirs)
         if not sweep:
             sys.exit(f"error: {e}")
-        print(f"job {hc.job.num} failed: {e}", file=sys.stderr)
+        if first_process():
+            print(f"job {hc.job.num} failed: {e}", file=sys.stderr)
         if not isinstance(e, Busy) and read_summary(hc.runtime.output_dir) is None:  # rejected before it began
             write_summary(hc.runtime.output_dir, {"choices": choices(cfg), "seed": cfg.seed, "status": "failed",
                                                   "error": f"UsageError: {e}"})
@@ -45,7 +54,7 @@ def main(cfg):
         traceback.print_exc()  # a failed job must not stop the sweep: its summary.json says failed, the report shows it
         print(f"job {hc.job.num} failed; the sweep goes on", file=sys.stderr)
     else:
-        if sweep:
+        if sweep and first_process():
             error = s.get("val_action_error", float("nan"))
             print(f"job {hc.job.num} {run_name(cfg)}: {s['status']}, action error {error:.4g}, {s['wall_time_s']:.0f} s")
 
