@@ -83,3 +83,5 @@ def test_submitit_tasks_train_as_one_distributed_run(uninterrupted, tmp_path):
     logs = {p.name.split("_")[1]: p.read_text() for p in tmp_path.glob(".submitit/*/*_log.out")}
     assert sorted(logs) == ["0", "1"]  # each task's own output
     assert ": completed, action error" in logs["0"] and ": completed" not in logs["1"]  # rank 0 speaks for the run
+    # one train.log, written by rank 0 alone (each task's submitit logger would add its own lines to it)
+    assert (run_dir / "train.log").read_text().count("Job completed successfully") == 1

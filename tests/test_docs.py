@@ -38,7 +38,7 @@ def test_layout_lists_exactly_the_modules_and_experiments():
 
 def test_layout_names_exactly_the_options_of_every_group():
     entries = layout()
-    groups = sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir())
+    groups = sorted({p.parent.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*/*.yaml")})
     assert {e for e in entries if e.startswith("conf/") and e != "conf/train.yaml"} == {f"conf/{g}/*.yaml" for g in groups}
     for group in groups:
         named = {o.strip() for o in entries[f"conf/{group}/*.yaml"].split(":")[0].split("|")}

@@ -39,9 +39,10 @@ def leaves(node, prefix=""):
 @functools.cache
 def conf_leaves():
     """(dotted key, value) of every leaf that the project's config files set, each file's keys under its package
-    (its group's folder, or the top for `@package _global_`): what a composed config can hold."""
+    (its group's folder, or the top for `@package _global_`): what a composed config can hold. Hydra's own
+    settings (conf/hydra: launcher presets) are not the config's."""
     found = []
-    for path in sorted(CONF_DIR.rglob("*.yaml")):
+    for path in sorted(p for p in CONF_DIR.rglob("*.yaml") if p.relative_to(CONF_DIR).parts[0] != "hydra"):
         node = OmegaConf.to_container(OmegaConf.load(path))
         group = path.parent.relative_to(CONF_DIR).as_posix().replace("/", ".")
         prefix = "" if group == "." or "@package _global_" in path.read_text() else f"{group}."

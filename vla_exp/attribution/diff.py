@@ -30,8 +30,9 @@ HEAD_LOADING_CHANGED = "4.54"  # transformers: how from_pretrained fills weights
 
 @functools.cache
 def groups():
-    """The config groups that are a node of the config (conf/<group>/*.yaml without @package _global_)."""
-    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not any(
+    """The config groups that are a node of the config (conf/<group>/*.yaml without @package _global_; Hydra's own
+    conf/hydra aside)."""
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra" and not any(
         "@package _global_" in f.read_text() for f in p.glob("*.yaml")))
 
 

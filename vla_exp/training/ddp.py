@@ -104,6 +104,14 @@ class Processes(OneProcess):
         dist.destroy_process_group()
 
 
+def rank():
+    """This process's rank in its run: torchrun's, or a submitit task's before the run has exported it as torchrun's."""
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR"):
+        from submitit import JobEnvironment
+        return JobEnvironment().global_rank
+    return int(os.environ.get("RANK", 0))
+
+
 def setup():
     """The processes of this run. Several come from torchrun, or from a submitit job with several tasks
     (hydra/launcher=submitit_slurm or submitit_local with tasks_per_node > 1), whose variables submitit turns into

@@ -1,5 +1,6 @@
 """Multiruns: the callback that holds a sweep's folder, checks every job before any starts and counts the failures
 at the end; the jobs a sweep launches; a job's settings inside a sweep (its W&B group, its share of the cores)."""
+import logging
 import os
 import sys
 from contextlib import ExitStack
@@ -47,6 +48,15 @@ class Sweep(Callback):
                 check_folder(Path(config.hydra.run.dir) / config.hydra.output_subdir, "config folder")
         except UsageError as e:
             sys.exit(f"error: {e}")
+
+    def on_job_start(self, config, **kwargs):
+        """A job's tasks after the first (submitit's tasks_per_node > 1) leave train.log to the first: one log a run."""
+        from vla_exp.training.ddp import rank
+        if rank() > 0:
+            root = logging.getLogger()
+            for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+                root.removeHandler(h)
+                h.close()
 
     def on_multirun_start(self, config, **kwargs):
         from vla_exp.data.sources import validate
