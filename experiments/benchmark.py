@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vla_exp.attribution.studies import BUDGETS
 from vla_exp.config import compose
 from vla_exp.data.sources import datasets
 from vla_exp.policy.diffusion import noise_prediction, schedulers
@@ -456,9 +457,7 @@ def table(res):
     return rows, m, s
 
 
-# The smallest budget at which the fixed recipe beats every baseline (3 epochs of the default data's 180 training
-# episodes), with the studies' cheaper evaluation at the epochs before the last.
-WORKING_BUDGET = ["epochs=3", "eval.epoch_samples=64"]
+WORKING_BUDGET = BUDGETS["working"]  # the studies' default budget: the fixed recipe's policies work at it
 
 
 class GpuLoad:
@@ -577,8 +576,8 @@ def gpu_figures(args, tmp):
 
     def factorial(left):
         out = tmp / "factorial"
-        cmd = [sys.executable, str(Path(__file__).parent / "study.py"), "factorial", "--jobs", str(best), "--out",
-               str(out), "--seeds", args.gpu_seeds, "data.episodes=200", *WORKING_BUDGET, "logger=none", *extra]
+        cmd = [sys.executable, "-m", "vla_exp.attribution.studies", "factorial", "--jobs", str(best), "--out",
+               str(out), "--seeds", args.gpu_seeds, "--budget", "working", "logger=none", *extra]
         start = time.time()
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, left - 180))  # room for the rest
         end = time.time()

@@ -101,8 +101,15 @@ def test_a_study_dry_run_prints_every_run_and_launches_nothing(tmp_path, capsys)
     *runs, count, last = capsys.readouterr().out.strip().splitlines()
     assert (count, last) == (f"32 runs into {tmp_path / 's'}", "nothing launched") and len(set(runs)) == 32
     assert runs[0] == "init=none loss_handling=scale_down optim=original clipping=none seed=0 epochs=2 " \
-                      "data.episodes=100 eval.epoch_samples=64"  # what the user gave beats the study's budget
+                      "eval.epoch_samples=64"  # the working budget; what the user gave beats it
     assert {r.split()[4] for r in runs} == {"seed=0", "seed=1"} and not (tmp_path / "s").exists()
+    # --budget quick: the cheaper budget by name; a budget that does not exist is one line naming those that do
+    assert study.main(["leave_one_out", "--dry-run", "--seeds", "0", "--budget", "quick", "epochs=2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "recipe=fixed seed=0 epochs=2 data.episodes=100 " \
+                                                      "eval.epoch_samples=64"
+    with pytest.raises(SystemExit):
+        study.main(["factorial", "--dry-run", "--budget", "cheap"])
+    assert "argument --budget: invalid choice: 'cheap' (choose from 'working', 'quick')" in capsys.readouterr().err
     # metaworld: both recipes, then the fixed recipe at half the epochs (the original's updates) into a second folder
     assert study.main(["metaworld", "--dry-run", "--seeds", "0", "--out", str(tmp_path / "m"), "epochs=8"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

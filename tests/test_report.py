@@ -169,6 +169,24 @@ def test_failed_cell_is_reported_as_failed(synthetic_report):
     assert "| optim: fixed → original | fixed with optim=original | not run |" in loo
 
 
+def test_a_report_says_which_cells_work_and_says_so_where_none_does(synthetic_report, tmp_path, capsys):
+    """Every table and analysis opens with whether its policies beat the baselines; a report in which none does says
+    its figures are about early training."""
+    said = "1 of 2 cells beat every baseline in all their seeds: fixed."  # the failed cell ran nothing
+    assert said in (synthetic_report / "table.md").read_text().splitlines()[:3]
+    assert said in (synthetic_report / "analysis.md").read_text().splitlines()[:3]
+    assert said in (synthetic_report / "dashboard.html").read_text()
+    for seed in range(2):  # one seed of the fixed recipe above the baselines: that cell does not work either
+        fake_run(tmp_path / f"fixed-s{seed}", FIXED, seed, error=0.02 if seed else 0.12)
+        fake_run(tmp_path / f"original-s{seed}", ORIGINAL, seed, error=0.2)
+    main([str(tmp_path), "--out", str(tmp_path / "report")])
+    none = ("No cell's policies beat every baseline in all their seeds (0 of 2 cells): these figures are about early "
+            "training, not about policies that work.")
+    assert none in capsys.readouterr().out
+    assert none in (tmp_path / "report" / "table.md").read_text() and \
+        none in (tmp_path / "report" / "analysis.md").read_text()
+
+
 def test_every_output_is_written_and_no_temp_file_left(synthetic_report):
     names = {p.name for p in synthetic_report.iterdir()}
     assert {"runs.csv", "runs.parquet", "curves.csv", "table.md", "table.csv", "analysis.md", "dashboard.html",

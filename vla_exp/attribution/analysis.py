@@ -93,6 +93,17 @@ def format_table(table, runs):
     return pd.DataFrame(out)
 
 
+def working_note(table):
+    """One sentence on whether the policies behind a table work: which cells beat every baseline in all their seeds.
+    Verdicts drawn from policies that do not are about early training, and the sentence says so."""
+    ran = table[table.beats_baselines != "n/a"]
+    working = list(ran.cell[ran.beats_baselines == "yes"])
+    if not working:
+        return (f"No cell's policies beat every baseline in all their seeds (0 of {len(ran)} cells): these figures "
+                "are about early training, not about policies that work.")
+    return f"{len(working)} of {len(ran)} cells beat every baseline in all their seeds: {', '.join(working)}."
+
+
 # ------------------------------------------------------------------------------------------------ factorial
 def reference(levels, factor, present):
     """The level effects are measured against: the original recipe's, else the fixed recipe's, else the first."""

@@ -180,9 +180,11 @@ def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
         parquet_safe(runs).to_parquet(tmp, index=False)
     baselines = ", ".join(f"{c[len('baseline_'):]} {numbers.num(runs[c].mean())}" for c in runs
                           if c.startswith("baseline_"))
-    table_md = f"# {title}\n\n{numbers.markdown(shown)}\n\nBaselines (mean over runs): {baselines or 'none'}\n"
+    working = analysis.working_note(table)
+    table_md = (f"# {title}\n\n{working}\n\n{numbers.markdown(shown)}\n\n"
+                f"Baselines (mean over runs): {baselines or 'none'}\n")
     write_text(out / "table.md", table_md)
-    write_text(out / "analysis.md", f"# {title}\n\n{body}")
+    write_text(out / "analysis.md", f"# {title}\n\n{working}\n\n{body}")
     study = [study_tables.write(Path(d), s) for d in dirs if (s := read_study(d))]
 
     # ---------------------------------------------------------------------------- plots and dashboard
@@ -193,7 +195,7 @@ def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
         dashboard.plt.close(fig)
         pngs.append(out / f"{stem}.png")
     sections = [
-        ("Results per cell (mean ± std (n) over seeds)", dashboard.table_html(shown) +
+        ("Results per cell (mean ± std (n) over seeds)", dashboard.note_html(working) + dashboard.table_html(shown) +
          dashboard.note_html(f"Baselines (mean over runs): {baselines or 'none'}. A cell beats the baselines only "
                              "if every seed's held-out action error is below every baseline's.")),
         *sections, *(s for part in study for s in part),

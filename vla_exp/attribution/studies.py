@@ -11,6 +11,9 @@
     vla-exp-study screen --a recipe=original --b recipe=reported_script --split optim --seeds 0,1
 
 Runs go to --out (default results/<study>), the report to <out>/report (dashboard.html, table.md, analysis.md).
+The factorial, leave-one-out, add-one and screen studies run at the working budget (3 epochs of 180 training
+episodes: the smallest at which the fixed recipe's policies beat every baseline) unless `--budget quick` (100
+episodes; about half the time, and no policy works yet, which every table drawn from it says).
 Re-running a study skips its finished runs, so an interrupted one goes on where it stopped. Jobs run side by side
 with Hydra's joblib launcher (`pip install -e ".[sweeps]"`), the cores divided between them.
 
@@ -43,10 +46,12 @@ from vla_exp.files import exclusive, write_json, write_text
 from vla_exp.runs import CONFIRMATION_JSON, CONFIRMATION_MD, nothing_ran, write_study
 from vla_exp.attribution.report import main as report
 
-# A cheap budget at which no policy works yet (docs/results/2026-12-03-factorial.md), so that a study of many runs
-# stays short on CPUs; the recipes' own default is 4 epochs of 200 episodes. The studies read the last epoch's
-# figures (all 256 held-out samples); the epochs before it use the first 64.
-BUDGET = ["epochs=3", "data.episodes=100", "eval.epoch_samples=64"]
+# working: the smallest budget at which the fixed recipe beats every baseline in all seeds (3 epochs of the default
+# data's 180 training episodes; docs/results/2026-12-05-working-budget.md); quick: a cheaper one at which no policy
+# works yet, for a first look. The studies read the last epoch's figures (all 256 held-out samples); the epochs
+# before it use the first 64.
+BUDGETS = {"working": ["epochs=3", "eval.epoch_samples=64"],
+           "quick": ["epochs=3", "data.episodes=100", "eval.epoch_samples=64"]}
 METAWORLD_BUDGET = ["data=metaworld", "epochs=12", "eval.rollouts=20", "eval.rollout_every=4"]
 CURVE_BUDGET = ["epochs=16"]  # the default data (180 training episodes), four times the recipes' epochs
 REFERENCES = ("expert", "mean_chunk", "random")
@@ -69,6 +74,9 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2; 1 needs no launcher plugin)")
     p.add_argument("--out", help="sweep folder (default results/<study>)")
+    p.add_argument("--budget", choices=tuple(BUDGETS), default="working",
+                   help="of the factorial, leave-one-out, add-one and screen runs: working (default; the fixed "
+                   "recipe's policies beat every baseline) or quick (about half the time; no policy works yet)")
     p.add_argument("--dry-run", action="store_true", help="print each run's overrides and launch nothing")
     s = p.add_argument_group("screen")
     s.add_argument("--a", help='the config that is broken: quoted overrides ("recipe=original") or a run folder')
@@ -94,7 +102,7 @@ def main(argv=None):
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"] if args.jobs > 1 else []
     if args.study == "screen":
         return screen(args, p, Path(out), launcher)
-    budget = {"metaworld": METAWORLD_BUDGET, "budget": CURVE_BUDGET}.get(args.study, BUDGET)
+    budget = {"metaworld": METAWORLD_BUDGET, "budget": CURVE_BUDGET}.get(args.study, BUDGETS[args.budget])
     runs = [*cells(args.study), f"seed={args.seeds}", *budget]
     sweeps = [([*runs, *args.overrides], out)]  # each sweep's overrides and folder
     if args.study == "metaworld":
@@ -120,7 +128,8 @@ def main(argv=None):
         return code
     if args.study == "metaworld":
         references(Path(out))
-    write_study(out, args.study, seeds=args.seeds, overrides=args.overrides)
+    write_study(out, args.study, seeds=args.seeds, overrides=args.overrides,
+                **({} if args.study in ("metaworld", "budget") else {"budget": args.budget}))
     report([out])  # with the study's own tables (success.md, budget.md): study.json says which
     return code  # non-zero when a run failed: the report marks its cell
 
@@ -137,7 +146,7 @@ def screen(args, parser, out, launcher):
         a, b = Side(args.a, "--a"), Side(args.b, "--b")
         facs, _ = sc.factors(a, b, args.split)
         matrix, desc = sc.design(len(facs), args.max_runs, args.resolution, args.foldover)
-        sc.budget_conflicts([*BUDGET, *args.overrides], facs)
+        sc.budget_conflicts([*BUDGETS[args.budget], *args.overrides], facs)
     except UsageError as e:
         sys.exit(f"error: {e}")
     seeds = args.seeds.split(",")
@@ -151,7 +160,7 @@ def screen(args, parser, out, launcher):
                      + (" ..." if len(desc["defining_relation"]) > 6 else "") if desc["resolution"] else ""))
     configs = out / "design"
     # each configuration's file spells out its whole config (screen.target): A's own overrides are not repeated here
-    base = [f"seed={args.seeds}", *BUDGET, f"hydra.searchpath=[file://{configs.resolve()}]",
+    base = [f"seed={args.seeds}", *BUDGETS[args.budget], f"hydra.searchpath=[file://{configs.resolve()}]",
             f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${design.name}-s${seed}", "progress=false"]
 
     def sweep(levels_list, part, folder=configs):
@@ -216,7 +225,7 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start):
             print(f"no confirmation: the runs of {sc.label(plan['next'], names)} did not finish")
             plan = None
             break
-    write_study(out, "screen", a=args.a, b=args.b, seeds=args.seeds, overrides=args.overrides)
+    write_study(out, "screen", a=args.a, b=args.b, seeds=args.seeds, overrides=args.overrides, budget=args.budget)
     if plan:  # before the report, which shows it
         write_json(out / CONFIRMATION_JSON, plan)
         write_text(out / CONFIRMATION_MD, sc.sentence(plan) + "\n")
