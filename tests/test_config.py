@@ -1,4 +1,5 @@
 """Config composition: every group option and preset, and the precedence rule (command line beats preset)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,28 @@ def test_the_report_path_imports_neither_torch_nor_transformers():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_study_places_its_runs_on_the_gpus_or_side_by_side_on_the_cpus(monkeypatch):
+    from vla_exp import UsageError
+    from vla_exp.attribution.studies import job_launcher
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert job_launcher(None, None) == ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    assert job_launcher(1, None) == []
+    # K jobs a GPU: each asks Ray for 1/K of one (rounded down to Ray's 1e-4, so that K fit) and its share of cores
+    assert job_launcher(None, 3, gpus=2) == ["hydra/launcher=ray_gpus", "hydra.launcher.ray.remote.num_gpus=0.3333",
+                                             "hydra.launcher.ray.remote.num_cpus=2.667"]
+    assert job_launcher(None, 1, gpus=4)[1:] == ["hydra.launcher.ray.remote.num_gpus=1.0",
+                                                 "hydra.launcher.ray.remote.num_cpus=4"]
+    for args, says in [((2, 4, 1), "give --jobs (runs side by side on the CPUs) or --jobs-per-gpu (on each GPU), not "
+                                   "both"),
+                       ((0, None), "--jobs must be 1 or more, got 0"),
+                       ((None, 0, 1), "--jobs-per-gpu must be 1 or more, got 0"),
+                       ((None, 2, 0), "--jobs-per-gpu: this machine has no GPU that torch can use; --jobs N runs N "
+                                      "jobs side by side on the CPUs instead")]:
+        with pytest.raises(UsageError) as e:
+            job_launcher(*args)
+        assert str(e.value) == says
 
 
 def test_a_study_dry_run_prints_every_run_and_launches_nothing(tmp_path, capsys):

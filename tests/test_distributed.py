@@ -33,17 +33,36 @@ def assert_same_training(one, two, rel=1e-4):
     assert max((p[k] - q[k]).abs().max().item() for k in p) < 1e-4
 
 
-def test_two_processes_train_the_model_one_process_trains(uninterrupted, tmp_path):
-    run_dir = tmp_path / "two"
-    # an empty cache: the processes must not race to write the data and the backbone
+def drift(one, two):
+    """The largest relative difference of any logged figure between two runs of the same steps, and that of their
+    final weights (against the largest weight of the tensor)."""
+    a, b = rows(one), rows(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # rank 0 alone wrote: no row twice
+    figures = max(abs(x[k] - y[k]) / max(abs(x[k]), 1e-6) for x, y in zip(a, b)
+                  for k in x.keys() - {"kind", "step", "epoch", "lr"} if isinstance(x[k], float))
+    p, q = torch.load(one / "policy.pt"), torch.load(two / "policy.pt")
+    weights = max(((p[k] - q[k]).abs().max() / p[k].abs().max().clamp_min(1e-12)).item()
+                  for k in p if p[k].is_floating_point())
+    return figures, weights
+
+
+def test_two_processes_train_the_model_one_process_trains_within_the_stated_bound(tmp_path):
+    """The fixed recipe for 216 steps, in one process and in two: the two sum a split batch in another order, and
+    the difference grows with the steps until about step 200 (measured to step 540: docs/sweeps-and-scale.md). The
+    docs state 1e-4 relative for every logged figure and the final weights; it holds with a margin of 3."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    # an empty cache: the two processes must not race to write the data and the backbone
     env = {**os.environ, "VLA_EXP_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run(command(TORCHRUN, run_dir), cwd=ROOT, capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert_same_training(uninterrupted, run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["processes"] == 2 and summary["device"] == "cpu"
-    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # only rank 0 logged to W&B
-    assert not (run_dir / "checkpoint.pt").exists()  # removed when the run finished, as with one process
+    for launcher, run_dir in (([sys.executable], one), (TORCHRUN, two)):
+        out = subprocess.run(command(launcher, run_dir, "epochs=8", "checkpoint.every=0"), cwd=ROOT,
+                             capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+    figures, weights = drift(one, two)
+    assert figures < 1e-4 and weights < 1e-4, (figures, weights)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["processes"] == 2 and summary["steps"] == 216
+    assert len(list((two / "wandb").glob("offline-run-*"))) == 1  # only rank 0 logged to W&B
+    assert not (two / "checkpoint.pt").exists()  # removed when the run finished, as with one process
 
 
 def test_a_killed_distributed_run_resumes_from_its_checkpoint(uninterrupted, tmp_path):

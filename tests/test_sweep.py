@@ -88,6 +88,26 @@ def test_submitit_local_launcher_runs_the_jobs(tmp_path):
     assert len(logs) == 2 and all("completed" in log.read_text() for log in logs)
 
 
+def test_ray_places_k_jobs_on_each_gpu_each_seeing_its_own(tmp_path):
+    """Hydra's Ray launcher on a machine Ray is told has 2 GPUs (a GPU count Ray believes; nothing of torch is
+    faked: with no GPU there, each job trains on the CPU): 5 jobs at 2 a GPU. Each job sees one GPU, never more than
+    2 run on one at once, both GPUs are used, and all 4 places fill before the first job ends."""
+    from vla_exp.attribution.studies import job_launcher
+    launcher = job_launcher(None, 2, gpus=2)
+    out = cli("-m", "vla_exp.training.main", "-m", "seed=range(5)", *SMOKE, "logger=none", *launcher,
+              "hydra.launcher.ray.init.num_gpus=2", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list(summaries(tmp_path).values())
+    assert sorted(r["seed"] for r in runs) == list(range(5)) and {r["status"] for r in runs} == {"completed"}
+    assert sorted({r["cuda_visible_devices"] for r in runs}) == ["0", "1"]
+    assert {r["threads"] for r in runs} == {max(1, int(os.cpu_count() / 4))}  # the cores shared by 4 places
+    spans = [(r["started_at"], r["started_at"] + r["wall_time_s"], r["cuda_visible_devices"]) for r in runs]
+    for begin, _, gpu in spans:  # at each job's start, how many run on its GPU (itself included)
+        assert sum(b <= begin < e for b, e, g in spans if g == gpu) <= 2
+    first_end = min(e for _, e, _ in spans)
+    assert sum(b < first_end for b, _, _ in spans) == 4
+
+
 def test_add_one_study_runs_its_cells_and_writes_its_report(tmp_path):
     out = cli("-m", "vla_exp.attribution.studies", "add_one", "--seeds", "0", "--jobs", "1", "--out", str(tmp_path), *SMOKE,
               "logger=none", "epochs=1", "data.episodes=6")  # the study's own budget beats debug=smoke's

@@ -33,6 +33,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("study", choices=("factorial", "leave_one_out", "add_one", "metaworld", "budget", "screen"))
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2; 1 needs no launcher plugin)")
+    p.add_argument("--jobs", type=int, help="runs side by side on the CPUs (default 2; 1 needs no launcher plugin)")
+    p.add_argument("--jobs-per-gpu", type=int, metavar="K", help="K runs side by side on each of this machine's GPUs, "
+                   "each seeing only its own (Hydra's Ray launcher: pip install -e \".[gpus]\")")
     p.add_argument("--out", help="sweep folder (default results/<study>)")
     p.add_argument("--budget", choices=tuple(BUDGETS), default="working",
                    help="of the factorial, leave-one-out, add-one and screen runs: working (default; the fixed "
@@ -94,12 +97,11 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after the budget: epochs=4 (they "
                    "beat a debug= preset's values, so shrink a study with epochs= and data.episodes=)")
     args = p.parse_intermixed_args(argv)
-    if args.jobs < 1:
-        p.error(f"--jobs must be 1 or more, got {args.jobs}")
-    if args.jobs > 1 and not importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher"):
-        p.error('--jobs above 1 needs the joblib launcher: pip install -e ".[sweeps]" (or use --jobs 1)')
+    try:
+        launcher = job_launcher(args.jobs, args.jobs_per_gpu)
+    except UsageError as e:
+        p.error(str(e))
     out = args.out or f"results/{args.study}"
-    launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"] if args.jobs > 1 else []
     if args.study == "screen":
         return screen(args, p, Path(out), launcher)
     budget = {"metaworld": METAWORLD_BUDGET, "budget": CURVE_BUDGET}.get(args.study, BUDGETS[args.budget])
@@ -132,6 +134,36 @@ def main(argv=None):
                 **({} if args.study in ("metaworld", "budget") else {"budget": args.budget}))
     report([out])  # with the study's own tables (success.md, budget.md): study.json says which
     return code  # non-zero when a run failed: the report marks its cell
+
+
+def job_launcher(jobs, per_gpu, gpus=None):
+    """The Hydra launcher overrides that run a study's jobs: `jobs` side by side on the CPUs (joblib; default 2), or
+    `per_gpu` side by side on each of the machine's `gpus` GPUs (default: as many as torch sees) with Ray, each job
+    asking for 1/per_gpu of a GPU and an equal share of the cores."""
+    if jobs is not None and per_gpu is not None:
+        raise UsageError("give --jobs (runs side by side on the CPUs) or --jobs-per-gpu (on each GPU), not both")
+    if per_gpu is None:
+        jobs = 2 if jobs is None else jobs
+        if jobs < 1:
+            raise UsageError(f"--jobs must be 1 or more, got {jobs}")
+        if jobs > 1 and not importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher"):
+            raise UsageError('--jobs above 1 needs the joblib launcher: pip install -e ".[sweeps]" (or use --jobs 1)')
+        return ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
+    if per_gpu < 1:
+        raise UsageError(f"--jobs-per-gpu must be 1 or more, got {per_gpu}")
+    if gpus is None:
+        import torch
+        gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise UsageError("--jobs-per-gpu: this machine has no GPU that torch can use; --jobs N runs N jobs side by "
+                         "side on the CPUs instead")
+    if not importlib.util.find_spec("hydra_plugins.hydra_ray_launcher"):
+        raise UsageError('--jobs-per-gpu needs Hydra\'s Ray launcher: pip install -e ".[gpus]"')
+    # Ray counts GPU shares to 1e-4: rounding 1/K down lets K jobs fit on a GPU (1/3 would not, three times)
+    share = math.floor(10000 / per_gpu) / 10000
+    cpus = (os.cpu_count() or 1) / (gpus * per_gpu)
+    return ["hydra/launcher=ray_gpus", f"hydra.launcher.ray.remote.num_gpus={share}",
+            f"hydra.launcher.ray.remote.num_cpus={cpus:.4g}"]
 
 
 def screen(args, parser, out, launcher):

@@ -2,6 +2,7 @@
 import functools
 import itertools
 import math
+import os
 import platform
 import re
 import resource
@@ -159,7 +160,9 @@ def train_in(cfg, run_dir, procs, digest, stop):
     summary = {"choices": choices(cfg), "seed": cfg.seed, "status": "running", "config_hash": digest,
                "replicate_hash": config_hash(cfg, ignore=("seed",)),
                "threads": torch.get_num_threads(), "device": str(device), "precision": "bf16" if bf16 else "fp32",
-               "processes": procs.world, "versions": versions(),
+               "processes": procs.world, "versions": versions(), "started_at": time.time(),
+               # the GPUs a launcher gave this job (Ray, SLURM), so a study's placement can be checked afterwards
+               "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                **({"design": OmegaConf.to_container(cfg.design)} if "design" in cfg else {})}
     try:
         with timed(spent, "build"):

@@ -22,7 +22,10 @@ def sweep_settings(cfg, hc):
     if cfg.logger.get("group") is None and "group" in cfg.logger:
         cfg.logger.group = hc.sweep.dir
     n_jobs = hc.launcher.get("n_jobs")  # set by the joblib launcher; -1 means one job per core, as in joblib
-    if cfg.threads is None and n_jobs:
+    ray_cpus = OmegaConf.select(hc.launcher, "ray.remote.num_cpus")  # the Ray launcher: each job's share of cores
+    if cfg.threads is None and ray_cpus:
+        cfg.threads = max(1, int(ray_cpus))
+    elif cfg.threads is None and n_jobs:
         cpus = os.cpu_count()
         cfg.threads = max(1, cpus // min(cpus, n_jobs if n_jobs > 0 else cpus + 1 + n_jobs))
     save_config(cfg, hc)
