@@ -186,6 +186,15 @@ def test_what_differs_outside_the_config_is_printed_side_by_side(tmp_path):
     shown = text(d)
     assert f"  data: {o['data'][0]} -> {o['data'][1]}" in shown and o["data"][0] != o["data"][1]
     assert "  transformers 4.37.1 -> 5.24.0" in shown
+    assert o["note"].startswith("transformers 4.37.1 against 5.24.0: from 4.54 on, from_pretrained initialises")
+    assert f"  note: {o['note']}" in shown
+    # 4.54.0 already initialises what a checkpoint lacks: no note against a newer one, nor where A's is unknown
+    for version in ("4.54.0", None):
+        (tmp_path / "a" / "summary.json").write_text(json.dumps({"versions": {"transformers": version}}))
+        o = diff(Side(str(tmp_path / "a"), "A"), Side(str(tmp_path / "b"), "B"))["outside_config"]
+        assert o["versions"] == {"transformers": [version, "5.24.0"], "torch": [None, "2.13.0"]} and "note" not in o
+    # a folder against overrides: nothing outside a config to compare
+    assert "outside_config" not in diff(Side(str(tmp_path / "a"), "A"), Side("recipe=fixed", "B"))
 
 
 def test_a_group_factor_lists_its_leaves_under_it():

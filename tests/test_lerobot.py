@@ -517,3 +517,30 @@ def test_damage_inside_a_data_file_is_named_against_the_datasets_file(written, t
     data.write_bytes(bytes(raw))
     message = refused(root)
     assert message.startswith(f"{data}: not a readable parquet file (") and "\n" not in message
+
+
+def test_data_episodes_takes_the_first_n_and_null_takes_all(written, originals):
+    root = written[("v3.0", "image")]
+    first = cached(root, "data.episodes=3")
+    assert [e["action"].tolist() for e in first] == [o["action"].tolist() for o in originals[:3]]
+    assert len(cached(root, "data.episodes=null")) == len(originals) > 3
+
+
+def test_one_frame_a_second_places_every_frame(originals, tmp_path):
+    """fps=1 is allowed: a frame a second, each read at its own timestamp."""
+    root = lerobot.write_dataset(tmp_path / "ds", originals[:2], "top", fps=1)
+    assert json.loads((root / "meta" / "info.json").read_text())["fps"] == 1
+    back = cached(root)
+    assert [len(e["action"]) for e in back] == [len(o["action"]) for o in originals[:2]]
+    for e, o in zip(back, originals):  # AV1 is lossy: each frame near its own, far from its neighbour's
+        err = np.abs(e["images"].astype(float) - o["images"].astype(float)).mean(axis=(1, 2, 3))
+        assert err.max() < 8
+
+
+def test_videos_are_written_with_lerobots_keyframe_interval(written):
+    """LeRobot writes a keyframe every 2 frames (g=2), so that any frame decodes after at most one other."""
+    import av
+    path = written[("v3.0", "video")] / "videos" / "observation.images.top" / "chunk-000" / "file-000.mp4"
+    with av.open(str(path)) as container:
+        keys = [p.is_keyframe for p in container.demux(video=0) if p.size]
+    assert len(keys) > 4 and keys == [i % 2 == 0 for i in range(len(keys))]

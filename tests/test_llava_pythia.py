@@ -86,6 +86,38 @@ def test_the_select_layer_and_feature_decide_the_image_features(folder, tmp_path
         assert not torch.allclose(other, base)
 
 
+def test_the_projector_reads_the_select_layers_patches_as_tinyvla_does(folder):
+    """TinyVLA's encode_images: the tower's hidden_states[mm_vision_select_layer] (-2 by default), without CLIP's CLS
+    token for the "patch" feature, into mm_projector. The projector's input is caught with a forward hook and compared
+    with the tower's own hidden states."""
+    policy = load(folder)[0].eval()
+    tower = policy.tower
+    seen = []
+    policy.gpt_neox.mm_projector.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    with torch.no_grad():
+        policy.encode(images, torch.tensor([[5, 6], [7, 8]]), torch.ones(2, 2, dtype=torch.long))
+        states = policy.gpt_neox.vision_tower.vision_model(pixel_values=policy.pixels(images),
+                                                           output_hidden_states=True).hidden_states
+    expected = states[tower.get("mm_vision_select_layer", -2)]
+    if "clip" in tower["vision_model_name_or_path"] and tower["mm_vision_select_feature"] == "patch":
+        expected = expected[:, 1:]
+    patches = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    assert expected.shape[1] in (patches, patches + 1) and torch.equal(seen[0], expected)
+
+
+def test_the_config_checks_accept_the_edges_of_what_is_allowed(linear, tmp_path):
+    """The lowest select layer (-(layers + 1): the embeddings) and the smallest sizes build a model."""
+    def edit(config):
+        config["vision_config"]["vision_tower"]["mm_vision_select_layer"] = -(VISION["num_hidden_layers"] + 1)
+        config["vision_config"]["mm_projector"].update(mm_projector_type="mlp2x_gelu", mm_hidden_size=1)
+    path = with_config(linear, tmp_path, edit)
+    from vla_exp.policy.llava_pythia import check_config
+    check_config(path, json.loads((path / "config.json").read_text()))  # raises UsageError where refused
+    for heads in (1, 64):  # 1 head, and as many heads as the width
+        check_config(path, {**json.loads((path / "config.json").read_text()), "num_attention_heads": heads})
+
+
 def test_lora_trains_the_adapters_projector_and_head_and_leaves_the_base_bit_identical(folder, tmp_path):
     cfg = cfg_for(folder, "recipe=fixed", "model.lora.r=4", "model.lora.alpha=16")
     one = ddp.OneProcess()
@@ -267,6 +299,14 @@ def with_config(folder, tmp_path, edit):
      "config.json's vision_config.vision_tower is a list, not a mapping (a LLaVA-Pythia config)"),
     (lambda c: c["vision_config"]["vision_tower"].update(mm_vision_select_layer=99),
      "mm_vision_select_layer=99: the tower has 3 layers, so it must be an integer from -4 to 3"),
+    (lambda c: c["vision_config"]["vision_tower"].update(mm_vision_select_layer=-5),
+     "mm_vision_select_layer=-5: the tower has 3 layers, so it must be an integer from -4 to 3"),
+    (lambda c: c["vision_config"].pop("mm_projector"),
+     "config.json's vision_config must hold vision_tower and mm_projector (a LLaVA-Pythia config)"),
+    (lambda c: c["vision_config"]["mm_projector"].update(hidden_size=0),
+     "vision_config.mm_projector.hidden_size must be an integer >= 1 (here 0)"),
+    (lambda c: c.update(num_attention_heads=3), "num_attention_heads=3 must be an integer >= 1 that divides "
+                                                "hidden_size=64"),
 ])
 def test_a_config_json_that_cannot_build_the_model_is_one_line(linear, tmp_path, edit, message):
     path = with_config(linear, tmp_path, edit)

@@ -87,6 +87,14 @@ def test_a_sweep_runs_as_one_job_array_on_the_cluster(tmp_path):
     assert all(accounting(j) == ["COMPLETED"] for j in jobs)
 
 
+def test_a_partition_the_cluster_lacks_is_one_line_before_anything_is_submitted(tmp_path):
+    proc = sweep(tmp_path, "seed=0,1", "debug=smoke", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.strip().splitlines() == [
+        "error: hydra.launcher.partition=gpu: the cluster has no such partition (it has: debug)"]
+    assert not (tmp_path / ".submitit").exists()
+
+
 def test_a_requeued_job_resumes_bit_for_bit(uninterrupted, tmp_path):
     """`scontrol requeue` stops a running job (SIGTERM: the run checkpoints at the next step) and queues it again;
     the job that starts again resumes from the checkpoint and ends as if it had never stopped."""

@@ -95,7 +95,7 @@ def test_ray_places_k_jobs_on_each_gpu_each_seeing_its_own(tmp_path):
     from vla_exp.attribution.studies import job_launcher
     launcher = job_launcher(None, 2, gpus=2)
     out = cli("-m", "vla_exp.training.main", "-m", "seed=range(5)", *SMOKE, "logger=none", *launcher,
-              "hydra.launcher.ray.init.num_gpus=2", f"hydra.sweep.dir={tmp_path}")
+              "+hydra.launcher.ray.init.num_gpus=2", f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     runs = list(summaries(tmp_path).values())
     assert sorted(r["seed"] for r in runs) == list(range(5)) and {r["status"] for r in runs} == {"completed"}

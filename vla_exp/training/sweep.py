@@ -2,6 +2,7 @@
 at the end; the jobs a sweep launches; a job's settings inside a sweep (its W&B group, its share of the cores)."""
 import logging
 import os
+import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -65,6 +66,7 @@ class Sweep(Callback):
         from vla_exp.data.sources import validate
         self.hold = ExitStack()
         try:
+            check_partition(config.hydra.launcher)
             check_folder(config.hydra.sweep.dir, "sweep folder")
             self.hold.enter_context(exclusive(config.hydra.sweep.dir, "another sweep"))
         except UsageError as e:
@@ -94,6 +96,21 @@ class Sweep(Callback):
         self.hold.close()
         if failed or interrupted:
             sys.exit(1)
+
+
+def check_partition(launcher):
+    """A SLURM sweep's partition must be one the cluster has: sbatch would refuse each job, and submitit would end
+    the sweep in a traceback. Where sinfo cannot answer, sbatch decides."""
+    if not str(launcher.get("_target_", "")).endswith("SlurmLauncher") or not launcher.get("partition"):
+        return
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    names = sorted(set(out.stdout.split()))
+    if out.returncode == 0 and names and launcher.partition not in names:
+        raise UsageError(f"hydra.launcher.partition={launcher.partition}: the cluster has no such partition "
+                         f"(it has: {', '.join(names)})")
 
 
 def job_overrides(config):
