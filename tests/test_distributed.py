@@ -34,22 +34,22 @@ def assert_same_training(one, two, rel=1e-4):
 
 
 def drift(one, two):
-    """The largest relative difference of any logged figure between two runs of the same steps, and that of their
-    final weights (against the largest weight of the tensor)."""
+    """How far two runs of the same steps part, as a share of what the docs allow (1e-4 relative, or 1e-6 absolute
+    for a figure or weight near zero: a key bias in attention gets no gradient and stays at rounding noise): the
+    largest over every logged figure, and over every final weight."""
     a, b = rows(one), rows(two)
     assert [r["step"] for r in a] == [r["step"] for r in b]  # rank 0 alone wrote: no row twice
-    figures = max(abs(x[k] - y[k]) / max(abs(x[k]), 1e-6) for x, y in zip(a, b)
+    figures = max(abs(x[k] - y[k]) / (1e-4 * abs(x[k]) + 1e-6) for x, y in zip(a, b)
                   for k in x.keys() - {"kind", "step", "epoch", "lr"} if isinstance(x[k], float))
     p, q = torch.load(one / "policy.pt"), torch.load(two / "policy.pt")
-    weights = max(((p[k] - q[k]).abs().max() / p[k].abs().max().clamp_min(1e-12)).item()
-                  for k in p if p[k].is_floating_point())
+    weights = max(((p[k] - q[k]).abs() / (1e-4 * p[k].abs() + 1e-6)).max().item() for k in p if p[k].is_floating_point())
     return figures, weights
 
 
 def test_two_processes_train_the_model_one_process_trains_within_the_stated_bound(tmp_path):
     """The fixed recipe for 216 steps, in one process and in two: the two sum a split batch in another order, and
     the difference grows with the steps until about step 200 (measured to step 540: docs/sweeps-and-scale.md). The
-    docs state 1e-4 relative for every logged figure and the final weights; it holds with a margin of 3."""
+    docs state 1e-4 relative (1e-6 absolute near zero) for every logged figure and final weight."""
     one, two = tmp_path / "one", tmp_path / "two"
     # an empty cache: the two processes must not race to write the data and the backbone
     env = {**os.environ, "VLA_EXP_CACHE": str(tmp_path / "cache")}
@@ -58,7 +58,7 @@ def test_two_processes_train_the_model_one_process_trains_within_the_stated_boun
                              capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
     figures, weights = drift(one, two)
-    assert figures < 1e-4 and weights < 1e-4, (figures, weights)
+    assert figures < 1 and weights < 1, (figures, weights)
     summary = json.loads((two / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["processes"] == 2 and summary["steps"] == 216
     assert len(list((two / "wandb").glob("offline-run-*"))) == 1  # only rank 0 logged to W&B
