@@ -48,8 +48,9 @@ def drift(one, two):
 
 def test_two_processes_train_the_model_one_process_trains_within_the_stated_bound(tmp_path):
     """The fixed recipe for 216 steps, in one process and in two: the two sum a split batch in another order, and
-    the difference grows with the steps until about step 200 (measured to step 540: docs/sweeps-and-scale.md). The
-    docs state 1e-4 relative (1e-6 absolute near zero) for every logged figure and final weight."""
+    the difference grows with the steps until about step 200 (measured to step 540:
+    docs/results/2026-12-06-two-processes.md). The docs state 1e-4 relative (1e-6 absolute near zero) for every
+    logged figure and final weight."""
     one, two = tmp_path / "one", tmp_path / "two"
     # an empty cache: the two processes must not race to write the data and the backbone
     env = {**os.environ, "VLA_EXP_CACHE": str(tmp_path / "cache")}
