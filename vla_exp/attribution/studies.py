@@ -48,7 +48,7 @@ from vla_exp.runs import CONFIRMATION_JSON, CONFIRMATION_MD, nothing_ran, write_
 from vla_exp.attribution.report import main as report
 
 # working: the smallest budget at which the fixed recipe beats every baseline in all seeds (3 epochs of the default
-# data's 180 training episodes; docs/results/2026-12-05-working-budget.md); quick: a cheaper one at which no policy
+# data's 180 training episodes; docs/results/2026-12-06-working-budget.md); quick: a cheaper one at which no policy
 # works yet, for a first look. The studies read the last epoch's figures (all 256 held-out samples); the epochs
 # before it use the first 64.
 BUDGETS = {"working": ["epochs=3", "eval.epoch_samples=64"],
