@@ -64,6 +64,26 @@ def test_designs_that_cannot_be_made_say_what_to_do(k, max_runs, resolution, mes
     assert str(e.value).startswith(message)
 
 
+def test_a_resolution_iii_design_that_does_not_fit_offers_no_lower_resolution():
+    with pytest.raises(UsageError) as e:
+        screen.design(20, 16, 3)
+    assert str(e.value) == ("20 factors need 32 runs for a resolution III design, above --max-runs 16: raise "
+                            "--max-runs to 32")
+
+
+@pytest.mark.parametrize("k, runs", [(4, 8), (6, 16), (12, 32)])
+def test_the_written_generators_name_one_column_per_factor(k, runs):
+    from pyDOE3 import fracfact
+    generators = screen.odd_generators(k, runs).split()
+    assert len(generators) == k and screen.stated_resolution(fracfact(" ".join(generators))) >= 4
+
+
+def test_a_configurations_label_lists_the_shorter_side():
+    names = ["lr", "clip", "init"]
+    assert [screen.label(levels, names) for levels in ([-1, -1, -1], [1, 1, 1], [1, -1, -1], [1, 1, -1])] == [
+        "A", "B", "A + lr", "B - init"]
+
+
 def synthetic(matrix, names, effects, interaction, seeds=2, noise=0.01, rng=0):
     """Runs of a design with known main effects (B minus A) and one known two-factor interaction."""
     rng = np.random.default_rng(rng)
@@ -115,6 +135,7 @@ def test_without_replicates_lenth_pseudo_standard_error():
                          "val_action_error", names)
     e = res["effects"].set_index("term")
     assert res["method"] == "lenth" and "Lenth's pseudo standard error" in res["notes"][0]
+    assert res["df"] == pytest.approx(15 / 3)  # 15 effect columns
     assert e.loc["a", "lo"] > 0 and e.loc["d", "hi"] < 0 and e.loc["b", "lo"] < 0 < e.loc["b", "hi"]
 
 
@@ -291,6 +312,7 @@ def test_the_confirmation_adds_factors_in_order_of_effect_until_b_is_reached():
     values["x1010"] = [0.104, 0.1]  # lr and init reach B
     plan = screen.confirmation(plan_runs(values), "val_action_error", names, result)
     assert plan["reached"] == 2 and plan["next"] == [0, 0, 1, 0]  # then init without lr
+    assert [(s["added"], s["set"]) for s in plan["steps"]] == [("lr", ["lr"]), ("init", ["lr", "init"])]
     values["x0010"] = [0.35, 0.36]
     plan = screen.confirmation(plan_runs(values), "val_action_error", names, result)
     assert plan["next"] is None
@@ -386,6 +408,9 @@ def test_lenths_pseudo_standard_error_by_hand():
     # would be dropped (PSE 3.75)
     margin, pse = screen.lenth(np.array([1.0, -2.0, 3.0, -4.0, 9.0]))
     assert pse == pytest.approx(4.5) and margin == pytest.approx(stats.t.ppf(0.975, 5 / 3) * 4.5)
+    # |c| = 1, 1, 2, 7.5, 7.5: s0 = 3 and an effect of exactly 2.5 s0 is dropped (Lenth's "<"): PSE = 1.5 x 1
+    assert screen.lenth(np.array([1.0, -1.0, 2.0, 7.5, -7.5]))[1] == pytest.approx(1.5)
+    assert screen.lenth(np.zeros(5)) == (0, 0)  # no effect at all (a factor that never acts): no noise either
 
 
 def test_the_confirmations_margin_counts_both_means_and_a_zero_threshold():
@@ -435,3 +460,63 @@ def test_the_smallest_resolution_iv_fractions_are_resolution_iv(k):
     runs = screen.min_runs(k, 4)
     matrix, desc = screen.design(k, max_runs=runs)
     assert matrix.shape == (runs, k) and screen.stated_resolution(matrix) >= 4 and desc["resolution"] >= 4
+
+
+def test_replicated_intervals_are_the_pooled_two_sample_intervals_by_hand():
+    """A full 2^2 with 3 seeds: the saturated model fits the 4 cell means, so sigma is the pooled within-cell
+    standard deviation (8 df) and each effect's interval is a difference of two means of 6 runs."""
+    matrix, _ = screen.design(2)
+    runs = synthetic(matrix, ["f0", "f1"], [0.2, -0.1], ((0, 1), 0.0), seeds=3, noise=0.05)
+    res = screen.estimate_effects(runs, "val_action_error", ["f0", "f1"])
+    cells = runs.groupby("design_name").val_action_error
+    s2 = ((runs.val_action_error - cells.transform("mean")) ** 2).sum() / 8
+    assert res["method"] == "replicates" and res["df"] == 8 and res["sigma"] == pytest.approx(np.sqrt(s2))
+    e = res["effects"].set_index("term")
+    for name in ("f0", "f1"):
+        high = runs[f"level:{name}"] == 1
+        diff = runs.val_action_error[high].mean() - runs.val_action_error[~high].mean()
+        half = stats.t.ppf(0.975, 8) * np.sqrt(s2 * (1 / 6 + 1 / 6))
+        assert (e.loc[name, "effect"], e.loc[name, "lo"], e.loc[name, "hi"]) == pytest.approx(
+            (diff, diff - half, diff + half))
+
+
+def test_replicates_that_agree_exactly_leave_no_noise_to_use_and_lenth_is_used():
+    matrix, _ = screen.design(2)
+    runs = synthetic(matrix, ["f0", "f1"], [0.2, -0.1], ((0, 1), 0.05), seeds=2, noise=0.0)
+    res = screen.estimate_effects(runs, "val_action_error", ["f0", "f1"])
+    assert res["method"] == "lenth" and res["sigma"] is None
+
+
+def test_two_runs_are_enough_to_analyse_one_fewer_is_not():
+    runs = synthetic(np.array([[-1], [1]]), ["f0"], [0.3], ((0, 0), 0.0), seeds=1, noise=0.0)  # A and B alone
+    res = screen.estimate_effects(runs, "val_action_error", ["f0"])
+    assert "error" not in res and res["effects"].set_index("term").loc["f0", "effect"] == pytest.approx(0.3)
+    runs.loc[0, "val_action_error"] = np.nan
+    assert screen.estimate_effects(runs, "val_action_error", ["f0"])["error"].startswith("1 runs with a finite")
+
+
+def test_one_factor_that_recovers_b_is_compared_with_a_and_a_failed_left_out_step_does_not_count():
+    names = ["lr", "init"]
+    result = {"effects": pd.DataFrame({"term": names, "effect": [-0.3, -0.2]}), "sigma": 0.01, "df": 8}
+    plan = screen.confirmation(plan_runs({"A": [0.5, 0.5], "B": [0.1, 0.1], "x10": [0.1, 0.1]}),
+                               "val_action_error", names, result)
+    assert plan["reached"] == 1 and plan["next"] is None
+    assert screen.sentence(plan) == ("1 of the 2 differences (lr) recovers B's val action error: 0.1 ± 0 against "
+                                     "B's 0.1 ± 0; without lr they do not (0.5 ± 0)")
+    names = ["lr", "init", "clip"]
+    result = {"effects": pd.DataFrame({"term": names, "effect": [-0.3, -0.2, -0.01]}), "sigma": 0.01, "df": 8}
+    runs = {"A": [0.5, 0.5], "B": [0.1, 0.1], "x100": [0.3, 0.3], "x110": [0.1, 0.1], "x010": [np.nan, np.nan]}
+    plan = screen.confirmation(plan_runs(runs), "val_action_error", names, result)  # init alone: all runs failed
+    assert plan["reached"] == 2 and plan["without"] == [{"left_out": "lr", "name": "x010", "values": [],
+                                                         "reached": False}]
+
+
+def test_the_analysis_does_not_depend_on_the_metrics_units():
+    """An action error in metres or in micrometres: the same method, and effects and intervals in proportion."""
+    matrix, _ = screen.design(3)
+    runs = synthetic(matrix, ["f0", "f1", "f2"], [0.2, -0.1, 0.0], ((0, 1), 0.0), seeds=2, noise=0.01)
+    small = runs.assign(val_action_error=runs.val_action_error * 1e-6)
+    big, tiny = (screen.estimate_effects(r, "val_action_error", ["f0", "f1", "f2"]) for r in (runs, small))
+    assert big["method"] == tiny["method"] == "replicates"
+    assert tiny["effects"][["effect", "lo", "hi"]].to_numpy() == pytest.approx(
+        big["effects"][["effect", "lo", "hi"]].to_numpy() * 1e-6)
