@@ -53,6 +53,8 @@ def test_every_backbone_tensor_is_the_files_and_the_head_is_missing(folder):
     mean = json.loads((folder / "preprocessor_config.json").read_text())["image_mean"]
     assert policy.pixel_mean.flatten().tolist() == pytest.approx(mean)  # CLIP's, from the folder
     assert tokenizer.pad_token == tokenizer.eos_token and len(set(tokenizer(["push left", "pick up"]).input_ids[0])) > 1
+    # GPT-NeoX's byte-level pre-tokenizer adds no space before the first word: "push" and " push" differ
+    assert tokenizer("push").input_ids != tokenizer(" push").input_ids
 
 
 def edited(folder, tmp_path, **tower):

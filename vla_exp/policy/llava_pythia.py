@@ -179,10 +179,6 @@ def check_head(path, raw, head):
                              f"model.config give {ours}={head[ours]}")
 
 
-def read_config(path):
-    return json.loads((Path(path) / "config.json").read_text())
-
-
 TOWER_NAMES = {"clip": "openai/clip-vit-base-patch16", "siglip": "google/siglip-base-patch16-224"}
 
 
