@@ -94,6 +94,25 @@ def test_v30_layout_is_lerobots(written, originals):
     assert data["index"].tolist() == list(range(sum(lengths)))
     np.testing.assert_allclose(data.timestamp, data.frame_index / info["fps"])
     assert (root / "videos" / "observation.images.top" / "chunk-000" / "file-000.mp4").is_file()
+    # the meta files agree with the data, as LeRobot's tools read them: each episode's video span is its length,
+    # the episodes table sits at the chunk and file it names, every feature's shape is its column's, and the
+    # statistics are per dimension, over each episode and over the whole dataset
+    spans = eps["videos/observation.images.top/to_timestamp"] - eps["videos/observation.images.top/from_timestamp"]
+    np.testing.assert_allclose(spans, np.array(lengths) / info["fps"])
+    for c, f in eps[["meta/episodes/chunk_index", "meta/episodes/file_index"]].itertuples(index=False):
+        assert (root / "meta" / "episodes" / f"chunk-{c:03d}" / f"file-{f:03d}.parquet").is_file()
+    camera = info["features"]["observation.images.top"]
+    assert camera["info"]["video.channels"] == camera["shape"][2] == 3
+    for name, feature in info["features"].items():
+        if name != "observation.images.top":
+            assert np.prod(feature["shape"]) == np.stack(np.atleast_1d(data[name].iloc[0])).size, name
+    action = np.stack(data.action.to_numpy())
+    whole = json.loads((root / "meta" / "stats.json").read_text())["action"]
+    assert whole["count"] == [len(action)]
+    for stat, want in (("min", action.min(0)), ("max", action.max(0)), ("mean", action.mean(0)), ("std", action.std(0))):
+        np.testing.assert_allclose(whole[stat], want, rtol=1e-6)
+    first = action[:lengths[0]]
+    np.testing.assert_allclose(eps["stats/action/max"][0], first.max(0), rtol=1e-6)
 
 
 def test_writing_video_leaves_the_process_at_its_own_priority(originals, tmp_path):
