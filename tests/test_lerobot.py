@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -122,6 +123,17 @@ def test_writing_video_leaves_the_process_at_its_own_priority(originals, tmp_pat
     assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before
 
 
+def test_the_writer_restores_this_process_policy_not_another_ones(originals, tmp_path):
+    """A process at SCHED_BATCH (not what init or the shell runs at) comes back at SCHED_BATCH."""
+    before = os.sched_getscheduler(0), os.sched_getparam(0)
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    try:
+        lerobot.write_dataset(tmp_path / "ds", originals[:2], "top")
+        assert os.sched_getscheduler(0) == os.SCHED_BATCH != os.sched_getscheduler(1)
+    finally:
+        os.sched_setscheduler(0, *before)
+
+
 def test_v21_layout_is_one_file_per_episode(written, originals):
     root = written[("v2.1", "video")]
     assert [json.loads(line)["episode_index"] for line in (root / "meta" / "episodes.jsonl").open()] == \
@@ -195,7 +207,6 @@ def test_several_cameras_are_placed_side_by_side(originals, tmp_path):
     flipped = [{"bytes": lerobot.png(np.asarray(f)[::-1]), "path": None}
                for o in originals for f in o["images"]]
     import pyarrow as pa
-    import pyarrow.parquet as pq
     pq.write_table(table.append_column("observation.images.right", pa.array(
         flipped, table.schema.field("observation.images.left").type)), root / "data" / "chunk-000" / "file-000.parquet")
     info = json.loads((root / "meta" / "info.json").read_text())
@@ -316,6 +327,33 @@ def test_a_gap_in_a_video_is_refused_not_filled_from_the_next_episode(written, o
     encode_with_gap(video, np.concatenate([o["images"] for o in originals]), missing=set())
     got, expected = cached(root), cached(written[("v3.0", "video")])
     assert all(np.array_equal(g["images"], x["images"]) for g, x in zip(got, expected))
+
+
+def test_each_frame_is_the_one_its_timestamp_names(written, tmp_path):
+    """Episode 0's timestamps moved one frame on: its frames are the video's next ones, the last one episode 1's
+    first (episodes lie back to back in one file)."""
+    root = broken(written, tmp_path)
+    data = root / "data" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(data)
+    first = np.asarray(table.column("episode_index")) == 0
+    stamps = np.asarray(table.column("timestamp")) + first / np.float32(20)
+    index = table.schema.get_field_index("timestamp")
+    pq.write_table(table.set_column(index, table.schema.field(index), pa.array(stamps.astype(np.float32))), data)
+    got, expected = cached(root), cached(written[("v3.0", "video")])
+    np.testing.assert_array_equal(got[0]["images"][:-1], expected[0]["images"][1:])
+    np.testing.assert_array_equal(got[0]["images"][-1], expected[1]["images"][0])
+    assert all(np.array_equal(g["images"], x["images"]) for g, x in zip(got[1:], expected[1:]))
+
+
+def test_a_window_that_starts_at_the_last_frame_read_goes_back_for_it(written):
+    """Frames.read decodes forward and reopens the file only to go back: a read that starts on the frame the last
+    read ended on must reopen, not skip past it."""
+    video = written[("v3.0", "video")] / "videos" / "observation.images.top" / "chunk-000" / "file-000.mp4"
+    with lerobot.Frames() as frames:
+        whole = frames.read(video, np.arange(4) / 20, 20, 0, "top")
+    with lerobot.Frames() as frames:
+        frames.read(video, np.arange(3) / 20, 20, 0, "top")
+        np.testing.assert_array_equal(frames.read(video, np.arange(2, 4) / 20, 20, 0, "top"), whole[2:])
 
 
 @pytest.mark.parametrize("fps, shown", [(0, "0"), ("20", "'20'"), (None, "None"), (-5, "-5")])
@@ -440,10 +478,10 @@ def test_a_jsonl_line_that_is_not_json(written, tmp_path):
     assert refused(root) == f"{path}: line 2 is not JSON"
 
 
-def test_one_png_frame_of_another_size(originals, tmp_path):
+@pytest.mark.parametrize("frame", [3, 1])
+def test_one_png_frame_of_another_size(originals, tmp_path, frame):
     bad = [dict(o) for o in originals]
     root = lerobot.write_dataset(tmp_path / "ds", bad, "top", images="image")
-    import pyarrow.parquet as pq
     from PIL import Image
     data = root / "data" / "chunk-000" / "file-000.parquet"
     table = pq.read_table(data)
@@ -452,11 +490,11 @@ def test_one_png_frame_of_another_size(originals, tmp_path):
     Image.new("RGB", (32, 32)).save(small, format="PNG")
     episode = table.column("episode_index").to_pylist()
     first = episode.index(2)
-    column[first + 3] = {**column[first + 3], "bytes": small.getvalue()}
+    column[first + frame] = {**column[first + frame], "bytes": small.getvalue()}
     index = table.schema.get_field_index("observation.images.top")
     pq.write_table(table.set_column(index, table.schema.field(index), pa.array(column, table.schema.field(index).type)),
                    data)
-    assert refused(root) == (f"{data}: observation.images.top frame 3 of episode 2 is 32x32, frame 0 is 64x64: an image "
+    assert refused(root) == (f"{data}: observation.images.top frame {frame} of episode 2 is 32x32, frame 0 is 64x64: an image "
                              "feature's frames must share one size")
 
 
@@ -477,7 +515,6 @@ def test_frames_are_resized_bilinearly():
 
 
 def test_a_data_file_of_another_size_is_another_dataset(written, tmp_path):
-    import pyarrow.parquet as pq
     root = shutil.copytree(written[("v3.0", "image")], tmp_path / "ds")
     first = episodes_dir(lerobot_cfg(root))
     data = root / "data" / "chunk-000" / "file-000.parquet"
@@ -486,7 +523,6 @@ def test_a_data_file_of_another_size_is_another_dataset(written, tmp_path):
 
 
 def test_cameras_of_one_height_and_other_widths_go_side_by_side(originals, tmp_path):
-    import pyarrow.parquet as pq
     root = lerobot.write_dataset(tmp_path / "a", originals, "left", images="image")
     data = root / "data" / "chunk-000" / "file-000.parquet"
     table = pq.read_table(data)
