@@ -86,6 +86,10 @@ def load_policy(cfg, cache_dir, seed):
         policy, info = policy_class.from_pretrained(weights, output_loading_info=True, ignore_mismatched_sizes=True,
                                                     **head)
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+        if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):  # torch's advice is unsafe
+            raise UsageError(f"model.path={path}: refused: {Path(weights) / 'pytorch_model.bin'} holds objects other "
+                             "than tensors, which loading could run as code; save the weights as model.safetensors "
+                             "where you trust their source") from None
         raise UsageError(f"model.path={path}: cannot load a TinyVLA backbone from it ({' '.join(str(e).split())})"
                          ) from None
     check_compatible(weights, policy, info, cfg)
