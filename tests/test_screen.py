@@ -71,11 +71,20 @@ def test_a_resolution_iii_design_that_does_not_fit_offers_no_lower_resolution():
                             "--max-runs to 32")
 
 
-@pytest.mark.parametrize("k, runs", [(4, 8), (6, 16), (12, 32)])
-def test_the_written_generators_name_one_column_per_factor(k, runs):
+@pytest.mark.parametrize("k, runs, resolution", [(4, 8, 4), (6, 16, 4), (12, 32, 4), (16, 32, 4), (32, 64, 4),
+                                                 (7, 8, 3), (15, 16, 3)])
+def test_the_written_generators_name_one_column_per_factor(k, runs, resolution):
     from pyDOE3 import fracfact
-    generators = screen.odd_generators(k, runs).split()
-    assert len(generators) == k and screen.stated_resolution(fracfact(" ".join(generators))) >= 4
+    generators = screen.generators(k, runs, resolution).split()
+    assert len(generators) == k and screen.stated_resolution(fracfact(" ".join(generators))) == resolution
+
+
+@pytest.mark.parametrize("k", [11, 16, 20, 32])
+def test_many_factors_get_the_resolution_iv_asked_for(k):
+    """pyDOE3's fracfact_by_res gives 16 and 20 factors (and 32) a resolution III design when asked for IV."""
+    matrix, desc = screen.design(k, max_runs=64)
+    assert desc["resolution"] == screen.stated_resolution(matrix) == 4 and len(matrix) == screen.min_runs(k, 4)
+    assert not aliased_with_a_two_factor_interaction(matrix)
 
 
 def test_a_configurations_label_lists_the_shorter_side():

@@ -71,10 +71,12 @@ def screen_tables(runs, names, results):
     design = runs[runs.design_part == "design"]
     coded = design[[f"level:{n}" for n in names]].drop_duplicates().to_numpy() * 2 - 1
     words = screen.defining_relation(coded)
-    letters = ", ".join(f"{screen.LETTERS[i]} = {n}" for i, n in enumerate(names))
+    letters = ", ".join(f"{screen.letter(i)} = {n}" for i, n in enumerate(names))
     about = (f"{len(names)} factors ({letters}); {len(coded)} configurations of the design, {len(design)} runs" +
              (f"; resolution {min(map(len, words))}, defining relation I = " +
-              " = ".join("".join(screen.LETTERS[i] for i in w) for w in words) if words else "; full factorial") +
+              " = ".join("".join(map(screen.letter, w)) for w in words[:30])
+              + (f" = ... ({len(words)} words)" if len(words) > 30 else "") if words else
+              "; full factorial") +
              ". Effect = mean at B's level minus mean at A's level (twice the OLS coefficient on -1/+1 coding); "
              "aliased terms cannot be told apart from it.")
     md, html = ["## Screen", "", about, ""], [("Screen: the design", dashboard.note_html(about))]

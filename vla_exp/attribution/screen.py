@@ -11,8 +11,10 @@ analysis, and the confirmation of the smallest set of changes that recovers B.
   interval; without replicates, Lenth's pseudo standard error. A failed or diverged run is a missing value: the
   effects whose standard error grows for it are named.
 """
+import functools
 import itertools
 import math
+import operator
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,11 @@ from vla_exp.config import NOT_RESULTS, leaves, literal
 from vla_exp.runs import Design
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"  # pyDOE3 names factors by letters
+
+
+def letter(i):
+    """Factor i's letter in a word: a to z, then a1 to z1, ..."""
+    return LETTERS[i % 26] + (str(i // 26) if i >= 26 else "")
 
 
 # ------------------------------------------------------------------------------------------------ factors
@@ -87,12 +94,13 @@ def min_runs(k, resolution):
     return 2 ** (math.ceil(math.log2(k)) + 1)  # resolution IV: the foldover of a III, 2k runs rounded up
 
 
-def odd_generators(k, runs):
-    """A resolution IV generator string for k factors in `runs` runs, where pyDOE3's fracfact_by_res refuses one:
-    base factors, then words of odd length >= 3 over them (every word of the defining relation then has even
-    length >= 4)."""
+def generators(k, runs, resolution=4):
+    """A generator string for k factors in `runs` runs of at least this resolution, where pyDOE3's fracfact_by_res
+    refuses one or returns a lower resolution: base factors, then words over them, of odd length >= 3 for resolution
+    IV (every word of the defining relation then has even length >= 4), of length >= 2 for III."""
     m = int(math.log2(runs))
-    words = [w for n in range(3, m + 1, 2) for w in itertools.combinations(LETTERS[:m], n)]
+    lengths = range(3, m + 1, 2) if resolution == 4 else range(2, m + 1)
+    words = [w for n in lengths for w in itertools.combinations(LETTERS[:m], n)]
     return " ".join([*LETTERS[:m], *("".join(w) for w in words[:k - m])])
 
 
@@ -127,8 +135,10 @@ def design(k, max_runs=32, resolution=4, foldover=False):
         if matrix is None or stated_resolution(matrix) < resolution:
             try:
                 matrix = fracfact_by_res(k, resolution)
-            except ValueError:  # the helper refuses some valid cases (4 factors in 8 runs): explicit generators
-                matrix = fracfact(odd_generators(k, need))
+            except ValueError:  # it refuses some valid cases (4 factors in 8 runs)
+                matrix = None
+            if matrix is None or stated_resolution(matrix) < resolution:  # and gives III for others (16 in 32)
+                matrix = fracfact(generators(k, need, resolution))
         kind = f"2^({k}-{k - int(math.log2(len(matrix)))}) fraction"
     if foldover:
         matrix = fold(matrix)
@@ -136,14 +146,37 @@ def design(k, max_runs=32, resolution=4, foldover=False):
     matrix = np.asarray(matrix, dtype=int)
     words = defining_relation(matrix)
     return matrix, {"kind": kind, "runs": len(matrix), "resolution": min((len(w) for w in words), default=None),
-                    "defining_relation": ["".join(LETTERS[i] for i in w) for w in words]}
+                    "defining_relation": ["".join(map(letter, w)) for w in words]}
 
 
-def defining_relation(matrix):
-    """The words (tuples of factor indices) whose product column is constant (+1 or -1) over the design: I = ABCE..."""
+def defining_relation(matrix, longest=5):
+    """The words (tuples of factor indices) whose product column is constant (+1 or -1) over the design, shortest
+    first: I = ABCE... A word is a set of columns whose sum over GF(2) is constant, so the words are the null space of
+    the columns: all of them where it has at most 2^12 (a 2^(k-p) fraction has 2^p - 1), else those of up to
+    `longest` letters (2^(32-26) has 67 million words; the short ones decide the resolution)."""
+    matrix = np.asarray(matrix)
     k = matrix.shape[1]
-    return [w for n in range(1, k + 1) for w in itertools.combinations(range(k), n)
-            if abs(matrix[:, list(w)].prod(axis=1).sum()) == len(matrix)]
+    # each column as the rows where it differs from its first row: a word is constant where these XOR to zero
+    cols = [int("".join("1" if x != matrix[0, c] else "0" for x in matrix[:, c]) or "0", 2) for c in range(k)]
+    basis, null = {}, []  # leading bit -> (vector, the columns it sums); null: sums of columns that vanish
+    for c, v in enumerate(cols):
+        mask = 1 << c
+        while v:
+            top = v.bit_length() - 1
+            if top not in basis:
+                basis[top] = (v, mask)
+                break
+            v, mask = v ^ basis[top][0], mask ^ basis[top][1]
+        else:
+            null.append(mask)
+    if len(null) <= 12:
+        masks = {functools.reduce(operator.xor, (m for j, m in enumerate(null) if i >> j & 1))
+                 for i in range(1, 2 ** len(null))}
+        words = [tuple(c for c in range(k) if m >> c & 1) for m in masks]
+    else:
+        words = [w for n in range(1, longest + 1) for w in itertools.combinations(range(k), n)
+                 if not functools.reduce(operator.xor, (cols[c] for c in w))]
+    return sorted(words, key=lambda w: (len(w), w))
 
 
 def stated_resolution(matrix):
@@ -266,13 +299,23 @@ def budget_conflicts(overrides, facs):
 
 # ------------------------------------------------------------------------------------------------ analysis
 def effect_columns(matrix):
+    """`columns_of` for a design matrix (memoised: the report asks for each metric, a simulation for every case)."""
+    matrix = np.asarray(matrix, dtype=int)
+    return columns_of(matrix.shape, matrix.tobytes())
+
+
+@functools.lru_cache(maxsize=16)
+def columns_of(shape, data):
     """The estimable effect columns of a design: for each alias class (columns equal up to sign over the design's
     distinct rows), its lowest-order word, main effects first, up to one column per distinct row but one. Returns
     [(word, [the words aliased with it, with the sign of their column: up to three factors for a main effect, two
     for an interaction])]."""
+    matrix = np.frombuffer(data, dtype=int).reshape(shape)
     rows, k = np.unique(matrix, axis=0), matrix.shape[1]
     classes, seen = [], {}
     for n in range(1, k + 1):
+        if n > 3 and len(classes) >= len(rows) - 1:  # longer words add no class and are no alias listed: 2^k of them
+            break
         for w in itertools.combinations(range(k), n):
             col = rows[:, list(w)].prod(axis=1)
             key, sign = (tuple(col), 1) if col[0] > 0 else (tuple(-col), -1)
