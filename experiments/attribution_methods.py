@@ -72,8 +72,8 @@ def summarise(method, k, r, cases):
     runs = np.array([c[1] for c in cases])
     power = np.mean([set(m) <= set(n) for n, _, m in cases])
     type1 = np.mean([len(set(n) - set(m)) / (k - len(m)) for n, _, m in cases])
-    return {"method": method, "k": k, "r": r, "runs (mean)": runs.mean(), "runs (95th pct)": np.percentile(runs, 95),
-            "power": power, "type I per factor": type1}
+    return {"method": method, "k": k, "r": r, "runs (mean)": round(runs.mean()),
+            "runs (95th pct)": round(np.percentile(runs, 95)), "power": power, "type I per factor": type1}
 
 
 def main():

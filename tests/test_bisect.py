@@ -109,3 +109,47 @@ def test_the_screen_analyses_32_factors_without_enumerating_every_word():
     assert desc["resolution"] == 4 and len(classes) == 63
     assert [w for w, _ in classes[:32]] == [(i,) for i in range(32)]
     assert all(len(w) == 3 for _, aliases in classes[:32] for w, _ in aliases)  # resolution IV: mains with 3fis only
+
+
+@pytest.mark.slow
+def test_a_bisect_study_runs_a_and_b_goes_on_with_new_seeds_and_reports(tmp_path):
+    """delta1 far below the seed noise: the root test cannot decide, takes a fourth seed (3, past --seeds 0,1,2),
+    then stops at --max-seeds and says it cannot tell; every figure is the runs'."""
+    import json
+
+    from test_sweep import SMOKE, cli, summaries
+    out = cli("-m", "vla_exp.attribution.studies", "screen", "--method", "bisect", "--a", "recipe=original", "--b",
+              "recipe=original init=xavier_all optim.lr=0.0001", "--seeds", "0,1,2", "--delta0", "0",
+              "--delta1", "1e-9", "--max-seeds", "4", "--jobs", "1", "--out", str(tmp_path), *SMOKE, "logger=none",
+              "epochs=1", "data.episodes=6")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = summaries(tmp_path)
+    assert sorted((s["design"]["name"], s["seed"]) for s in runs.values()) == [
+        (n, seed) for n in ("A", "B") for seed in range(4)]
+    plan = json.loads((tmp_path / "bisect.json").read_text())
+    root, = plan["tests"]
+    assert root["decision"] == "cannot tell" and root["seeds"] == [0, 1, 2, 3] and plan["important"] == []
+    error = {(s["design"]["name"], s["seed"]): s["val_action_error"] for s in runs.values()}
+    toward = 1 if np.mean([error["B", s] for s in range(3)]) >= np.mean([error["A", s] for s in range(3)]) else -1
+    assert plan["toward"] == toward
+    assert root["estimates"] == pytest.approx([toward * (error["B", s] - error["A", s]) for s in range(4)])
+    sentence = (tmp_path / "bisect.md").read_text().strip()
+    assert sentence == bs.sentence(plan) and sentence in out.stdout
+    assert sentence.startswith("none of the 2 differences") and "cannot tell for init, optim.lr" in sentence
+    dashboard = (tmp_path / "report" / "dashboard.html").read_text()
+    assert dashboard.index("Bisection: which differences carry B") < dashboard.index("Results per cell")
+    assert f"## Bisection\n\n{sentence}" in (tmp_path / "report" / "analysis.md").read_text()
+
+
+def test_bisect_settings_are_refused_before_anything_runs(tmp_path, capsys):
+    from vla_exp.attribution import studies
+    for argv, message in (
+            (["--seeds", "0,1"], "--method bisect starts each group test with the seeds given and needs three or more"),
+            (["--max-seeds", "2"], "--max-seeds 2: must be at least the 3 seeds each group test starts with"),
+            (["--delta0", "0.1", "--delta1", "0.05"], "--delta0 0.1 and --delta1 0.05: need 0 <= delta0 < delta1"),
+            (["--method", "bisector"], "argument --method: invalid choice: 'bisector' (choose from 'design', 'bisect')")):
+        with pytest.raises(SystemExit) as e:  # argparse's errors go to stderr, the study's in the exit
+            studies.main(["screen", "--method", "bisect", "--a", "recipe=original", "--b", "recipe=fixed",
+                          "--seeds", "0,1,2", "--out", str(tmp_path), *argv])
+        assert message in capsys.readouterr().err + str(e.value)
+    assert not any(tmp_path.iterdir())

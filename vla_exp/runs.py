@@ -10,7 +10,8 @@ A run folder (vla-exp-train writes it; the W&B files beside it are the logger's)
     policy.pt               the trained policy's weights; normalization.json its action and state scaling
 
 A study folder holds run folders, study.json (which study made it, so the report rebuilds that study's tables) and,
-for a screen, design/ (one config file per configuration) and confirmation.json / confirmation.md.
+for a screen, design/ (one config file per configuration) and confirmation.json / confirmation.md, or
+bisect.json / bisect.md for one run with --method bisect.
 
 A run that a screen launched carries its configuration's `design` node (`Design`) in its config and its summary.
 Reading goes through here, so a renamed key is an error naming the key and the file, never a column of NaN.
@@ -32,6 +33,7 @@ from vla_exp.files import write_json
 SUMMARY, METRICS, CONFIG, INIT_REPORT = "summary.json", "metrics.jsonl", ".hydra/config.yaml", "init_report.json"
 POLICY, NORMALIZATION, STUDY, CHECKPOINT = "policy.pt", "normalization.json", "study.json", "checkpoint.pt"
 CONFIRMATION_JSON, CONFIRMATION_MD = "confirmation.json", "confirmation.md"
+BISECT_JSON, BISECT_MD = "bisect.json", "bisect.md"
 FINISHED = ("completed", "diverged")  # a run with one of these is done: a rerun of its config skips it
 # What every finished run's summary holds (vla_exp.training.loop writes them) and the analysis reads: the report
 # refuses a finished run that lacks one, rather than read it as a missing figure

@@ -68,17 +68,24 @@ def kim_test(d, n0, alpha, delta0, delta1):
     return None
 
 
-def bisect(k, respond, delta0, delta1, alpha=0.05, n0=3, max_replicates=None):
-    """Run the bifurcation over k factors. `respond(requests)` gets a list of (levels, replicate) not yet run and
-    returns their values in the same order (toward B's value positive; NaN for a failed run); each configuration and
-    replicate is asked for once. Returns {"important": [factor positions], "tests": [GroupTest], "values":
-    {(levels, replicate): value}}."""
+def check(k, delta0, delta1, n0):
+    """Refuse in one line what the bifurcation cannot run: too few factors, thresholds out of order, one replicate."""
+    from vla_exp.attribution.screen import enough_factors
+    enough_factors(k)
     if not 0 <= delta0 < delta1:
         raise UsageError(f"--delta0 {delta0} and --delta1 {delta1}: need 0 <= delta0 < delta1 (the largest effect "
                          "that does not matter, the smallest that does)")
     if n0 < 2:
         raise UsageError(f"{n0} replicate{'s' if n0 != 1 else ''} to start each group test: the test needs two or "
                          "more for its seed noise (give --seeds with two or more)")
+
+
+def bisect(k, respond, delta0, delta1, alpha=0.05, n0=3, max_replicates=None):
+    """Run the bifurcation over k factors. `respond(requests)` gets a list of (levels, replicate) not yet run and
+    returns their values in the same order (toward B's value positive; NaN for a failed run); each configuration and
+    replicate is asked for once. Returns {"important": [factor positions], "tests": [GroupTest], "values":
+    {(levels, replicate): value}}."""
+    check(k, delta0, delta1, n0)
     values = {}
 
     def value(config, rep):
@@ -127,3 +134,30 @@ def bisect(k, respond, delta0, delta1, alpha=0.05, n0=3, max_replicates=None):
                 mid = t.lo + math.ceil(t.size / 2)
                 stack += [GroupTest(mid, t.hi), GroupTest(t.lo, mid)]  # the first half is tested first
     return {"important": sorted(important), "tests": tests, "values": values}
+
+
+def outcome(found, names, metric, toward, seed_of, delta0, delta1):
+    """The bisection's record (bisect.json): every group test with its factors, seeds, estimates (in the metric's
+    units, toward B's value positive) and decision; the factors named; the runs and configurations used."""
+    tests = [{"factors": names[t.lo:t.hi], "lo": t.lo, "hi": t.hi, "decision": t.decision,
+              "estimates": t.estimates, "seeds": [seed_of(r) for r in t.replicates]} for t in found["tests"]]
+    return {"metric": metric, "factors": names, "toward": toward, "delta0": delta0, "delta1": delta1,
+            "important": [names[i] for i in found["important"]], "tests": tests, "runs": len(found["values"]),
+            "configurations": len({c for c, _ in found["values"]})}
+
+
+def sentence(plan):
+    """The bisection's outcome in one sentence, every figure from the runs."""
+    from vla_exp.attribution.numbers import mean_pm
+    k, metric, named = len(plan["factors"]), plan["metric"].replace("_", " "), plan["important"]
+    alone = {t["factors"][0]: t["estimates"] for t in plan["tests"] if len(t["factors"]) == 1}
+    if named:
+        text = (f"{len(named)} of the {k} differences ({', '.join(named)}) move{'s' if len(named) == 1 else ''} "
+                f"{metric} toward B's by more than {plan['delta0']:g} (" +
+                ", ".join(f"{n} {mean_pm(alone[n])}" for n in named) + ")")
+    else:
+        text = f"none of the {k} differences moves {metric} toward B's by more than {plan['delta0']:g} on its own"
+    unsure = [", ".join(t["factors"]) for t in plan["tests"] if t["decision"] == "cannot tell"]
+    if unsure:
+        text += "; cannot tell for " + "; ".join(unsure) + " (runs that kept failing, or --max-seeds reached)"
+    return text + f"; {plan['runs']} runs in {plan['configurations']} configurations"

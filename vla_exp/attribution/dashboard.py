@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # reports are made on servers and in tests: never look for a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from vla_exp.attribution.numbers import ALPHA  # noqa: E402
@@ -266,5 +267,29 @@ def half_normal_figure(results):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, frameon=False, loc="upper left")
     fig.suptitle("Half-normal plot of the screen's effects")
+    fig.tight_layout()
+    return fig
+
+
+def bisection_figure(plan):
+    """The bifurcation tree: each group test a bar over its factors, one row per depth (the whole set on top),
+    coloured by its decision, its mean estimate (toward B's value) written on it."""
+    colours = {"important": "C3", "unimportant": "0.75", "cannot tell": "C1"}
+    tests, k = plan["tests"], len(plan["factors"])
+    depth = [sum(o["lo"] <= t["lo"] and t["hi"] <= o["hi"] and (o["lo"], o["hi"]) != (t["lo"], t["hi"])
+                 for o in tests) for t in tests]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * k + 2), 0.6 * (max(depth, default=0) + 1) + 2))
+    for t, d in zip(tests, depth):
+        ax.barh(-d, t["hi"] - t["lo"] - 0.1, left=t["lo"] + 0.05, color=colours[t["decision"]], edgecolor="0.3")
+        if t["estimates"]:
+            ax.text((t["lo"] + t["hi"]) / 2, -d, f"{np.mean(t['estimates']):+.3g}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(np.arange(k) + 0.5, [textwrap.shorten(n, 18) for n in plan["factors"]], rotation=60, ha="right",
+                  fontsize=7)
+    ax.set_yticks([])
+    ax.set_xlim(0, k)
+    ax.legend(handles=[Patch(color=c, label=d) for d, c in colours.items()], fontsize=8,
+              frameon=False, loc="lower right", bbox_to_anchor=(1, 1), ncol=3)
+    ax.set_title(f"Bisection on {plan['metric']}: each bar a group test, its mean effect toward B", fontsize=9,
+                 loc="left")
     fig.tight_layout()
     return fig

@@ -22,11 +22,11 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from vla_exp import UsageError
-from vla_exp.attribution import analysis, dashboard, numbers, screen, study_tables
+from vla_exp.attribution import analysis, bisect, dashboard, numbers, screen, study_tables
 from vla_exp.config import CONF_DIR, reference_levels
 from vla_exp.files import atomic, write_text
 from vla_exp.recorder import Tracker
-from vla_exp.runs import METRICS_READ, CONFIG, CONFIRMATION_JSON, find_run_dirs, load_curves, load_runs, read_study, sweep_group
+from vla_exp.runs import METRICS_READ, CONFIG, BISECT_JSON, CONFIRMATION_JSON, find_run_dirs, load_curves, load_runs, read_study, sweep_group
 METHOD = ("Effect = marginal mean of the level minus that of the reference level (the original recipe's), with a 95% "
           "CI, from an OLS over the seeds (with two-way interactions where the runs allow: see each metric's model); "
           f"detectable when p < {numbers.ALPHA}; size from partial eta² (small >= 0.01, medium >= 0.06, "
@@ -111,7 +111,8 @@ def screen_tables(runs, names, results):
                                "reaches B": ""}])
         text = screen.sentence(plan)
         md += ["## Confirmation", "", text, "", numbers.markdown(table), ""]
-        html.append(("Confirmation: the smallest set of changes", dashboard.note_html(text) + dashboard.table_html(table)))
+        html.insert(0, ("Confirmation: the smallest set of changes",  # the answer opens the dashboard
+                        dashboard.note_html(text) + dashboard.table_html(table)))
     return "\n".join(md), html
 
 
@@ -153,10 +154,27 @@ def factorial_part(runs, levels):
 
 
 def screen_part(runs):
-    """A screen's analysis (it varies other keys than the four groups): the same five things as factorial_part."""
+    """A screen's analysis (it varies other keys than the four groups): the same five things as factorial_part. A
+    screen run with --method bisect has no design to analyse: its bisect.json is the analysis."""
+    plan_path = Path(os.path.commonpath(list(runs.run_dir))) / BISECT_JSON
+    if not (runs.design_part == "design").any() and plan_path.is_file():
+        return bisect_part(json.loads(plan_path.read_text()))
     names, results = screen_results(runs)
     md, sections = screen_tables(runs, names, results)
     return md, sections, {"half_normal": dashboard.half_normal_figure(results)}, None, md
+
+
+def bisect_part(plan):
+    """The bisection's outcome, every group test with its decision and estimate, and the tree."""
+    text = bisect.sentence(plan)
+    table = pd.DataFrame([{
+        "group tested": ", ".join(t["factors"]) if len(t["factors"]) <= 3 else
+        f"{t['factors'][0]} ... {t['factors'][-1]} ({len(t['factors'])} factors)",
+        "decision": t["decision"], f"effect toward B on {plan['metric']}": numbers.mean_pm(t["estimates"]),
+        "seeds": len(t["seeds"])} for t in plan["tests"]])
+    md = "\n".join(["## Bisection", "", text, "", numbers.markdown(table), ""])
+    sections = [("Bisection: which differences carry B", dashboard.note_html(text) + dashboard.table_html(table))]
+    return md, sections, {"bisection": dashboard.bisection_figure(plan)}, None, md
 
 
 def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
@@ -196,12 +214,16 @@ def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
             fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
         dashboard.plt.close(fig)
         pngs.append(out / f"{stem}.png")
+    images = [(p.stem.replace("_", " ").capitalize(), dashboard.image_html(p)) for p in pngs]
+    # an attribution study opens with its answer and the picture of its effects; the tables follow
+    lead = [*sections, *(im for im, p in zip(images, pngs) if p.stem in figs)] if screened else []
     sections = [
+        *lead,
         ("Results per cell (mean ± std (n) over seeds)", dashboard.note_html(working) + dashboard.table_html(shown) +
          dashboard.note_html(f"Baselines (mean over runs): {baselines or 'none'}. A cell beats the baselines only "
                              "if every seed's held-out action error is below every baseline's.")),
-        *sections, *(s for part in study for s in part),
-        *((p.stem.replace("_", " ").capitalize(), dashboard.image_html(p)) for p in pngs),
+        *([] if screened else sections), *(s for part in study for s in part),
+        *(im for im in images if im not in lead),
     ]
     write_text(out / "dashboard.html", dashboard.page(title, sections))
 

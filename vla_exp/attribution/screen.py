@@ -104,17 +104,22 @@ def generators(k, runs, resolution=4):
     return " ".join([*LETTERS[:m], *("".join(w) for w in words[:k - m])])
 
 
+def enough_factors(k):
+    """Refuse in one line a screen of fewer than two factors, saying what to run instead."""
+    if k < 2:
+        raise UsageError(f"{k} factor{'s' if k != 1 else ''} differ{'s' if k == 1 else ''} between A and B: nothing "
+                         "to screen; " + ("run A and B over seeds (vla-exp-train -m ... seed=0,1,2) and "
+                                          "compare them with vla-exp-report" if k == 1 else
+                                          "A and B are the same config"))
+
+
 def design(k, max_runs=32, resolution=4, foldover=False):
     """(matrix of -1/+1 rows, description dict). The full factorial when 2^k runs fit max_runs, else a regular
     fraction: the smallest of the resolution asked for (pyDOE3's fracfact_by_res), or where max_runs leaves room for
     a larger one and k <= 10, the minimum-aberration fraction that fills it (fracfact_opt), checked to have at least
     that resolution. Refused in one line when none fits."""
     from pyDOE3 import fold, fracfact, fracfact_by_res, fracfact_opt
-    if k < 2:
-        raise UsageError(f"{k} factor{'s' if k != 1 else ''} differ{'s' if k == 1 else ''} between A and B: nothing "
-                         "to screen; " + ("run A and B over seeds (vla-exp-train -m ... seed=0,1,2) and "
-                                          "compare them with vla-exp-report" if k == 1 else
-                                          "A and B are the same config"))
+    enough_factors(k)
     per_row = 2 if foldover else 1
     roman = {3: "III", 4: "IV"}[resolution]
     if 2 ** k * per_row <= max_runs:

@@ -94,6 +94,14 @@ def main(argv=None):
                    "(a figure of summary.json; default val_action_error)")
     s.add_argument("--threshold", type=float, help="a step recovers B when its mean is this close to B's (default: "
                    "within the 95%% interval of the difference, from the screen's seed noise)")
+    s.add_argument("--method", choices=("design", "bisect"), default="design", help="design (default): a two-level "
+                   "design over every difference, then the confirmation; bisect: sequential bifurcation, groups of "
+                   "differences tested and split (vla_exp/attribution/bisect.py)")
+    s.add_argument("--delta0", type=float, default=0.02, help="bisect: the largest effect on --metric that does not "
+                   "matter (default 0.02)")
+    s.add_argument("--delta1", type=float, default=0.08, help="bisect: the smallest effect that matters (default 0.08)")
+    s.add_argument("--max-seeds", type=int, default=40, help="bisect: the most seeds one group test may run before "
+                   "it says it cannot tell (default 40)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after the budget: epochs=4 (they "
                    "beat a debug= preset's values, so shrink a study with epochs= and data.episodes=)")
     args = p.parse_intermixed_args(argv)
@@ -168,47 +176,64 @@ def job_launcher(jobs, per_gpu, gpus=None):
 
 def screen(args, parser, out, launcher):
     """The screen: design, its multirun, the confirmation's multiruns one step at a time, the report."""
+    from vla_exp.attribution import bisect as bs
     from vla_exp.attribution import screen as sc
     from vla_exp.attribution.diff import Side, check_split
     if not (args.a and args.b):
         parser.error("screen needs --a and --b: each a quoted list of overrides or a run folder")
     start = time.time()
+    seeds = args.seeds.split(",")
+    if args.method == "bisect" and len(seeds) < 3:
+        parser.error("--method bisect starts each group test with the seeds given and needs three or more for its "
+                     "seed noise (--seeds 0,1,2)")
+    if args.method == "bisect" and args.max_seeds < len(seeds):
+        parser.error(f"--max-seeds {args.max_seeds}: must be at least the {len(seeds)} seeds each group test starts with")
+    if len(seeds) < 2 and args.threshold is None:
+        parser.error("screen with one seed has no seed noise to say when a step reaches B: give --seeds with two "
+                     "or more, or --threshold")
     try:
         check_split(args.split)
         a, b = Side(args.a, "--a"), Side(args.b, "--b")
         facs, _ = sc.factors(a, b, args.split)
-        matrix, desc = sc.design(len(facs), args.max_runs, args.resolution, args.foldover)
+        if args.method == "bisect":
+            bs.check(len(facs), args.delta0, args.delta1, len(seeds))
+        else:
+            matrix, desc = sc.design(len(facs), args.max_runs, args.resolution, args.foldover)
         sc.budget_conflicts([*BUDGETS[args.budget], *args.overrides], facs)
     except UsageError as e:
         sys.exit(f"error: {e}")
-    seeds = args.seeds.split(",")
-    if len(seeds) < 2 and args.threshold is None:
-        parser.error("screen with one seed has no seed noise to say when a step reaches B: give --seeds with two "
-                     "or more, or --threshold")
     print(f"{len(facs)} factors: " + "; ".join(f"{f.name} ({sc.level_text(f.a)} -> {sc.level_text(f.b)})"
                                                for f in facs))
-    print(f"design: {desc['kind']}, {desc['runs']} configurations x {len(seeds)} seeds = {desc['runs'] * len(seeds)} "
-          f"runs" + (f", resolution {desc['resolution']}, I = {' = '.join(desc['defining_relation'][:6])}"
-                     + (" ..." if len(desc["defining_relation"]) > 6 else "") if desc["resolution"] else ""))
+    if args.method == "bisect":
+        matrix = [bs.levels(0, len(facs)), bs.levels(len(facs), len(facs))]  # A and B come first
+        print(f"bisection: A and B x {len(seeds)} seeds, then each important group split in two (two configurations "
+              f"and their seeds a split), up to {args.max_seeds} seeds a group test")
+    else:
+        print(f"design: {desc['kind']}, {desc['runs']} configurations x {len(seeds)} seeds = "
+              f"{desc['runs'] * len(seeds)} runs" + (
+                  f", resolution {desc['resolution']}, I = {' = '.join(desc['defining_relation'][:6])}"
+                  + (" ..." if len(desc["defining_relation"]) > 6 else "") if desc["resolution"] else ""))
     configs = out / "design"
     # each configuration's file spells out its whole config (screen.target): A's own overrides are not repeated here
-    base = [f"seed={args.seeds}", *BUDGETS[args.budget], f"hydra.searchpath=[file://{configs.resolve()}]",
+    base = [*BUDGETS[args.budget], f"hydra.searchpath=[file://{configs.resolve()}]",
             f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${design.name}-s${seed}", "progress=false"]
 
-    def sweep(levels_list, part, folder=configs):
+    def sweep(levels_list, part, folder=configs, run_seeds=args.seeds):
         try:
             names_run = sc.write_configs(folder, [(lv, part) for lv in levels_list], facs, a, b)
         except UsageError as e:
             sys.exit(f"error: {e}")
-        return [*base, "+screen=" + ",".join(dict.fromkeys(names_run)), *args.overrides]
+        return [f"seed={run_seeds}", *base, "+screen=" + ",".join(dict.fromkeys(names_run)), *args.overrides]
 
     if args.dry_run:
         from vla_exp.training.sweep import sweep_jobs
         with tempfile.TemporaryDirectory(prefix="vla_screen_") as scratch:  # every configuration checked, none kept
             jobs = sweep_jobs(sweep(list(matrix), "design", Path(scratch)))
         print("\n".join(" ".join(job) for job in jobs))
-        print(f"{len(jobs)} runs into {out}, then A, B and the confirmation's steps where the design lacks them "
-              f"({len(seeds)} runs each, at most {2 * len(facs) - 1}); nothing launched")
+        print(f"{len(jobs)} runs into {out}, then " + (
+            "the group tests, as many as their decisions need" if args.method == "bisect" else
+            f"A, B and the confirmation's steps where the design lacks them ({len(seeds)} runs each, at most "
+            f"{2 * len(facs) - 1})") + "; nothing launched")
         return 0
     with ExitStack() as hold:  # the study holds its folder before writing anything; a refused one writes nothing
         try:
@@ -218,6 +243,8 @@ def screen(args, parser, out, launcher):
             hold.enter_context(exclusive(configs, "another screen"))
         except UsageError as e:
             sys.exit(f"error: {e}")
+        if args.method == "bisect":
+            return run_bisect(args, out, launcher, sweep, facs, start)
         return run_screen(args, out, launcher, sweep, matrix, facs, start)
 
 
@@ -265,6 +292,78 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start):
     if plan:
         print(sc.sentence(plan))
     print(f"{len(runs())} runs, {time.time() - start:.0f} s in all")
+    return launched
+
+
+def run_bisect(args, out, launcher, sweep, facs, start):
+    """The bisection (vla_exp/attribution/bisect.py) in a folder the study holds: A and B first (which way is
+    toward B), then each group test's configurations and seeds as it asks for them, one multirun per seed set; a run
+    that failed or diverged is a missing value. Then bisect.json / bisect.md and the report."""
+    import itertools
+    from collections import defaultdict
+
+    import numpy as np
+
+    from vla_exp.attribution import bisect as bs
+    from vla_exp.attribution import screen as sc
+    from vla_exp.runs import BISECT_JSON, BISECT_MD, read_summary
+    names, seeds = [f.name for f in facs], [int(s) for s in args.seeds.split(",")]
+    more = itertools.count(max(seeds) + 1)
+
+    def seed_of(rep):  # replicates past the seeds given take the next unused seeds
+        while len(seeds) <= rep:
+            seeds.append(next(more))
+        return seeds[rep]
+
+    def value(levels, seed):
+        s = read_summary(out / f"{sc.config_name(levels)}-s{seed}")
+        if s is None or s.get("status") not in ("completed", "diverged", "failed"):
+            return None  # not run, or interrupted
+        v = s.get(args.metric) if s.get("status") == "completed" else None
+        return float(v) if isinstance(v, (int, float)) and np.isfinite(v) else float("nan")
+
+    launched = 0
+
+    def respond(requests):
+        nonlocal launched
+        wanted = defaultdict(set)
+        for levels, rep in requests:
+            if value(levels, seed_of(rep)) is None:
+                wanted[levels].add(seed_of(rep))
+        by_seeds = defaultdict(list)
+        for levels, chosen in wanted.items():
+            by_seeds[tuple(sorted(chosen))].append(levels)
+        for chosen, configs in by_seeds.items():
+            launched |= subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m",
+                                        *sweep(configs, "bisect", run_seeds=",".join(map(str, chosen))),
+                                        *launcher]).returncode
+        got = [value(levels, seed_of(rep)) for levels, rep in requests]
+        if any(v is None for v in got):
+            raise UsageError("the runs of a group test did not finish (interrupted?): run the same command again "
+                             "to go on")
+        return got
+
+    k = len(names)
+    try:
+        corners = respond([(lv, r) for r in range(len(seeds)) for lv in (bs.levels(0, k), bs.levels(k, k))])
+        a, b = np.array(corners[0::2]), np.array(corners[1::2])
+        if not (np.isfinite(a).any() and np.isfinite(b).any()):
+            raise UsageError(f"{'A' if not np.isfinite(a).any() else 'B'}'s runs have no finite {args.metric}: there is "
+                             "nothing to bisect")
+        toward = 1 if np.nanmean(b) >= np.nanmean(a) else -1
+        found = bs.bisect(k, lambda reqs: [toward * v for v in respond(reqs)], args.delta0, args.delta1,
+                          n0=len(seeds), max_replicates=args.max_seeds)
+    except UsageError as e:
+        print(f"no bisection: {e}")
+        return launched or 1
+    plan = bs.outcome(found, names, args.metric, toward, seed_of, args.delta0, args.delta1)
+    write_study(out, "screen", a=args.a, b=args.b, seeds=args.seeds, overrides=args.overrides, budget=args.budget,
+                method="bisect")
+    write_json(out / BISECT_JSON, plan)
+    write_text(out / BISECT_MD, bs.sentence(plan) + "\n")
+    report([str(out)])
+    print(bs.sentence(plan))
+    print(f"{plan['runs']} runs, {time.time() - start:.0f} s in all")
     return launched
 
 
