@@ -116,6 +116,7 @@ def test_a_folder_where_a_run_writes_a_file_is_refused_before_training(make_cfg,
                            "give another run folder")
 
 
+@pytest.mark.slow  # a subprocess each
 @pytest.mark.parametrize("where", ["run", "run/.hydra"])
 def test_a_run_folder_that_is_a_file_is_one_line(tmp_path, where):
     (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)

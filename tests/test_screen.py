@@ -366,6 +366,7 @@ def test_a_screen_into_a_folder_held_by_another_screen_or_a_run_is_refused_and_w
     assert [p.name for p in out.iterdir()] == [".lock"]
 
 
+@pytest.mark.slow  # composes the design's 32 configurations
 def test_a_study_dry_run_of_a_screen_prints_its_runs_and_writes_nothing(tmp_path, capsys):
     study = load_study()
     out = tmp_path / "s"
