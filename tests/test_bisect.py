@@ -1,4 +1,6 @@
 """Sequential bifurcation (vla_exp/attribution/bisect.py) against responses whose important factors are known."""
+import json
+
 import numpy as np
 import pytest
 
@@ -115,8 +117,6 @@ def test_the_screen_analyses_32_factors_without_enumerating_every_word():
 def test_a_bisect_study_runs_a_and_b_goes_on_with_new_seeds_and_reports(tmp_path):
     """delta1 far below the seed noise: the root test cannot decide, takes a fourth seed (3, past --seeds 0,1,2),
     then stops at --max-seeds and says it cannot tell; every figure is the runs'."""
-    import json
-
     from test_sweep import SMOKE, cli, summaries
     out = cli("-m", "vla_exp.attribution.studies", "screen", "--method", "bisect", "--a", "recipe=original", "--b",
               "recipe=original init=xavier_all optim.lr=0.0001", "--seeds", "0,1,2", "--delta0", "0",

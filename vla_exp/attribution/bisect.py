@@ -88,12 +88,6 @@ def bisect(k, respond, delta0, delta1, alpha=0.05, n0=3, max_replicates=None):
     check(k, delta0, delta1, n0)
     values = {}
 
-    def value(config, rep):
-        if (config, rep) not in values:
-            missing = [(config, rep)]
-            values.update(zip(missing, respond(missing)))
-        return values[(config, rep)]
-
     def run_all(configs, reps):  # one batch: the launcher runs them side by side
         missing = list(dict.fromkeys((c, r) for r in reps for c in configs if (c, r) not in values))
         if missing:
@@ -103,7 +97,8 @@ def bisect(k, respond, delta0, delta1, alpha=0.05, n0=3, max_replicates=None):
         return [levels(t.hi, k), levels(t.lo, k), levels(t.lo, k, True), levels(t.hi, k, True)]
 
     def estimate(t, rep):
-        hi, lo, mlo, mhi = (value(c, rep) for c in corners(t))
+        run_all(corners(t), [rep])  # a new replicate's configurations in one batch
+        hi, lo, mlo, mhi = (values[(c, rep)] for c in corners(t))
         return ((hi - lo) + (mlo - mhi)) / 2
 
     tests, important, stack = [], [], [GroupTest(0, k)]
