@@ -135,7 +135,13 @@ def test_a_bisect_study_runs_a_and_b_goes_on_with_new_seeds_and_reports(tmp_path
     assert root["estimates"] == pytest.approx([toward * (error["B", s] - error["A", s]) for s in range(4)])
     sentence = (tmp_path / "bisect.md").read_text().strip()
     assert sentence == bs.sentence(plan) and sentence in out.stdout
-    assert sentence.startswith("none of the 2 differences") and "cannot tell for init, optim.lr" in sentence
+    assert sentence.startswith("At the study's budget (epochs=3 eval.epoch_samples=64 debug=smoke")
+    assert ", none of the 2 differences" in sentence and "cannot tell for init, optim.lr" in sentence
+    beat = sum(s["beats_baselines"] for s in runs.values() if s["design"]["name"] == "B")  # no set: nothing to confirm
+    assert plan["budget"]["same"] and plan["budget"]["b_beats"] == [beat, 4]
+    assert sentence.endswith(f"B's policies beat every baseline there in 4 of 4 seeds" if beat == 4 else
+                             f"B's policies do not beat every baseline there ({beat} of 4 seeds): this verdict is "
+                             "about policies that do not work yet")
     dashboard = (tmp_path / "report" / "dashboard.html").read_text()
     assert dashboard.index("Bisection: which differences carry B") < dashboard.index("Results per cell")
     assert f"## Bisection\n\n{sentence}" in (tmp_path / "report" / "analysis.md").read_text()

@@ -386,25 +386,42 @@ def test_a_study_dry_run_of_a_screen_prints_its_runs_and_writes_nothing(tmp_path
 
 @pytest.mark.slow
 def test_a_screen_study_runs_its_design_confirms_the_smallest_fix_and_reports(tmp_path):
+    """A 2^2 screen at one epoch, confirmed again at two. With --threshold 100 every step reaches B: the set is the
+    first factor alone, and at the second budget A (the set without it) reaches B too, so the budgets disagree."""
+    out_dir, again = tmp_path / "s", tmp_path / "s_confirm"
     out = cli("-m", "vla_exp.attribution.studies", "screen", "--a", "recipe=original", "--b", "recipe=original init=xavier_all "
-              "optim.lr=0.0001", "--seeds", "0", "--threshold", "0.05", "--jobs", "1", "--out", str(tmp_path),
-              *SMOKE, "logger=none", "epochs=1", "data.episodes=6")
+              "optim.lr=0.0001", "--seeds", "0", "--threshold", "100", "--jobs", "1", "--out", str(out_dir),
+              "--confirm-budget", "epochs=2", *SMOKE, "logger=none", "epochs=1", "data.episodes=6")
     assert out.returncode == 0, out.stderr[-3000:]
-    runs = summaries(tmp_path)
+    runs = summaries(out_dir)
     assert sorted(s["design"]["name"] for s in runs.values()) == ["A", "B", "x01", "x10"]  # the full 2^2, no more
-    plan = json.loads((tmp_path / "confirmation.json").read_text())
+    assert {s["epochs"] for s in runs.values()} == {1}
+    plan = json.loads((out_dir / "confirmation.json").read_text())
     assert plan["factors"] == ["init", "optim.lr"] and plan["next"] is None
     errors = {s["design"]["name"]: s["val_action_error"] for s in runs.values()}
     assert plan["a"] == [errors["A"]] and plan["b"] == [errors["B"]]  # the plan's figures are the runs'
-    first = plan["steps"][0]
-    assert first["values"] == [errors[first["name"]]] and first["reached"] == (abs(first["values"][0] - errors["B"])
-                                                                              <= 0.05)
-    sentence = (tmp_path / "confirmation.md").read_text().strip()
+    (first,) = plan["steps"]
+    assert first["values"] == [errors[first["name"]]] and first["reached"] and plan["reached"] == 1
+    # the second budget: A, B and the set (the set without its factor is A), each at two epochs, its own figures
+    second = summaries(again)
+    assert sorted(second) == sorted(["A-s0", "B-s0", f"{first['name']}-s0"])
+    assert {s["epochs"] for s in second.values()} == {2}
+    check = plan["budget"]
+    assert check["label"] == "the confirmation budget (epochs=2)" and check["set"] == first["set"]
+    assert check["a"] == [second["A-s0"]["val_action_error"]] and check["b"] == [second["B-s0"]["val_action_error"]]
+    assert check["with_set"]["values"] == [second[f"{first['name']}-s0"]["val_action_error"]]
+    assert check["not_needed"] == first["set"] and not check["holds"]
+    assert check["b_beats"] == [int(second["B-s0"]["beats_baselines"]), 1]
+    sentence = (out_dir / "confirmation.md").read_text().strip()
     assert sentence == screen.sentence(plan) and sentence in out.stdout and "4 runs, " in out.stdout
-    analysis = (tmp_path / "report" / "analysis.md").read_text()
+    assert sentence.startswith("At the study's budget (epochs=3 eval.epoch_samples=64 debug=smoke")
+    assert ". At the confirmation budget (epochs=2) A plus" in sentence and "but the budgets disagree" in sentence
+    analysis = (out_dir / "report" / "analysis.md").read_text()
     assert "2 factors (a = init, b = optim.lr); 4 configurations of the design, 4 runs; full factorial" in analysis
     assert "Lenth's pseudo standard error" in analysis and f"## Confirmation\n\n{sentence}" in analysis
-    assert "Half normal" in (tmp_path / "report" / "dashboard.html").read_text()
+    assert "### At the confirmation budget (epochs=2):" in analysis
+    dash = (out_dir / "report" / "dashboard.html").read_text()
+    assert "Half normal" in dash and dash.index("Confirmation: the smallest set") < dash.index("Screen: the design")
 
 
 def test_run_counts_of_the_smallest_fractions():
@@ -530,3 +547,85 @@ def test_the_analysis_does_not_depend_on_the_metrics_units():
     assert big["method"] == tiny["method"] == "replicates"
     assert tiny["effects"][["effect", "lo", "hi"]].to_numpy() == pytest.approx(
         big["effects"][["effect", "lo", "hi"]].to_numpy() * 1e-6)
+
+
+def budget_runs(values, baseline=0.2):
+    """Runs at a second budget: {configuration: errors by seed}, each run with one baseline's error beside it."""
+    return pd.DataFrame([{"design_name": n, "seed": s, "val_action_error": v, "baseline_mean_chunk": baseline}
+                         for n, vs in values.items() for s, v in enumerate(vs)])
+
+
+def test_the_confirmation_at_a_second_budget_holds_or_says_what_the_budgets_disagree_about():
+    names, chosen = ["lr", "clip", "init"], ["lr", "init"]
+    check = screen.budget_check(budget_runs({}), "val_action_error", names, chosen)
+    assert check["next"] == [[0, 0, 0], [1, 1, 1]]  # A and B first
+    values = {"A": [0.5, 0.52], "B": [np.nan, np.inf]}
+    check = screen.budget_check(budget_runs(values), "val_action_error", names, chosen)
+    assert check["next"] is None and check["b_beats"] == [0, 2]
+    assert screen.budget_sentence({**check, "label": "the working budget"}) == (
+        "At the working budget: B's runs have no finite val_action_error at this budget: nothing can be confirmed "
+        "there; B's policies do not beat every baseline there (0 of 2 seeds): this verdict is about policies that do "
+        "not work yet")
+    values["B"] = [0.1, 0.11]
+    check = screen.budget_check(budget_runs(values), "val_action_error", names, chosen)
+    assert check["next"] == [[1, 0, 1], [0, 0, 1], [1, 0, 0]]  # the set, without lr, without init: one multirun
+    values.update(x101=[0.105, 0.1], x001=[0.3, 0.31], x100=[0.4, 0.42])
+    check = screen.budget_check(budget_runs(values), "val_action_error", names, chosen)
+    assert check["holds"] and check["not_needed"] == [] and check["b_beats"] == [2, 2]
+    assert screen.budget_sentence({**check, "label": "the working budget"}) == (
+        "At the working budget the verdict holds: A plus lr, init gives 0.103 ± 0.0035 against B's 0.105 ± 0.0071, "
+        "and without lr 0.305 ± 0.0071, init 0.41 ± 0.014 it does not; B's policies beat every baseline there in 2 "
+        "of 2 seeds")
+    values["x001"] = [0.1, 0.104]  # init alone reaches B here: lr is not needed at this budget
+    check = screen.budget_check(budget_runs(values, baseline=0.101), "val_action_error", names, chosen)
+    assert not check["holds"] and check["not_needed"] == ["lr"] and check["b_beats"] == [1, 2]
+    text = screen.budget_sentence({**check, "label": "the working budget"})
+    assert text.startswith("At the working budget A plus lr, init gives 0.103 ± 0.0035 against B's 0.105 ± 0.0071, "
+                           "but the budgets disagree: without lr it still reaches B (0.102 ± 0.0028); this budget's "
+                           "verdict stands: init is needed there; B's policies do not beat every baseline there "
+                           "(1 of 2 seeds)")
+    values["x101"] = [0.3, 0.3]  # the set falls short: more changes matter at this budget
+    check = screen.budget_check(budget_runs(values), "val_action_error", names, chosen)
+    assert not check["holds"] and "the verdict does not hold: A plus lr, init gives 0.3 ± 0" in \
+        screen.budget_sentence({**check, "label": "the working budget"})
+    # the margin is the pooled seed noise of this budget's five configurations (5 df): by hand
+    values["x101"] = [0.105, 0.1]
+    check = screen.budget_check(budget_runs(values), "val_action_error", names, chosen)
+    groups = [np.array(v) for v in values.values()]
+    sigma = np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / 5)
+    margin = stats.t.ppf(0.975, 5) * sigma * np.sqrt(1 / 2 + 1 / 2)
+    assert 0.003 < margin < 0.3  # so: the set and the set without lr reach B, the set without init does not
+    assert [check["with_set"]["reached"], *(w["reached"] for w in check["without"])] == [True, True, False]
+    check = screen.budget_check(budget_runs(values), "val_action_error", names, chosen, threshold=0.002)
+    assert [check["with_set"]["reached"], *(w["reached"] for w in check["without"])] == [False, False, False]
+
+
+@pytest.mark.parametrize("budget, message", [
+    ("bogus", "--confirm-budget 'bogus': give a budget (working, quick) or quoted Hydra overrides (key=value ...)"),
+    ("epochs=abc", "--confirm-budget 'epochs=abc': epochs='abc': must be an integer >= 1"),
+    ("epochs=2 nosuch.key=1", "--confirm-budget 'epochs=2 nosuch.key=1' does not compose: Could not override "
+                              "'nosuch.key'."),
+    ("'epochs=2", "--confirm-budget \"'epochs=2\": No closing quotation")])
+def test_a_confirmation_budget_that_is_neither_a_budget_nor_overrides_is_refused_in_one_line(tmp_path, budget, message):
+    study = load_study()
+    with pytest.raises(SystemExit) as e:
+        study.main(["screen", "--a", "recipe=original", "--b", "recipe=fixed", "--seeds", "0,1", "--out",
+                    str(tmp_path / "s"), "--confirm-budget", budget])
+    assert str(e.value.code).startswith(f"error: {message}") and "\n" not in str(e.value.code)
+    assert not any(tmp_path.iterdir())  # refused before anything ran or was written
+
+
+def test_a_screen_confirms_again_at_the_working_budget_unless_it_ran_there(tmp_path, capsys):
+    study = load_study()
+    args = ["screen", "--a", "recipe=original", "--b", "recipe=original init=xavier_all optim.lr=0.0001", "--seeds", "0,1",
+            "--dry-run", "--out", str(tmp_path / "s")]
+    assert study.main([*args, "--budget", "quick"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(
+        f"then the set found again at the working budget (epochs=3 eval.epoch_samples=64) into {tmp_path / 's'}_confirm "
+        "(A, B, the set and the set without each factor, 2 runs each); nothing launched")
+    assert study.main(args) == 0  # the study's own budget is the working one: the confirmation ran there
+    assert study.main([*args, "--budget", "quick", "--confirm-budget", "quick", "data.episodes=20"]) == 0
+    assert study.main([*args, "--confirm-budget", "epochs=3"]) == 0  # overrides that change nothing
+    ends = [line for line in capsys.readouterr().out.splitlines() if "nothing launched" in line]
+    assert len(ends) == 3 and all(e.endswith("(2 runs each, at most 3); nothing launched") for e in ends)
+    assert not (tmp_path / "s").exists()

@@ -155,4 +155,5 @@ def sentence(plan):
     unsure = [", ".join(t["factors"]) for t in plan["tests"] if t["decision"] == "cannot tell"]
     if unsure:
         text += "; cannot tell for " + "; ".join(unsure) + " (runs that kept failing, or --max-seeds reached)"
-    return text + f"; {plan['runs']} runs in {plan['configurations']} configurations"
+    from vla_exp.attribution.screen import at_budget
+    return at_budget(plan, text + f"; {plan['runs']} runs in {plan['configurations']} configurations")

@@ -110,9 +110,10 @@ def screen_tables(runs, names, results):
                               {"step": "B", "configuration": "B", plan["metric"]: numbers.mean_pm(plan["b"]),
                                "reaches B": ""}])
         text = screen.sentence(plan)
-        md += ["## Confirmation", "", text, "", numbers.markdown(table), ""]
+        second = budget_table(plan.get("budget", {}))
+        md += ["## Confirmation", "", text, "", numbers.markdown(table), "", *second[0]]
         html.insert(0, ("Confirmation: the smallest set of changes",  # the answer opens the dashboard
-                        dashboard.note_html(text) + dashboard.table_html(table)))
+                        dashboard.note_html(text) + second[1] + dashboard.table_html(table)))
     return "\n".join(md), html
 
 
@@ -164,6 +165,21 @@ def screen_part(runs):
     return md, sections, {"half_normal": dashboard.half_normal_figure(results)}, None, md
 
 
+def budget_table(check):
+    """(markdown lines, html) of the set confirmed at the second budget: A, the set, the set without each factor, B,
+    with their values and whether each reaches B; nothing where it did not run."""
+    if "with_set" not in check:
+        return [], ""
+    rows = [("A", "A", check["a"], None), (f"A + {', '.join(check['set'])}", check["with_set"]["name"],
+                                           check["with_set"]["values"], check["with_set"]["reached"])]
+    rows += [(f"the set without {w['left_out']}", w["name"], w["values"], w["reached"]) for w in check["without"]]
+    rows.append(("B", "B", check["b"], None))
+    table = pd.DataFrame([{"step": step, "configuration": name, check["metric"]: numbers.mean_pm(values),
+                           "reaches B": "" if ok is None else "yes" if ok else "no"} for step, name, values, ok in rows])
+    head = f"At {check['label']}:"
+    return [f"### {head}", "", numbers.markdown(table), ""], dashboard.note_html(head) + dashboard.table_html(table)
+
+
 def bisect_part(plan):
     """The bisection's outcome, every group test with its decision and estimate, and the tree."""
     text = bisect.sentence(plan)
@@ -172,8 +188,10 @@ def bisect_part(plan):
         f"{t['factors'][0]} ... {t['factors'][-1]} ({len(t['factors'])} factors)",
         "decision": t["decision"], f"effect toward B on {plan['metric']}": numbers.mean_pm(t["estimates"]),
         "seeds": len(t["seeds"])} for t in plan["tests"]])
-    md = "\n".join(["## Bisection", "", text, "", numbers.markdown(table), ""])
-    sections = [("Bisection: which differences carry B", dashboard.note_html(text) + dashboard.table_html(table))]
+    second = budget_table(plan.get("budget", {}))
+    md = "\n".join(["## Bisection", "", text, "", numbers.markdown(table), "", *second[0]])
+    sections = [("Bisection: which differences carry B",
+                 dashboard.note_html(text) + second[1] + dashboard.table_html(table))]
     return md, sections, {"bisection": dashboard.bisection_figure(plan)}, None, md
 
 

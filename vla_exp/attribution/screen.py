@@ -471,7 +471,19 @@ def confirmation(runs, metric, names, result, threshold=None):
 
 
 def sentence(plan):
-    """The confirmation's outcome in one sentence, every figure from the runs."""
+    """The confirmation's outcome, every figure from the runs, and where the study checked it at a second budget
+    (or whether B's policies work at its own), that outcome."""
+    text = first_sentence(plan)
+    return at_budget(plan, text)
+
+
+def at_budget(plan, text):
+    """An attribution's sentence with the budget it was drawn at, and the second budget's outcome after it."""
+    text = f"At {plan['at']}, {text}" if "at" in plan else text
+    return text + (f". {budget_sentence(plan['budget'])}" if "budget" in plan else "")
+
+
+def first_sentence(plan):
     k, metric = len(plan["factors"]), plan["metric"].replace("_", " ")
     b = f"B's {mean_pm(plan['b'])}"
     if plan["reached"] is None:
@@ -489,3 +501,78 @@ def sentence(plan):
     for name, values, ok in gone:
         text += f"; without {name} they {'still do' if ok else 'do not'} ({mean_pm(values)})"
     return text
+
+
+# ------------------------------------------------------------------------------------------------ a second budget
+def budget_check(runs, metric, names, chosen, threshold=None):
+    """The confirmation again at a second budget (the working one, where policies work), from its runs so far: A
+    and B first, then A plus the `chosen` set and the set without each of its factors, with the same seeds. Returns
+    the figures, whether each configuration reaches B (seed noise pooled over this budget's configurations, or
+    `threshold`), whether the verdict holds, the factors this budget does not need, how many of B's runs beat every
+    baseline, and 'next': the configurations still to run (None when done). B without a finite value stops it."""
+    import statsmodels.formula.api as smf
+    from vla_exp.attribution.analysis import beats
+    check = {"metric": metric, "factors": names, "set": list(chosen), "next": None}
+    groups = dict(tuple(runs.groupby("design_name"))) if len(runs) else {}
+    if not {"A", "B"} <= groups.keys():
+        check["next"] = [[0] * len(names), [1] * len(names)]
+        return check
+    a, b = (finite(groups[n][metric]).to_numpy() for n in "AB")
+    check.update(a=a.tolist(), b=b.tolist(), b_beats=[int(beats(groups["B"]).sum()), len(groups["B"])])
+    if not len(b):
+        check["error"] = f"B's runs have no finite {metric} at this budget: nothing can be confirmed there"
+        return check
+    steps = [(None, [int(n in chosen) for n in names])]
+    steps += [(f, [int(n in chosen and n != f) for n in names]) for f in chosen]
+    missing = [lv for _, lv in steps if config_name(lv) not in groups]
+    if missing:
+        check["next"] = missing
+        return check
+    ran = runs[runs.design_name.isin([config_name(lv) for _, lv in steps] + ["A", "B"])]
+    ran = ran.assign(y=pd.to_numeric(ran[metric], errors="coerce"))
+    ran = ran[np.isfinite(ran.y)]
+    fit = smf.ols("y ~ C(design_name)", ran).fit()  # the seed noise: pooled within configurations
+    sigma, df = (float(np.sqrt(fit.scale)), float(fit.df_resid)) if fit.df_resid >= 1 else (None, None)
+    if threshold is None and not sigma:
+        check["error"] = f"no two runs of a configuration at this budget agree on a finite {metric}: no seed noise " \
+                         "to say what reaches B (give --threshold)"
+        return check
+    rows = []
+    for left_out, lv in steps:
+        values = finite(groups[config_name(lv)][metric]).to_numpy()
+        ok = reached(values, b, sigma, df, threshold)[0] if len(values) else False
+        rows.append({"left_out": left_out, "name": config_name(lv), "values": values.tolist(), "reached": ok})
+    check["with_set"], check["without"] = rows[0], rows[1:]
+    check["not_needed"] = [w["left_out"] for w in rows[1:] if w["reached"]]
+    check["holds"] = rows[0]["reached"] and not check["not_needed"]
+    return check
+
+
+def budget_sentence(check):
+    """The second budget's outcome in one sentence, every figure from its runs; where the study's confirmation ran
+    at that budget already ('same'), whether B's policies work there."""
+    budget, beat, n = check["label"], *check.get("b_beats", (0, 0))
+    works = (f"B's policies beat every baseline there in {beat} of {n} seeds" if beat == n else
+             f"B's policies do not beat every baseline there ({beat} of {n} seeds): this verdict is about policies "
+             "that do not work yet")
+    if check.get("same"):
+        return works
+    if "error" in check:
+        return f"At {budget}: {check['error']}" + (f"; {works}" if n else "")
+    chosen = ", ".join(check["set"])
+    got, b = mean_pm(check["with_set"]["values"]), mean_pm(check["b"])
+    if not check["with_set"]["reached"]:
+        text = (f"At {budget} the verdict does not hold: A plus {chosen} gives {got} against B's {b}, so more "
+                f"changes matter there (this budget's verdict stands; screen at it to find them)")
+    elif check["not_needed"]:
+        needed = [f for f in check["set"] if f not in check["not_needed"]]
+        text = (f"At {budget} A plus {chosen} gives {got} against B's {b}, but the budgets disagree: "
+                + "; ".join(f"without {w['left_out']} it still reaches B ({mean_pm(w['values'])})"
+                            for w in check["without"] if w["reached"])
+                + f"; this budget's verdict stands: {', '.join(needed) or 'none of them'} "
+                  f"{'is' if len(needed) == 1 else 'are'} needed there")
+    else:
+        text = (f"At {budget} the verdict holds: A plus {chosen} gives {got} against B's {b}, and without "
+                + ", ".join(f"{w['left_out']} {mean_pm(w['values'])}" for w in check["without"])
+                + " it does not")
+    return f"{text}; {works}"

@@ -28,6 +28,9 @@ folder; `vla-exp-diff A B` lists them) in a two-level design (vla_exp/attributio
 smallest set of changes that recovers B: A plus the factors in order of their effect, one at a time, each step run
 with the same seeds, until one reaches B's value; then that set minus each of its factors. It prints the outcome
 in one sentence (also in <out>/confirmation.md) and the report holds the effects, their aliases and the steps.
+Where the study's budget is not --confirm-budget (default: the working budget), A, B, A plus that set and the set
+without each factor run again at that budget into <out>_confirm, and the sentence says whether the verdict holds
+where the policies work, where the budgets disagree, and whether B's own policies beat every baseline there.
 """
 import argparse
 import importlib.util
@@ -97,6 +100,11 @@ def main(argv=None):
     s.add_argument("--method", choices=("design", "bisect"), default="design", help="design (default): a two-level "
                    "design over every difference, then the confirmation; bisect: sequential bifurcation, groups of "
                    "differences tested and split (vla_exp/attribution/bisect.py)")
+    s.add_argument("--confirm-budget", default="working", metavar="BUDGET",
+                   help="the budget the smallest set is confirmed at again (A, B, A plus the set and the set without "
+                        "each of its factors, the same seeds, into <out>_confirm): working (default: the smallest at "
+                        "which the fixed recipe beats every baseline), quick, or quoted Hydra overrides applied after "
+                        "all others ('epochs=5'); nothing runs twice where it composes to the study's own budget")
     s.add_argument("--delta0", type=float, default=0.02, help="bisect: the largest effect on --metric that does not "
                    "matter (default 0.02)")
     s.add_argument("--delta1", type=float, default=0.08, help="bisect: the smallest effect that matters (default 0.08)")
@@ -200,6 +208,9 @@ def screen(args, parser, out, launcher):
         else:
             matrix, desc = sc.design(len(facs), args.max_runs, args.resolution, args.foldover)
         sc.budget_conflicts([*BUDGETS[args.budget], *args.overrides], facs)
+        second = second_budget(args.confirm_budget, args.budget, args.overrides)
+        if second:
+            sc.budget_conflicts(second[1], facs)
     except UsageError as e:
         sys.exit(f"error: {e}")
     print(f"{len(facs)} factors: " + "; ".join(f"{f.name} ({sc.level_text(f.a)} -> {sc.level_text(f.b)})"
@@ -214,16 +225,25 @@ def screen(args, parser, out, launcher):
                   f", resolution {desc['resolution']}, I = {' = '.join(desc['defining_relation'][:6])}"
                   + (" ..." if len(desc["defining_relation"]) > 6 else "") if desc["resolution"] else ""))
     configs = out / "design"
-    # each configuration's file spells out its whole config (screen.target): A's own overrides are not repeated here
-    base = [*BUDGETS[args.budget], f"hydra.searchpath=[file://{configs.resolve()}]",
-            f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${design.name}-s${seed}", "progress=false"]
 
-    def sweep(levels_list, part, folder=configs, run_seeds=args.seeds):
-        try:
-            names_run = sc.write_configs(folder, [(lv, part) for lv in levels_list], facs, a, b)
-        except UsageError as e:
-            sys.exit(f"error: {e}")
-        return [f"seed={run_seeds}", *base, "+screen=" + ",".join(dict.fromkeys(names_run)), *args.overrides]
+    def stage(where, overrides):
+        """sweep(configurations, part): the overrides of one multirun of them into `where` (their config files in
+        where/design), the budget and every run's overrides in `overrides`."""
+        # each configuration's file spells out its whole config (screen.target): A's own overrides are not repeated
+        base = [f"hydra.searchpath=[file://{(where / 'design').resolve()}]", f"hydra.sweep.dir={where}",
+                "hydra.sweep.subdir=${design.name}-s${seed}", "progress=false"]
+
+        def sweep(levels_list, part, folder=where / "design", run_seeds=args.seeds):
+            try:
+                names_run = sc.write_configs(folder, [(lv, part) for lv in levels_list], facs, a, b)
+            except UsageError as e:
+                sys.exit(f"error: {e}")
+            return [f"seed={run_seeds}", *base, "+screen=" + ",".join(dict.fromkeys(names_run)), *overrides]
+        return sweep
+
+    sweep = stage(out, [*BUDGETS[args.budget], *args.overrides])
+    confirm = Path(f"{out}_confirm")
+    at_second = second and (second[0], stage(confirm, second[1]), confirm)
 
     if args.dry_run:
         from vla_exp.training.sweep import sweep_jobs
@@ -233,7 +253,9 @@ def screen(args, parser, out, launcher):
         print(f"{len(jobs)} runs into {out}, then " + (
             "the group tests, as many as their decisions need" if args.method == "bisect" else
             f"A, B and the confirmation's steps where the design lacks them ({len(seeds)} runs each, at most "
-            f"{2 * len(facs) - 1})") + "; nothing launched")
+            f"{2 * len(facs) - 1})") + (f"; then the set found again at {second[0]} into {confirm} (A, B, the set "
+                                          f"and the set without each factor, {len(seeds)} runs each)" if second else
+                                          "") + "; nothing launched")
         return 0
     with ExitStack() as hold:  # the study holds its folder before writing anything; a refused one writes nothing
         try:
@@ -241,15 +263,19 @@ def screen(args, parser, out, launcher):
                 with exclusive(out, "a run or sweep"):
                     pass
             hold.enter_context(exclusive(configs, "another screen"))
+            if at_second:
+                hold.enter_context(exclusive(confirm / "design", "another screen"))
         except UsageError as e:
             sys.exit(f"error: {e}")
         if args.method == "bisect":
-            return run_bisect(args, out, launcher, sweep, facs, start)
-        return run_screen(args, out, launcher, sweep, matrix, facs, start)
+            return run_bisect(args, out, launcher, sweep, facs, start, at_second)
+        return run_screen(args, out, launcher, sweep, matrix, facs, start, at_second)
 
 
-def run_screen(args, out, launcher, sweep, matrix, facs, start):
-    """The screen's design, its confirmation one step at a time, and the report, in a folder the study holds."""
+def run_screen(args, out, launcher, sweep, matrix, facs, start, at_second=None):
+    """The screen's design, its confirmation one step at a time, the confirmation again at the second budget
+    (`at_second`: its label, sweep and folder; None: the study's own budget), and the report, in a folder the study
+    holds."""
     from vla_exp.attribution import screen as sc
     from vla_exp.config import reference_levels
     from vla_exp.runs import find_run_dirs, load_runs
@@ -284,6 +310,11 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start):
             print(f"no confirmation: the runs of {sc.label(plan['next'], names)} did not finish")
             plan = None
             break
+    if plan:
+        chosen = plan["steps"][plan["reached"] - 1]["set"] if plan["reached"] else []
+        plan["at"] = study_budget(args)
+        plan["budget"], code = second_part(args, launcher, at_second, names, chosen, out)
+        launched |= code
     write_study(out, "screen", a=args.a, b=args.b, seeds=args.seeds, overrides=args.overrides, budget=args.budget)
     if plan:  # before the report, which shows it
         write_json(out / CONFIRMATION_JSON, plan)
@@ -295,7 +326,7 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start):
     return launched
 
 
-def run_bisect(args, out, launcher, sweep, facs, start):
+def run_bisect(args, out, launcher, sweep, facs, start, at_second=None):
     """The bisection (vla_exp/attribution/bisect.py) in a folder the study holds: A and B first (which way is
     toward B), then each group test's configurations and seeds as it asks for them, one multirun per seed set; a run
     that failed or diverged is a missing value. Then bisect.json / bisect.md and the report."""
@@ -357,6 +388,9 @@ def run_bisect(args, out, launcher, sweep, facs, start):
         print(f"no bisection: {e}")
         return launched or 1
     plan = bs.outcome(found, names, args.metric, toward, seed_of, args.delta0, args.delta1)
+    plan["at"] = study_budget(args)
+    plan["budget"], code = second_part(args, launcher, at_second, names, plan["important"], out)
+    launched |= code
     write_study(out, "screen", a=args.a, b=args.b, seeds=args.seeds, overrides=args.overrides, budget=args.budget,
                 method="bisect")
     write_json(out / BISECT_JSON, plan)
@@ -365,6 +399,86 @@ def run_bisect(args, out, launcher, sweep, facs, start):
     print(bs.sentence(plan))
     print(f"{plan['runs']} runs, {time.time() - start:.0f} s in all")
     return launched
+
+
+def second_part(args, launcher, at_second, names, chosen, out):
+    """The plan's record of the second budget and the launch code: the `chosen` set confirmed there, or where the
+    study's budget is that budget (or there is no set), whether B's policies beat every baseline at the study's."""
+    from vla_exp.attribution.analysis import beats
+    from vla_exp.config import reference_levels
+    from vla_exp.runs import find_run_dirs, load_runs
+    if at_second and chosen:
+        return confirm_again(args, launcher, at_second, names, chosen)
+    runs = load_runs(find_run_dirs([out]), reference_levels())
+    b_runs = runs[runs.design_name == "B"]
+    return {"label": study_budget(args), "same": True, "b_beats": [int(beats(b_runs).sum()), len(b_runs)]}, 0
+
+
+def study_budget(args):
+    return f"the study's budget ({' '.join([*BUDGETS[args.budget], *args.overrides])})"
+
+
+def second_budget(text, budget, overrides):
+    """--confirm-budget as (its label, the confirmation's overrides), or None where it composes to the study's own
+    budget (the confirmation already ran there). A budget's name replaces the study's; quoted Hydra overrides come
+    after every other override."""
+    import shlex
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    if text in BUDGETS:
+        label, second = f"the {text} budget ({' '.join(BUDGETS[text])})", [*BUDGETS[text], *overrides]
+    else:
+        try:
+            extra = shlex.split(text)
+        except ValueError as e:
+            raise UsageError(f"--confirm-budget {text!r}: {e}") from None
+        if not extra or any("=" not in o for o in extra):
+            raise UsageError(f"--confirm-budget {text!r}: give a budget ({', '.join(BUDGETS)}) or quoted Hydra "
+                             "overrides (key=value ...)")
+        label, second = f"the confirmation budget ({text})", [*BUDGETS[budget], *overrides, *extra]
+    from vla_exp.schema import validate
+    try:
+        own = compose(*BUDGETS[budget], *overrides)
+        validate(own)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UsageError(f"the study's overrides {' '.join(overrides)!r} do not compose: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    try:
+        confirming = compose(*second)
+        validate(confirming)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UsageError(f"--confirm-budget {text!r} does not compose: {' '.join(str(e).split())[:300]}") from None
+    except UsageError as e:
+        raise UsageError(f"--confirm-budget {text!r}: {e}") from None
+    same = confirming == own
+    return None if same else (label, second)
+
+
+def confirm_again(args, launcher, at_second, names, chosen):
+    """The smallest set confirmed at the second budget into its own folder: A and B first (B must give a value), then
+    the set and the set without each factor in one multirun. Returns (its record for the plan, the launch code)."""
+    from vla_exp.attribution import screen as sc
+    from vla_exp.config import reference_levels
+    from vla_exp.runs import find_run_dirs, load_runs
+    import pandas as pd
+    label, sweep, folder = at_second
+    print(f"confirmation at {label}: into {folder}")
+    launched, asked = 0, None
+    while True:
+        found = load_runs(find_run_dirs([folder]), reference_levels()) if not nothing_ran([folder]) else None
+        if found is None or "design_name" not in found:
+            found = pd.DataFrame({"design_name": [], "seed": [], args.metric: []})
+        check = sc.budget_check(found, args.metric, names, chosen, args.threshold)
+        if check["next"] is None:
+            return {**check, "label": label}, launched
+        if check["next"] == asked:
+            return {"label": label, "metric": args.metric, "set": list(chosen),
+                    "error": f"the runs of {', '.join(sc.label(lv, names) for lv in asked)} did not finish there "
+                             "(interrupted?): run the same command again to go on"}, launched or 1
+        asked = check["next"]
+        launched |= subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m",
+                                    *sweep(asked, "confirm"), *launcher]).returncode
 
 
 def prepare(*overrides):
