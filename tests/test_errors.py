@@ -483,3 +483,17 @@ def test_without_metaworld_data_metaworld_says_how_to_install_it(tmp_path):
                                        'named \'metaworld\'): pip install -e ".[metaworld]" (or pip install '
                                        '"vla-exp[metaworld]")']
     assert {p.name for p in (tmp_path / "run").iterdir()} <= {".hydra", "train.log"}
+
+
+def test_out_of_memory_says_what_the_job_asked_for_on_the_cpu_and_in_a_gpu_message():
+    from vla_exp.training.loop import out_of_memory
+    cpu = torch.device("cpu")
+    with pytest.raises(RuntimeError) as refused:  # the CPU allocator's own refusal
+        torch.empty(2 ** 42)
+    line = out_of_memory(refused.value, cpu)
+    assert line.startswith("out of memory on cpu: the job asked for 16,384.00 GiB more with ") and "\n" not in line
+    # torch's CUDA message, in the words its caching allocator uses (no GPU here: the peak is this process's)
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of "
+                                  "79.10 GiB of which 1.20 GiB is free.")
+    assert out_of_memory(cuda, cpu).startswith("out of memory on cpu: the job asked for 2.50 GiB more with ")
+    assert out_of_memory(RuntimeError("shape mismatch"), cpu) is None

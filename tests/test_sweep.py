@@ -77,6 +77,21 @@ def test_a_failed_job_neither_stops_the_sweep_nor_hides(tmp_path):
     assert "job 0 failed" in again.stderr and finished.stat().st_mtime_ns == before
 
 
+def test_a_job_that_runs_out_of_memory_fails_alone_in_one_line_saying_what_it_asked_for(tmp_path):
+    """The CPU allocator's own refusal (a head whose step embedding asks for 64 TB); on a GPU the same path takes
+    torch.OutOfMemoryError."""
+    out = cli("-m", "vla_exp.training.main", "-m", "model.config.step_embed_dim=2000000,128", *SMOKE, "logger=none",
+              f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 1 and f"{tmp_path}: 2 runs, 1 failed" in out.stdout
+    assert "Traceback" not in out.stderr
+    line = next(x for x in out.stderr.splitlines() if x.startswith("job 0 failed"))
+    assert line.startswith("job 0 failed: out of memory on cpu: the job asked for 59,604.64 GiB more with ")
+    assert line.endswith("a smaller model would fit")
+    runs = list(summaries(tmp_path).values())
+    assert [r["status"] for r in runs] == ["failed", "completed"]
+    assert runs[0]["error"] == line.removeprefix("job 0 failed: ")
+
+
 def test_submitit_local_launcher_runs_the_jobs(tmp_path):
     out = cli("-m", "vla_exp.training.main", "-m", "init=xavier,none", *SMOKE, "logger=none", "hydra/launcher=submitit_local",
               f"hydra.sweep.dir={tmp_path}")

@@ -49,6 +49,30 @@ def peak_memory_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class OutOfMemory(UsageError):
+    """A job that asked for more memory than its device has: one line, like bad input; its summary says failed, so
+    a sweep goes on and its re-run retries it."""
+
+
+def out_of_memory(e, device):
+    """The line for an error that is the allocator running out of memory (torch.OutOfMemoryError on a GPU, the CPU
+    allocator's RuntimeError), saying what the job asked for, its peak and what the device holds; else None."""
+    text = str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text):
+        return None
+    gib = lambda n: f"{n / 2 ** 30:,.2f} GiB"
+    asked = re.search(r"[Tt]ried to allocate ([\d.]+) (bytes|KiB|MiB|GiB|TiB)", text)
+    asked = float(asked[1]) * 1024 ** "bytes KiB MiB GiB TiB".split().index(asked[2]) if asked else None
+    if device.type == "cuda":
+        peak, total = torch.cuda.max_memory_reserved(device), torch.cuda.get_device_properties(device).total_memory
+    else:
+        peak, total = peak_memory_mb() * 2 ** 20, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    more = f"asked for {gib(asked)} more" if asked is not None else "asked for more"
+    return (f"out of memory on {device}: the job {more} with {gib(peak)} at its peak, of the {gib(total)} the "
+            "device holds; fewer jobs side by side (--jobs-per-gpu, --jobs), a smaller batch_size or a smaller model "
+            "would fit")
+
+
 def device_and_precision(cfg, local_rank):
     """The device (`auto`: this process's GPU if torch sees one, else the CPU) and whether to autocast to bfloat16
     (`auto`: on a GPU that supports it)."""
@@ -151,7 +175,8 @@ def train_in(cfg, run_dir, procs, digest, stop):
     start = time.time() - (ckpt["progress"]["elapsed_s"] if ckpt else 0)
     spent, began = {}, time.perf_counter()  # seconds by part of the run in this process (summary.json's time_s)
     reset_peak_memory()
-    if device.type == "cuda":  # a job's own peak, also where a worker process runs several jobs
+    if device.type == "cuda":  # a job's own peak and memory, also where a worker process runs several jobs
+        torch.cuda.empty_cache()  # blocks a job before it in this process cached, one that ran out of memory too
         torch.cuda.reset_peak_memory_stats(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -196,7 +221,10 @@ def train_in(cfg, run_dir, procs, digest, stop):
         summary.update(status="interrupted", signal="SIGINT", wall_time_s=time.time() - start)
         raise
     except BaseException as e:  # the summary says why; rows already in metrics.jsonl stay
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - start)
+        oom = out_of_memory(e, device)
+        summary.update(status="failed", error=oom or f"{type(e).__name__}: {e}", wall_time_s=time.time() - start)
+        if oom:
+            raise OutOfMemory(oom) from None
         raise
     finally:
         summary["time_s"] = {**spent, "other": time.perf_counter() - began - sum(spent.values())}
