@@ -112,7 +112,9 @@ def test_a_study_places_its_runs_on_the_gpus_or_side_by_side_on_the_cpus(monkeyp
                        ((0, None), "--jobs must be 1 or more, got 0"),
                        ((None, 0, 1), "--jobs-per-gpu must be 1 or more, got 0"),
                        ((None, 2, 0), "--jobs-per-gpu: this machine has no GPU that torch can use; --jobs N runs N "
-                                      "jobs side by side on the CPUs instead")]:
+                                      "jobs side by side on the CPUs instead"),
+                       ((None, None, None, "auto"), "--ray-address places --jobs-per-gpu K jobs on a Ray cluster's "
+                                                    "GPUs: give --jobs-per-gpu too")]:
         with pytest.raises(UsageError) as e:
             job_launcher(*args)
         assert str(e.value) == says

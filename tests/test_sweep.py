@@ -171,3 +171,28 @@ def test_config_hash_follows_results_not_logging(make_cfg):
     assert base == config_hash(make_cfg("recipe=fixed", "logger=none", "progress=false", "threads=1"))
     assert base != config_hash(make_cfg("recipe=fixed", "seed=1"))
     assert base != config_hash(make_cfg("recipe=fixed", "optim.lr=0.001"))
+
+
+def test_a_study_joins_a_running_ray_cluster_and_places_its_jobs_on_the_clusters_gpus(tmp_path):
+    """A real Ray cluster on this machine (`ray start --head`), told it has 2 GPUs; the driver's torch sees none, so
+    the jobs can only run where the cluster gives them a GPU. 4 jobs at 2 a GPU, each seeing one, on both GPUs."""
+    from vla_exp import UsageError
+    from vla_exp.attribution.studies import job_launcher
+    with pytest.raises(UsageError, match=r"^--ray-address auto: Could not find any running Ray instance\..*"
+                                         r"\(`ray start --head` starts one\)$"):
+        job_launcher(None, 2, address="auto")
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    start = subprocess.run([*ray, "start", "--head", "--num-gpus=2", "--num-cpus=2", "--disable-usage-stats",
+                            "--include-dashboard=false"], capture_output=True, text=True)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        launcher = job_launcher(None, 2, address="auto")
+        assert launcher[1:3] == ["hydra.launcher.ray.remote.num_gpus=0.5", "hydra.launcher.ray.remote.num_cpus=0.5"]
+        out = cli("-m", "vla_exp.training.main", "-m", "seed=range(4)", *SMOKE, "logger=none", *launcher,
+                  f"hydra.sweep.dir={tmp_path}")
+    finally:
+        subprocess.run([*ray, "stop"], capture_output=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list(summaries(tmp_path).values())
+    assert sorted(r["seed"] for r in runs) == list(range(4)) and {r["status"] for r in runs} == {"completed"}
+    assert sorted(r["cuda_visible_devices"] for r in runs) == ["0", "0", "1", "1"]

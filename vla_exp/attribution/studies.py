@@ -79,6 +79,8 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, help="runs side by side on the CPUs (default 2; 1 needs no launcher plugin)")
     p.add_argument("--jobs-per-gpu", type=int, metavar="K", help="K runs side by side on each of this machine's GPUs, "
                    "each seeing only its own (Hydra's Ray launcher: pip install -e \".[gpus]\")")
+    p.add_argument("--ray-address", metavar="ADDRESS", help="with --jobs-per-gpu: place the jobs on the GPUs of the "
+                   "Ray cluster running there (auto: the one `ray start --head` started on this machine)")
     p.add_argument("--out", help="sweep folder (default results/<study>)")
     p.add_argument("--budget", choices=tuple(BUDGETS), default="working",
                    help="of the factorial, leave-one-out, add-one and screen runs: working (default; the fixed "
@@ -114,7 +116,7 @@ def main(argv=None):
                    "beat a debug= preset's values, so shrink a study with epochs= and data.episodes=)")
     args = p.parse_intermixed_args(argv)
     try:
-        launcher = job_launcher(args.jobs, args.jobs_per_gpu)
+        launcher = job_launcher(args.jobs, args.jobs_per_gpu, address=args.ray_address)
     except UsageError as e:
         p.error(str(e))
     out = args.out or f"results/{args.study}"
@@ -152,12 +154,15 @@ def main(argv=None):
     return code  # non-zero when a run failed: the report marks its cell
 
 
-def job_launcher(jobs, per_gpu, gpus=None):
+def job_launcher(jobs, per_gpu, gpus=None, address=None):
     """The Hydra launcher overrides that run a study's jobs: `jobs` side by side on the CPUs (joblib; default 2), or
-    `per_gpu` side by side on each of the machine's `gpus` GPUs (default: as many as torch sees) with Ray, each job
-    asking for 1/per_gpu of a GPU and an equal share of the cores."""
+    `per_gpu` side by side on each GPU with Ray, each job asking for 1/per_gpu of a GPU and an equal share of the
+    cores: on this machine's `gpus` GPUs (default: as many as torch sees), or on those of the Ray cluster running at
+    `address` (`auto`: the one `ray start --head` started here)."""
     if jobs is not None and per_gpu is not None:
         raise UsageError("give --jobs (runs side by side on the CPUs) or --jobs-per-gpu (on each GPU), not both")
+    if address is not None and per_gpu is None:
+        raise UsageError("--ray-address places --jobs-per-gpu K jobs on a Ray cluster's GPUs: give --jobs-per-gpu too")
     if per_gpu is None:
         jobs = 2 if jobs is None else jobs
         if jobs < 1:
@@ -167,19 +172,37 @@ def job_launcher(jobs, per_gpu, gpus=None):
         return ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
     if per_gpu < 1:
         raise UsageError(f"--jobs-per-gpu must be 1 or more, got {per_gpu}")
-    if gpus is None:
+    if not importlib.util.find_spec("hydra_plugins.hydra_ray_launcher"):
+        raise UsageError('--jobs-per-gpu needs Hydra\'s Ray launcher: pip install -e ".[gpus]"')
+    where, cpus, cluster = "this machine", os.cpu_count() or 1, []
+    if address is not None:
+        where, (gpus, cpus) = f"the Ray cluster at {address}", ray_cluster(address)
+        # the plugin sizes the object store of a Ray it starts; Ray refuses that size when joining a running one
+        cluster = [f"hydra.launcher.ray.init.address={address}", "hydra.launcher.ray.init.object_store_memory=null"]
+    elif gpus is None:
         import torch
         gpus = torch.cuda.device_count()
     if gpus == 0:
-        raise UsageError("--jobs-per-gpu: this machine has no GPU that torch can use; --jobs N runs N jobs side by "
-                         "side on the CPUs instead")
-    if not importlib.util.find_spec("hydra_plugins.hydra_ray_launcher"):
-        raise UsageError('--jobs-per-gpu needs Hydra\'s Ray launcher: pip install -e ".[gpus]"')
+        raise UsageError(f"--jobs-per-gpu: {where} has no GPU that torch can use; --jobs N runs N jobs side by side "
+                         "on the CPUs instead")
     # Ray counts GPU shares to 1e-4: rounding 1/K down lets K jobs fit on a GPU (1/3 would not, three times)
     share = math.floor(10000 / per_gpu) / 10000
-    cpus = (os.cpu_count() or 1) / (gpus * per_gpu)
     return ["hydra/launcher=ray_gpus", f"hydra.launcher.ray.remote.num_gpus={share}",
-            f"hydra.launcher.ray.remote.num_cpus={cpus:.4g}"]
+            f"hydra.launcher.ray.remote.num_cpus={cpus / (gpus * per_gpu):.4g}", *cluster]
+
+
+def ray_cluster(address):
+    """The GPUs and cores of the Ray cluster running at `address`, asked of the cluster itself."""
+    import ray
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except ConnectionError as e:
+        raise UsageError(f"--ray-address {address}: {str(e).splitlines()[0]} (`ray start --head` starts one)") from None
+    try:
+        resources = ray.cluster_resources()
+    finally:
+        ray.shutdown()
+    return int(resources.get("GPU", 0)), resources.get("CPU", 1)
 
 
 def screen(args, parser, out, launcher):
