@@ -114,7 +114,11 @@ def test_a_study_places_its_runs_on_the_gpus_or_side_by_side_on_the_cpus(monkeyp
                        ((None, 2, 0), "--jobs-per-gpu: this machine has no GPU that torch can use; --jobs N runs N "
                                       "jobs side by side on the CPUs instead"),
                        ((None, None, None, "auto"), "--ray-address places --jobs-per-gpu K jobs on a Ray cluster's "
-                                                    "GPUs: give --jobs-per-gpu too")]:
+                                                    "GPUs: give --jobs-per-gpu too"),
+                       ((None, 2, None, "127.0.0.1:1"), "--ray-address 127.0.0.1:1: nothing answers there "
+                                                        "(Connection refused)"),
+                       ((None, 2, None, "headnode"), "--ray-address headnode: give the head's host:port, or auto for "
+                                                     "the cluster `ray start --head` started on this machine")]:
         with pytest.raises(UsageError) as e:
             job_launcher(*args)
         assert str(e.value) == says

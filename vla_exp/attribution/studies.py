@@ -37,6 +37,7 @@ import importlib.util
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -194,6 +195,15 @@ def job_launcher(jobs, per_gpu, gpus=None, address=None):
 def ray_cluster(address):
     """The GPUs and cores of the Ray cluster running at `address`, asked of the cluster itself."""
     import ray
+    if address != "auto":  # Ray retries an address where nothing listens for many minutes
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if not (host and port.isdigit()):
+            raise UsageError(f"--ray-address {address}: give the head's host:port, or auto for the cluster "
+                             "`ray start --head` started on this machine")
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as e:
+            raise UsageError(f"--ray-address {address}: nothing answers there ({e.strerror or e})") from None
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     except ConnectionError as e:
