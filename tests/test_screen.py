@@ -624,8 +624,11 @@ def test_a_screen_confirms_again_at_the_working_budget_unless_it_ran_there(tmp_p
         f"then the set found again at the working budget (epochs=3 eval.epoch_samples=64) into {tmp_path / 's'}_confirm "
         "(A, B, the set and the set without each factor, 2 runs each); nothing launched")
     assert study.main(args) == 0  # the study's own budget is the working one: the confirmation ran there
-    assert study.main([*args, "--budget", "quick", "--confirm-budget", "quick", "data.episodes=20"]) == 0
-    assert study.main([*args, "--confirm-budget", "epochs=3"]) == 0  # overrides that change nothing
-    ends = [line for line in capsys.readouterr().out.splitlines() if "nothing launched" in line]
-    assert len(ends) == 3 and all(e.endswith("(2 runs each, at most 3); nothing launched") for e in ends)
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("(2 runs each, at most 3); nothing launched")
+    # where the second budget composes to the study's own, the confirmation already ran there: nothing runs twice
+    assert study.second_budget("working", "working", []) is None
+    assert study.second_budget("quick", "quick", ["data.episodes=20"]) is None
+    assert study.second_budget("epochs=3", "working", []) is None  # overrides that change nothing
+    assert study.second_budget("epochs=2", "working", ["seed=4"]) == (
+        "the confirmation budget (epochs=2)", ["epochs=3", "eval.epoch_samples=64", "seed=4", "epochs=2"])
     assert not (tmp_path / "s").exists()
