@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vla_exp import UsageError
+from vla_exp import UsageError, one_line
 from vla_exp.config import CONF_DIR, NOT_RESULTS, foreign_keys, leaves, literal
 from vla_exp.runs import read_normalization, read_summary
 
@@ -84,7 +84,7 @@ def saved_yaml(path, which, what):
     try:
         node = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
-        raise UsageError(f"{which}: {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
+        raise UsageError(f"{which}: {path} is not valid YAML ({one_line(e)})") from None
     if not isinstance(node, DictConfig):
         raise UsageError(f"{which}: {path} holds a YAML {type(OmegaConf.to_container(node)).__name__}, not {what} "
                          "(a mapping of keys)")

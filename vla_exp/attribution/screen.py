@@ -473,8 +473,7 @@ def confirmation(runs, metric, names, result, threshold=None):
 def sentence(plan):
     """The confirmation's outcome, every figure from the runs, and where the study checked it at a second budget
     (or whether B's policies work at its own), that outcome."""
-    text = first_sentence(plan)
-    return at_budget(plan, text)
+    return at_budget(plan, first_sentence(plan))
 
 
 def at_budget(plan, text):

@@ -45,7 +45,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from vla_exp import UsageError
+from vla_exp import UsageError, one_line
 from vla_exp.config import GROUPS, compose, recipe_levels
 from vla_exp.files import exclusive, write_json, write_text
 from vla_exp.runs import CONFIRMATION_JSON, CONFIRMATION_MD, nothing_ran, write_study
@@ -476,12 +476,12 @@ def second_budget(text, budget, overrides):
         validate(own)
     except (HydraException, OmegaConfBaseException) as e:
         raise UsageError(f"the study's overrides {' '.join(overrides)!r} do not compose: "
-                         f"{' '.join(str(e).split())[:300]}") from None
+                         f"{one_line(e, 300)}") from None
     try:
         confirming = compose(*second)
         validate(confirming)
     except (HydraException, OmegaConfBaseException) as e:
-        raise UsageError(f"--confirm-budget {text!r} does not compose: {' '.join(str(e).split())[:300]}") from None
+        raise UsageError(f"--confirm-budget {text!r} does not compose: {one_line(e, 300)}") from None
     except UsageError as e:
         raise UsageError(f"--confirm-budget {text!r}: {e}") from None
     same = confirming == own

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from vla_exp import UsageError
+from vla_exp import UsageError, one_line
 from vla_exp.files import cache_entry, staged_dir
 from vla_exp.data.episodes import camera_name, write_episode
 
@@ -215,7 +215,7 @@ def data_file(path):
     try:
         return pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as e:
-        raise UsageError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:200]})") from None
+        raise UsageError(f"{path}: not a readable parquet file ({one_line(e)})") from None
 
 
 def column(table, name, shape, where):

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import (AutoImageProcessor, CLIPVisionConfig, CLIPVisionModel, GPTNeoXConfig, GPTNeoXModel,
                           PreTrainedModel, SiglipVisionConfig, SiglipVisionModel)
 
-from vla_exp import UsageError
+from vla_exp import UsageError, one_line
 from vla_exp.tensors import read
 from vla_exp.policy.model import DiffusionPolicy, encode_tokens
 
@@ -293,4 +293,4 @@ def apply_adapters(policy, path):
         return PeftModel.from_pretrained(policy, path).merge_and_unload(), set(trained)
     except (RuntimeError, ValueError, OSError, SafetensorError) as e:
         raise UsageError(f"model.path={path}: its LoRA adapters do not load onto the base "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+                         f"({type(e).__name__}: {one_line(e)})") from None

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoTokenizer, ByT5Tokenizer, logging
 
-from vla_exp import UsageError
+from vla_exp import UsageError, one_line
 from vla_exp.files import cache_entry, cache_path, check_cache_entry
 from vla_exp.policy import llava_pythia
 from vla_exp.policy.model import TinyVLAForCausalLM, TinyVLAPolicy, VLAConfig
@@ -71,7 +71,7 @@ def load_policy(cfg, cache_dir, seed):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
         raise UsageError(f"model.path={path}: no tokenizer loads from it (tokenizer.json and tokenizer_config.json, "
-                         f"as save_pretrained writes them; {type(e).__name__}: {' '.join(str(e).split())[:160]})"
+                         f"as save_pretrained writes them; {type(e).__name__}: {one_line(e, 160)})"
                          ) from None
     # the backbone comes from the checkpoint's config; the head's shape and the pooling from ours (they fit the data)
     head = {k: v for k, v in OmegaConf.to_container(cfg.config, resolve=True).items() if k not in VLAConfig.sub_configs}
