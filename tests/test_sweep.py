@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ("debug=smoke", "progress=false")
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=os.environ)
+def cli(*args, timeout=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=os.environ,
+                          timeout=timeout)
 
 
 def summaries(sweep_dir):
@@ -188,8 +189,9 @@ def test_a_study_joins_a_running_ray_cluster_and_places_its_jobs_on_the_clusters
     try:
         launcher = job_launcher(None, 2, address="auto")
         assert launcher[1:3] == ["hydra.launcher.ray.remote.num_gpus=0.5", "hydra.launcher.ray.remote.num_cpus=0.5"]
+        # a Ray of its own would have no GPU and hold the jobs forever: the time limit makes that a failure
         out = cli("-m", "vla_exp.training.main", "-m", "seed=range(4)", *SMOKE, "logger=none", *launcher,
-                  f"hydra.sweep.dir={tmp_path}")
+                  f"hydra.sweep.dir={tmp_path}", timeout=600)
     finally:
         subprocess.run([*ray, "stop"], capture_output=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -110,10 +110,10 @@ def screen_tables(runs, names, results):
                               {"step": "B", "configuration": "B", plan["metric"]: numbers.mean_pm(plan["b"]),
                                "reaches B": ""}])
         text = screen.sentence(plan)
-        second = budget_table(plan.get("budget", {}))
-        md += ["## Confirmation", "", text, "", numbers.markdown(table), "", *second[0]]
+        second_md, second_html = budget_table(plan.get("budget", {}))
+        md += ["## Confirmation", "", text, "", numbers.markdown(table), "", *second_md]
         html.insert(0, ("Confirmation: the smallest set of changes",  # the answer opens the dashboard
-                        dashboard.note_html(text) + second[1] + dashboard.table_html(table)))
+                        dashboard.note_html(text) + second_html + dashboard.table_html(table)))
     return "\n".join(md), html
 
 
@@ -188,10 +188,10 @@ def bisect_part(plan):
         f"{t['factors'][0]} ... {t['factors'][-1]} ({len(t['factors'])} factors)",
         "decision": t["decision"], f"effect toward B on {plan['metric']}": numbers.mean_pm(t["estimates"]),
         "seeds": len(t["seeds"])} for t in plan["tests"]])
-    second = budget_table(plan.get("budget", {}))
-    md = "\n".join(["## Bisection", "", text, "", numbers.markdown(table), "", *second[0]])
+    second_md, second_html = budget_table(plan.get("budget", {}))
+    md = "\n".join(["## Bisection", "", text, "", numbers.markdown(table), "", *second_md])
     sections = [("Bisection: which differences carry B",
-                 dashboard.note_html(text) + second[1] + dashboard.table_html(table))]
+                 dashboard.note_html(text) + second_html + dashboard.table_html(table))]
     return md, sections, {"bisection": dashboard.bisection_figure(plan)}, None, md
 
 
