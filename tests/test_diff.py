@@ -43,6 +43,15 @@ def test_a_changed_value_inside_one_group_option_is_a_factor_of_its_own():
     assert set(f) == {"optim.lr", "adamw.betas"} and f["adamw.betas"]["b"] == [0.9, 0.95]
 
 
+def test_a_list_of_overrides_longer_than_a_file_name_is_read_as_overrides():
+    many = " ".join(f"model.lora.{k}={v}" for k, v in [("r", 32), ("alpha", 64), ("dropout", 0.1), ("lr", 1e-4)])
+    b = f"recipe=reported_script {many} diverge_after=50 converge_loss=0.05 early_stop.min_delta=0.001 " * 2
+    assert len(b) > 255  # past NAME_MAX: asking the file system whether it is a folder raises ENAMETOOLONG
+    f = factors(diff(Side("recipe=reported_script", "A"), Side(b, "B")))
+    assert set(f) == {"model.lora.r", "model.lora.alpha", "model.lora.dropout", "model.lora.lr", "diverge_after",
+                      "converge_loss", "early_stop.min_delta"}
+
+
 def test_keys_that_decide_nothing_are_listed_apart_never_as_factors():
     d = diff(Side("recipe=fixed", "A"), Side("recipe=fixed logger=none threads=1 progress=false", "B"))
     assert d["factors"] == [] and {"threads", "progress", "logger.kind"} <= set(d["not_results"])

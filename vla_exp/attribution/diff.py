@@ -41,7 +41,11 @@ class Side:
 
     def __init__(self, text, which):
         path = Path(text).expanduser()
-        self.label, self.folder = text, path if path.is_dir() else None
+        try:
+            folder = path.is_dir()
+        except OSError:  # a list of overrides longer than a file name can be (ENAMETOOLONG) names no folder
+            folder = False
+        self.label, self.folder = text, path if folder else None
         if self.folder:
             saved = path / ".hydra"
             if not (saved / "config.yaml").is_file():
