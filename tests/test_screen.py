@@ -413,7 +413,8 @@ def test_a_screen_study_runs_its_design_confirms_the_smallest_fix_and_reports(tm
     assert check["not_needed"] == first["set"] and not check["holds"]
     assert check["b_beats"] == [int(second["B-s0"]["beats_baselines"]), 1]
     sentence = (out_dir / "confirmation.md").read_text().strip()
-    assert sentence == screen.sentence(plan) and sentence in out.stdout and "4 runs, " in out.stdout
+    assert sentence == screen.sentence(plan) and sentence in out.stdout
+    assert "\n4 runs and 3 at the confirmation budget (epochs=2), " in out.stdout  # the last line counts both
     assert sentence.startswith("At the study's budget (epochs=3 eval.epoch_samples=64 debug=smoke")
     assert ". At the confirmation budget (epochs=2) A plus" in sentence and "but the budgets disagree" in sentence
     analysis = (out_dir / "report" / "analysis.md").read_text()

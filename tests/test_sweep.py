@@ -93,6 +93,24 @@ def test_a_job_that_runs_out_of_memory_fails_alone_in_one_line_saying_what_it_as
     assert runs[0]["error"] == line.removeprefix("job 0 failed: ")
 
 
+def test_a_probe_measures_one_jobs_peak_and_k_above_what_fits_is_refused(capsys):
+    """The check --jobs-per-gpu makes on a GPU before a study starts, run here on the CPU (peak resident memory of
+    the machine's RAM, where on a GPU it reads the allocator's peak and the CUDA context of the GPU's memory)."""
+    from vla_exp import UsageError
+    from vla_exp.attribution.studies import check_jobs_per_gpu, jobs_that_fit
+    fits, need, total = jobs_that_fit(["recipe=fixed", *SMOKE], "cpu")
+    assert 100 < need < 4000 and fits == int(total // need) > 1  # torch, the model and a batch; not the machine
+    check_jobs_per_gpu(fits, fits, need, total, "cpu")
+    assert capsys.readouterr().out.startswith(f"--jobs-per-gpu {fits}: one job of this study needs ")
+    with pytest.raises(UsageError, match=rf"^--jobs-per-gpu {fits + 1}: one job of this study needs [\d.]+ GiB at its "
+                       rf"peak \(a one-epoch probe of its run with the largest batch\), of the [\d.,]+ GiB cpu "
+                       rf"holds: at most {fits} fit side by side; give --jobs-per-gpu {fits}$"):
+        check_jobs_per_gpu(fits + 1, fits, need, total, "cpu")
+    with pytest.raises(UsageError, match="^a probe of one job alone on cpu did not finish: out of memory on cpu: the "
+                                         "job asked for 59,604.64 GiB more"):
+        jobs_that_fit(["model.config.step_embed_dim=2000000", *SMOKE], "cpu")
+
+
 def test_submitit_local_launcher_runs_the_jobs(tmp_path):
     out = cli("-m", "vla_exp.training.main", "-m", "init=xavier,none", *SMOKE, "logger=none", "hydra/launcher=submitit_local",
               f"hydra.sweep.dir={tmp_path}")

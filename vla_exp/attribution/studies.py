@@ -139,6 +139,15 @@ def main(argv=None):
             print("\n".join(" ".join(job) for job in jobs) + f"\n{len(jobs)} runs into {folder}")
         print("nothing launched")
         return 0
+    if args.jobs_per_gpu and not args.ray_address:  # a cluster's GPUs are not this machine's to probe
+        from vla_exp.training.sweep import sweep_jobs
+        try:
+            # the run with the largest batch (the first of them) needs the most memory of the study's runs
+            jobs = [job for overrides, _ in sweeps for job in sweep_jobs(overrides)]
+            check_jobs_per_gpu(args.jobs_per_gpu,
+                               *jobs_that_fit(max(jobs, key=lambda job: compose(*job).optim.batch_size)))
+        except UsageError as e:
+            sys.exit(f"error: {e}")
     if args.study == "metaworld":
         prepare(*budget, *args.overrides)
     code = 0
@@ -190,6 +199,37 @@ def job_launcher(jobs, per_gpu, gpus=None, address=None):
     share = math.floor(10000 / per_gpu) / 10000
     return ["hydra/launcher=ray_gpus", f"hydra.launcher.ray.remote.num_gpus={share}",
             f"hydra.launcher.ray.remote.num_cpus={cpus / (gpus * per_gpu):.4g}", *cluster]
+
+
+def jobs_that_fit(job, device="cuda"):
+    """How many jobs like `job` (one run's overrides) fit side by side on one `device`: (that number, what one job
+    needs, what the device holds; MiB), from a probe: the job alone for one epoch with its whole held-out evaluation,
+    in a folder that is not kept. On a GPU a job needs its allocator's peak and the CUDA context beside it (measured
+    as what else is in use on the GPU: another process's memory counts too); on the CPU, its peak resident memory."""
+    from vla_exp.runs import read_summary
+    with tempfile.TemporaryDirectory(prefix="vla_probe_") as folder:
+        done = subprocess.run([sys.executable, "-m", "vla_exp.training.main", *job, "epochs=1", f"device={device}",
+                               "logger=none", "progress=false", "checkpoint.every=0", f"hydra.run.dir={folder}"],
+                              capture_output=True, text=True)
+        summary = read_summary(folder) or {}
+    if summary.get("status") != "completed":
+        why = summary.get("error") or (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise UsageError(f"a probe of one job alone on {device} did not finish: {one_line(why)}")
+    if device == "cuda":
+        need, total = summary["peak_gpu_mb"] + summary["gpu_other_mb"], summary["gpu_total_mb"]
+    else:
+        need, total = summary["peak_rss_mb"], os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 20
+    return int(total // need), need, total
+
+
+def check_jobs_per_gpu(per_gpu, fits, need, total, device="cuda"):
+    """Refuse `per_gpu` jobs side by side where the device's memory holds fewer (jobs_that_fit's figures)."""
+    measured = (f"one job of this study needs {need / 1024:,.2f} GiB at its peak (a one-epoch probe of its run "
+                f"with the largest batch), of the {total / 1024:,.1f} GiB {device} holds")
+    if per_gpu > fits:
+        raise UsageError(f"--jobs-per-gpu {per_gpu}: {measured}: at most {fits} fit side by side; give "
+                         f"--jobs-per-gpu {fits}" if fits else f"--jobs-per-gpu: {measured}: not even one fits")
+    print(f"--jobs-per-gpu {per_gpu}: {measured}: {fits} would fit")
 
 
 def ray_cluster(address):
@@ -290,6 +330,17 @@ def screen(args, parser, out, launcher):
                                           f"and the set without each factor, {len(seeds)} runs each)" if second else
                                           "") + "; nothing launched")
         return 0
+    if args.jobs_per_gpu and not args.ray_address:  # A or B, whichever has the larger batch, from a folder not kept
+        from vla_exp.training.sweep import sweep_jobs
+        k = len(facs)
+        levels = bs.levels(0 if a.leaves["optim.batch_size"] >= b.leaves["optim.batch_size"] else k, k)
+        with tempfile.TemporaryDirectory(prefix="vla_screen_") as scratch:
+            job = [f"hydra.searchpath=[file://{scratch}]" if o.startswith("hydra.searchpath=") else o
+                   for o in sweep_jobs(sweep([levels], "design", Path(scratch)))[0]]
+            try:
+                check_jobs_per_gpu(args.jobs_per_gpu, *jobs_that_fit(job))
+            except UsageError as e:
+                sys.exit(f"error: {e}")
     with ExitStack() as hold:  # the study holds its folder before writing anything; a refused one writes nothing
         try:
             if (out / ".lock").exists():
@@ -355,8 +406,16 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start, at_second=None):
     report([str(out)])
     if plan:
         print(sc.sentence(plan))
-    print(f"{len(runs())} runs, {time.time() - start:.0f} s in all")
+    print(in_all(len(runs()), at_second, start))
     return launched
+
+
+def in_all(runs, at_second, start):
+    """The screen's last line: its runs, those at the second budget, and its wall time since `start`."""
+    from vla_exp.runs import find_run_dirs
+    folder = at_second and at_second[2]
+    more = 0 if not folder or nothing_ran([folder]) else len(find_run_dirs([folder]))
+    return f"{runs} runs" + (f" and {more} at {at_second[0]}" if more else "") + f", {time.time() - start:.0f} s in all"
 
 
 def run_bisect(args, out, launcher, sweep, facs, start, at_second=None):
@@ -430,7 +489,7 @@ def run_bisect(args, out, launcher, sweep, facs, start, at_second=None):
     write_text(out / BISECT_MD, bs.sentence(plan) + "\n")
     report([str(out)])
     print(bs.sentence(plan))
-    print(f"{plan['runs']} runs, {time.time() - start:.0f} s in all")
+    print(in_all(plan["runs"], at_second, start))
     return launched
 
 

@@ -49,6 +49,14 @@ def peak_memory_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def gpu_memory(device):
+    """A job's peak on its GPU as the allocator counts it (MiB), what the GPU holds, and the rest in use there at the
+    end, which the allocator does not count: this process's CUDA context, and any other process's memory."""
+    free, total = torch.cuda.mem_get_info(device)
+    return {"peak_gpu_mb": torch.cuda.max_memory_reserved(device) / 2 ** 20, "gpu_total_mb": total / 2 ** 20,
+            "gpu_other_mb": (total - free - torch.cuda.memory_reserved(device)) / 2 ** 20}
+
+
 class OutOfMemory(UsageError):
     """A job that asked for more memory than its device has: one line, like bad input; its summary says failed, so
     a sweep goes on and its re-run retries it."""
@@ -207,8 +215,7 @@ def train_in(cfg, run_dir, procs, digest, stop):
                                    f"{cfg.epochs * steps_per_epoch(p, cfg)}, checkpoint saved; run the same command "
                                    "again to resume")
         summary.update(summarise(state, cfg), wall_time_s=time.time() - start, peak_rss_mb=peak_memory_mb(),
-                       **({"peak_gpu_mb": torch.cuda.max_memory_reserved(device) / 2 ** 20}
-                          if device.type == "cuda" else {}))
+                       **(gpu_memory(device) if device.type == "cuda" else {}))
         if procs.is_main:
             with timed(spent, "saving"):
                 write_policy(p, cfg, run_dir)
