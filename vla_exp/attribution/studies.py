@@ -79,7 +79,8 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--jobs", type=int, help="runs side by side on the CPUs (default 2; 1 needs no launcher plugin)")
     p.add_argument("--jobs-per-gpu", type=int, metavar="K", help="K runs side by side on each of this machine's GPUs, "
-                   "each seeing only its own (Hydra's Ray launcher: pip install -e \".[gpus]\")")
+                   "each seeing only its own, K first checked against the GPU's memory by a one-epoch probe run "
+                   "(Hydra's Ray launcher: pip install -e \".[gpus]\")")
     p.add_argument("--ray-address", metavar="ADDRESS", help="with --jobs-per-gpu: place the jobs on the GPUs of the "
                    "Ray cluster running there (auto: the one `ray start --head` started on this machine)")
     p.add_argument("--out", help="sweep folder (default results/<study>)")
