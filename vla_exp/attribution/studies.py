@@ -142,13 +142,9 @@ def main(argv=None):
         return 0
     if args.jobs_per_gpu and not args.ray_address:  # a cluster's GPUs are not this machine's to probe
         from vla_exp.training.sweep import sweep_jobs
-        try:
-            # the run with the largest batch (the first of them) needs the most memory of the study's runs
-            jobs = [job for overrides, _ in sweeps for job in sweep_jobs(overrides)]
-            check_jobs_per_gpu(args.jobs_per_gpu,
-                               *jobs_that_fit(max(jobs, key=lambda job: compose(*job).optim.batch_size)))
-        except UsageError as e:
-            sys.exit(f"error: {e}")
+        # the run with the largest batch (the first of them) needs the most memory of the study's runs
+        jobs = [job for overrides, _ in sweeps for job in sweep_jobs(overrides)]
+        probe_or_exit(args.jobs_per_gpu, max(jobs, key=lambda job: compose(*job).optim.batch_size))
     if args.study == "metaworld":
         prepare(*budget, *args.overrides)
     code = 0
@@ -208,6 +204,7 @@ def jobs_that_fit(job, device="cuda"):
     in a folder that is not kept. On a GPU a job needs its allocator's peak and the CUDA context beside it (measured
     as what else is in use on the GPU: another process's memory counts too); on the CPU, its peak resident memory."""
     from vla_exp.runs import read_summary
+    from vla_exp.training.loop import ram_mb
     with tempfile.TemporaryDirectory(prefix="vla_probe_") as folder:
         done = subprocess.run([sys.executable, "-m", "vla_exp.training.main", *job, "epochs=1", f"device={device}",
                                "logger=none", "progress=false", "checkpoint.every=0", f"hydra.run.dir={folder}"],
@@ -219,7 +216,7 @@ def jobs_that_fit(job, device="cuda"):
     if device == "cuda":
         need, total = summary["peak_gpu_mb"] + summary["gpu_other_mb"], summary["gpu_total_mb"]
     else:
-        need, total = summary["peak_rss_mb"], os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 20
+        need, total = summary["peak_rss_mb"], ram_mb()
     return int(total // need), need, total
 
 
@@ -231,6 +228,14 @@ def check_jobs_per_gpu(per_gpu, fits, need, total, device="cuda"):
         raise UsageError(f"--jobs-per-gpu {per_gpu}: {measured}: at most {fits} fit side by side; give "
                          f"--jobs-per-gpu {fits}" if fits else f"--jobs-per-gpu: {measured}: not even one fits")
     print(f"--jobs-per-gpu {per_gpu}: {measured}: {fits} would fit")
+
+
+def probe_or_exit(per_gpu, job):
+    """check_jobs_per_gpu on a probe of `job` on GPU 0; a refusal stops the study in one line."""
+    try:
+        check_jobs_per_gpu(per_gpu, *jobs_that_fit(job))
+    except UsageError as e:
+        sys.exit(f"error: {e}")
 
 
 def ray_cluster(address):
@@ -338,10 +343,7 @@ def screen(args, parser, out, launcher):
         with tempfile.TemporaryDirectory(prefix="vla_screen_") as scratch:
             job = [f"hydra.searchpath=[file://{scratch}]" if o.startswith("hydra.searchpath=") else o
                    for o in sweep_jobs(sweep([levels], "design", Path(scratch)))[0]]
-            try:
-                check_jobs_per_gpu(args.jobs_per_gpu, *jobs_that_fit(job))
-            except UsageError as e:
-                sys.exit(f"error: {e}")
+            probe_or_exit(args.jobs_per_gpu, job)
     with ExitStack() as hold:  # the study holds its folder before writing anything; a refused one writes nothing
         try:
             if (out / ".lock").exists():

@@ -57,6 +57,11 @@ def gpu_memory(device):
             "gpu_other_mb": (total - free - torch.cuda.memory_reserved(device)) / 2 ** 20}
 
 
+def ram_mb():
+    """The machine's memory (MiB)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 20
+
+
 class OutOfMemory(UsageError):
     """A job that asked for more memory than its device has: one line, like bad input; its summary says failed, so
     a sweep goes on and its re-run retries it."""
@@ -74,7 +79,7 @@ def out_of_memory(e, device):
     if device.type == "cuda":
         peak, total = torch.cuda.max_memory_reserved(device), torch.cuda.get_device_properties(device).total_memory
     else:
-        peak, total = peak_memory_mb() * 2 ** 20, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        peak, total = peak_memory_mb() * 2 ** 20, ram_mb() * 2 ** 20
     more = f"asked for {gib(asked)} more" if asked is not None else "asked for more"
     return (f"out of memory on {device}: the job {more} with {gib(peak)} at its peak, of the {gib(total)} the "
             "device holds; fewer jobs side by side (--jobs-per-gpu, --jobs), a smaller batch_size or a smaller model "
