@@ -15,6 +15,8 @@ from vla_exp.training import checkpoint
 from vla_exp.recorder import Recorder
 from vla_exp.training.loop import train
 
+from test_sweep import pid_of
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 # 27 steps an epoch, 2 epochs: long enough to be killed mid-epoch, short enough for CI
@@ -98,18 +100,6 @@ def test_a_signalled_run_saves_says_interrupted_in_one_line_and_resumes_bit_for_
     same_run(cut, uninterrupted)
 
 
-def submitit_job(sweep):
-    """The pid of the process in which submitit runs a job of `sweep` (python -m submitit.core._submit <folder>)."""
-    for p in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            cmd = p.read_bytes()
-        except OSError:  # a process that ended meanwhile
-            continue
-        if b"submitit.core._submit" in cmd and str(sweep).encode() in cmd:
-            return int(p.parent.name)
-    raise AssertionError(f"no submitit job process for {sweep}")
-
-
 def test_submitit_requeues_a_preempted_job_which_resumes_bit_for_bit(uninterrupted, tmp_path):
     """submitit_local, as on SLURM: the job gets submitit's preemption signal (USR2), checkpoints, and submitit's
     handler requeues it; the requeued job resumes. (On a cluster, SLURM also sends it before a time limit, and the
@@ -123,7 +113,8 @@ def test_submitit_requeues_a_preempted_job_which_resumes_bit_for_bit(uninterrupt
         time.sleep(0.05)
     (job_dir,) = sweep.glob("0_*")
     wait_for_rows(job_dir, 10, proc)
-    os.kill(submitit_job(sweep), signal.SIGUSR2)  # submitit's preemption signal, sent to the job's own process
+    # submitit's preemption signal, sent to the process that runs the job
+    os.kill(pid_of(b"submitit.core._submit", str(sweep).encode()), signal.SIGUSR2)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     s = json.loads((job_dir / "summary.json").read_text())

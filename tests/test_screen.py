@@ -2,6 +2,10 @@
 missing runs, the confirmation's plan, and the study end to end at a tiny budget."""
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -14,7 +18,7 @@ from vla_exp.attribution import screen
 from vla_exp.config import compose, leaves
 from vla_exp.attribution.diff import Side
 
-from test_sweep import SMOKE, cli, summaries
+from test_sweep import ROOT, SMOKE, cli, pid_of, summaries, wait_for
 
 
 def aliased_with_a_two_factor_interaction(matrix):
@@ -387,13 +391,28 @@ def test_a_study_dry_run_of_a_screen_prints_its_runs_and_writes_nothing(tmp_path
 @pytest.mark.slow
 def test_a_screen_study_runs_its_design_confirms_the_smallest_fix_and_reports(tmp_path):
     """A 2^2 screen at one epoch, confirmed again at two. With --threshold 100 every step reaches B: the set is the
-    first factor alone, and at the second budget A (the set without it) reaches B too, so the budgets disagree."""
+    first factor alone, and at the second budget A (the set without it) reaches B too, so the budgets disagree.
+    First its design's multirun gets SIGKILL once a run has finished: the study draws nothing from part of the
+    design, and the same command finishes it, the finished runs skipped."""
     out_dir, again = tmp_path / "s", tmp_path / "s_confirm"
-    out = cli("-m", "vla_exp.attribution.studies", "screen", "--a", "recipe=original", "--b", "recipe=original init=xavier_all "
-              "optim.lr=0.0001", "--seeds", "0", "--threshold", "100", "--jobs", "1", "--out", str(out_dir),
-              "--confirm-budget", "epochs=2", *SMOKE, "logger=none", "epochs=1", "data.episodes=6")
+    args = ["-m", "vla_exp.attribution.studies", "screen", "--a", "recipe=original",
+            "--b", "recipe=original init=xavier_all optim.lr=0.0001", "--seeds", "0", "--threshold", "100",
+            "--jobs", "1", "--out", str(out_dir), "--confirm-budget", "epochs=2", *SMOKE, "logger=none", "epochs=1",
+            "data.episodes=6"]
+    study = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    wait_for(lambda: list(out_dir.glob("*/summary.json")), study)
+    os.kill(pid_of(b"vla_exp.training.main", str(out_dir).encode()), signal.SIGKILL)
+    _, err = study.communicate(timeout=300)
+    kept = summaries(out_dir)
+    assert study.returncode != 0 and 1 <= len(kept) < 4
+    assert err.strip().splitlines()[-1].startswith(f"error: {4 - len(kept)} of the 4 runs ended without a summary: ")
+    assert not (out_dir / "confirmation.json").exists() and not (out_dir / "report").exists()
+    assert not list(again.glob("*/summary.json"))  # nothing at the second budget
+    out = cli(*args)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = summaries(out_dir)
+    assert {name: runs[name]["started_at"] for name in kept} == {n: s["started_at"] for n, s in kept.items()}
     assert sorted(s["design"]["name"] for s in runs.values()) == ["A", "B", "x01", "x10"]  # the full 2^2, no more
     assert {s["epochs"] for s in runs.values()} == {1}
     plan = json.loads((out_dir / "confirmation.json").read_text())

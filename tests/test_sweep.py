@@ -1,8 +1,10 @@
 """Sweeps through the real CLI: launchers, job names, failure isolation, skipping finished runs, and the studies."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +26,28 @@ def cli(*args, timeout=None):
 
 def summaries(sweep_dir):
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(sweep_dir).glob("*/summary.json"))}
+
+
+def pid_of(*words, parent=None):
+    """The pid of a running process whose command line holds every one of `words` (bytes), and whose parent is
+    `parent` where given."""
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd, stat = (p / "cmdline").read_bytes(), (p / "stat").read_text()
+        except OSError:  # a process that ended meanwhile
+            continue
+        if all(w in cmd for w in words) and parent in (None, int(stat.rsplit(")", 1)[1].split()[1])):
+            return int(p.name)
+    raise AssertionError(f"no process with {words}" + (f" under {parent}" if parent else ""))
+
+
+def wait_for(ready, proc, timeout=300):
+    """Until `ready()` is true, while `proc` runs."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def test_joblib_sweep_divides_the_cores_groups_runs_and_reports(tmp_path, wandb_records):
@@ -142,10 +166,29 @@ def test_ray_places_k_jobs_on_each_gpu_each_seeing_its_own(tmp_path):
     assert sum(b < first_end for b, _, _ in spans) == 4
 
 
-def test_add_one_study_runs_its_cells_and_writes_its_report(tmp_path):
-    out = cli("-m", "vla_exp.attribution.studies", "add_one", "--seeds", "0", "--jobs", "1", "--out", str(tmp_path), *SMOKE,
-              "logger=none", "epochs=1", "data.episodes=6")  # the study's own budget beats debug=smoke's
+def test_add_one_study_killed_from_outside_reports_nothing_then_resumes_and_writes_its_report(tmp_path):
+    """First a joblib worker gets SIGKILL (what the kernel's out-of-memory killer sends) once a run has finished:
+    loky ends the multirun, and the study says how many runs it lacks instead of reporting part of them. The same
+    command then runs the rest and skips the finished runs."""
+    args = ["-m", "vla_exp.attribution.studies", "add_one", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path),
+            *SMOKE, "logger=none", "epochs=1", "data.episodes=6"]  # the study's own budget beats debug=smoke's
+    study = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    wait_for(lambda: list(tmp_path.glob("*/summary.json")), study)
+    multirun = pid_of(b"vla_exp.training.main", str(tmp_path).encode())
+    os.kill(pid_of(b"popen_loky_posix", parent=multirun), signal.SIGKILL)  # a worker, not the resource tracker
+    _, err = study.communicate(timeout=300)
+    kept = summaries(tmp_path)
+    assert study.returncode == 1 and 1 <= len(kept) < 5 and "TerminatedWorkerError" in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: {5 - len(kept)} of the 5 runs ended without a summary: their multirun was stopped from outside "
+        "(SIGKILL, as the kernel's out-of-memory killer sends; the joblib launcher then ends the jobs beside the killed "
+        "one); the finished runs are kept, and the same command resumes the others")
+    assert not (tmp_path / "report").exists() and not (tmp_path / "study.json").exists()
+    out = cli(*args)
     assert out.returncode == 0, out.stderr[-3000:]
+    now = summaries(tmp_path)
+    assert {name: now[name]["started_at"] for name in kept} == {n: s["started_at"] for n, s in kept.items()}
     recipes = sorted(s["choices"]["recipe"] for s in summaries(tmp_path).values())
     assert recipes == ["original", "original_with_clipping", "original_with_init", "original_with_loss_handling",
                        "original_with_optim"]

@@ -48,7 +48,7 @@ from pathlib import Path
 from vla_exp import UsageError, one_line
 from vla_exp.config import GROUPS, compose, recipe_levels
 from vla_exp.files import exclusive, write_json, write_text
-from vla_exp.runs import CONFIRMATION_JSON, CONFIRMATION_MD, nothing_ran, write_study
+from vla_exp.runs import CONFIRMATION_JSON, CONFIRMATION_MD, SUMMARY, nothing_ran, write_study
 from vla_exp.attribution.report import main as report
 
 # working: the smallest budget at which the fixed recipe beats every baseline in all seeds (3 epochs of the default
@@ -152,6 +152,12 @@ def main(argv=None):
         code |= subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *overrides, *launcher,
                                 f"hydra.sweep.dir={folder}", "progress=false"]).returncode
     if code and nothing_ran([folder for _, folder in sweeps]):
+        return code
+    from vla_exp.training.sweep import sweep_jobs
+    short = cut_short(code, sum(len(sweep_jobs(overrides)) for overrides, _ in sweeps),
+                      sum(1 for _, folder in sweeps for _ in Path(folder).glob(f"*/{SUMMARY}")))
+    if short:
+        print(short, file=sys.stderr)
         return code
     if args.study == "metaworld":
         references(Path(out))
@@ -371,6 +377,11 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start, at_second=None):
                                *launcher]).returncode
     if launched and nothing_ran([out]):
         return launched
+    design_runs = [out / f"{sc.config_name(levels)}-s{seed}" for levels in matrix for seed in args.seeds.split(",")]
+    short = cut_short(launched, len(design_runs), sum((d / SUMMARY).is_file() for d in design_runs))
+    if short:
+        print(short, file=sys.stderr)
+        return launched
 
     def runs():
         found = load_runs(find_run_dirs([out]), reference_levels())
@@ -411,6 +422,16 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start, at_second=None):
         print(sc.sentence(plan))
     print(in_all(len(runs()), at_second, start))
     return launched
+
+
+def cut_short(code, expected, found):
+    """The line for a multirun that ended before each of its `expected` runs wrote a summary (`found` did): it was
+    stopped from outside, and a study draws no figure from part of its runs. None where nothing is missing."""
+    if code and found < expected:
+        return (f"error: {expected - found} of the {expected} runs ended without a summary: their multirun was stopped "
+                "from outside (SIGKILL, as the kernel's out-of-memory killer sends; the joblib launcher then ends the "
+                "jobs beside the killed one); the finished runs are kept, and the same command resumes the others")
+    return None
 
 
 def in_all(runs, at_second, start):
