@@ -604,10 +604,20 @@ def test_the_confirmation_at_a_second_budget_holds_or_says_what_the_budgets_disa
                            "but the budgets disagree: without lr it still reaches B (0.102 ± 0.0028); this budget's "
                            "verdict stands: init is needed there; B's policies do not beat every baseline there "
                            "(1 of 2 seeds)")
-    values["x101"] = [0.3, 0.3]  # the set falls short: more changes matter at this budget
+    values["x101"] = [0.3, 0.3]  # the set falls short, init alone reaches B: lr keeps the set from B here
     check = screen.budget_check(budget_runs(values), "val_action_error", names, chosen)
-    assert not check["holds"] and "the verdict does not hold: A plus lr, init gives 0.3 ± 0" in \
-        screen.budget_sentence({**check, "label": "the working budget"})
+    assert not check["holds"] and check["not_needed"] == ["lr"]
+    assert screen.budget_sentence({**check, "label": "the working budget"}).startswith(
+        "At the working budget the verdict does not hold: A plus lr, init gives 0.3 ± 0 against B's 0.105 ± 0.0071, "
+        "but without lr it reaches B (0.102 ± 0.0028): the budgets disagree about lr, which keeps the set from B "
+        "there (this budget's verdict stands; whether init is needed without it was not run there); ")
+    values["x001"] = [0.3, 0.31]  # and nothing short of the set reaches B either: more changes matter
+    check = screen.budget_check(budget_runs(values), "val_action_error", names, chosen)
+    assert not check["holds"] and check["not_needed"] == [] and screen.budget_sentence(
+        {**check, "label": "the working budget"}).startswith(
+        "At the working budget the verdict does not hold: A plus lr, init gives 0.3 ± 0 against B's 0.105 ± 0.0071, "
+        "so more changes matter there (this budget's verdict stands; screen at it to find them); ")
+    values["x001"] = [0.1, 0.104]
     # the margin is the pooled seed noise of this budget's five configurations (5 df): by hand
     values["x101"] = [0.105, 0.1]
     check = screen.budget_check(budget_runs(values), "val_action_error", names, chosen)

@@ -560,7 +560,15 @@ def budget_sentence(check):
         return f"At {budget}: {check['error']}" + (f"; {works}" if n else "")
     chosen = ", ".join(check["set"])
     got, b = mean_pm(check["with_set"]["values"]), mean_pm(check["b"])
-    if not check["with_set"]["reached"]:
+    if not check["with_set"]["reached"] and check["not_needed"]:  # a smaller set reaches B: one of the set hurts
+        rest = [f for f in check["set"] if f not in check["not_needed"]]
+        text = (f"At {budget} the verdict does not hold: A plus {chosen} gives {got} against B's {b}, but "
+                + "; ".join(f"without {w['left_out']} it reaches B ({mean_pm(w['values'])})"
+                            for w in check["without"] if w["reached"])
+                + f": the budgets disagree about {', '.join(check['not_needed'])}, which keeps the set from B there "
+                  f"(this budget's verdict stands; whether {', '.join(rest) or 'the rest'} "
+                  f"{'is' if len(rest) == 1 else 'are each'} needed without it was not run there)")
+    elif not check["with_set"]["reached"]:
         text = (f"At {budget} the verdict does not hold: A plus {chosen} gives {got} against B's {b}, so more "
                 f"changes matter there (this budget's verdict stands; screen at it to find them)")
     elif check["not_needed"]:
