@@ -167,6 +167,26 @@ def test_missing_runs_are_data_points_the_analysis_names_what_they_cost():
     assert abs(res["effects"].set_index("term").loc["f0", "effect"] + 0.3) < 0.02
 
 
+def test_a_factor_that_changes_the_held_out_samples_is_named_from_the_runs_baselines():
+    """Runs scored on the same held-out samples share their baselines; data.split_seed-like factors do not."""
+    matrix, _ = screen.design(4)
+    names = ["a", "b", "c", "d"]
+    runs = synthetic(matrix, names, [0.1, 0, 0, 0], ((0, 1), 0.0)).assign(baseline_mean_action=0.44)
+    assert screen.held_out_changes(runs, names) is None  # one set of samples
+    assert screen.held_out_changes(runs.drop(columns="baseline_mean_action"), names) is None  # no baselines
+    runs["baseline_hold_state"] = np.where(runs["level:c"] == 1, 0.087, 0.11)
+    only_c = ("c changes the held-out samples, the baselines differing between its levels (hold_state 0.11 at A's "
+              "value, 0.087 at B's): an effect on a figure read on those samples (val_action_error) is partly a change "
+              "of the samples it is read on")
+    assert screen.held_out_changes(runs, names) == only_c
+    runs.loc[runs["level:a"] == 1, "baseline_hold_state"] = np.nan  # runs that failed before their evaluation
+    assert screen.held_out_changes(runs, names) == only_c  # not a, whose runs at B's value have nothing to compare
+    runs["baseline_hold_state"] = 0.1 + 0.01 * runs["level:b"] + 0.02 * runs["level:c"]  # two factors
+    assert screen.held_out_changes(runs, names).startswith(
+        "b, c change the held-out samples, the baselines differing between their levels (b: hold_state 0.1/0.12 at "
+        "A's value, 0.11/0.13 at B's; c: hold_state 0.1/0.11 at A's value, 0.12/0.13 at B's): ")
+
+
 def test_factors_from_a_diff_change_a_node_together_and_refuse_what_a_file_cannot_remove():
     facs, _ = screen.factors(Side("recipe=original", "A"), Side("recipe=fixed", "B"), ["optim"])
     by_name = {f.name: f for f in facs}

@@ -79,6 +79,8 @@ def screen_tables(runs, names, results):
               "; full factorial") +
              ". Effect = mean at B's level minus mean at A's level (twice the OLS coefficient on -1/+1 coding); "
              "aliased terms cannot be told apart from it.")
+    changes = screen.held_out_changes(design, names)
+    about += f" Note: {changes}." if changes else ""
     md, html = ["## Screen", "", about, ""], [("Screen: the design", dashboard.note_html(about))]
     for metric, res in results.items():
         head = "; ".join([f"{res['n']} runs, {res['dropped']} without a finite value", *res["notes"],

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from vla_exp import UsageError
-from vla_exp.attribution.numbers import ALPHA, finite, mean_pm
+from vla_exp.attribution.numbers import ALPHA, finite, mean_pm, num
 from vla_exp.config import NOT_RESULTS, leaves, literal
 from vla_exp.runs import Design
 
@@ -397,6 +397,33 @@ def estimate_effects(runs, metric, names):
                 f"{r.term} (standard error x{r.se_ratio:.2f})" for r in worse.itertuples()))
     out["effects"] = eff
     return out
+
+
+def held_out_changes(runs, names):
+    """A sentence naming the factors that change the held-out samples, seen in the runs, else None. A run's baselines
+    (`baseline_<name>` columns: trivial predictors scored on its held-out samples) are the same for every run scored
+    on the same samples; a factor whose two levels share no set of baselines changes those samples, so its effect on a
+    figure read on them is partly a change of what the figure is read on (`data.split_seed`, `data.episodes`)."""
+    cols = sorted(c for c in runs.columns if c.startswith("baseline_"))
+    if not cols:
+        return None
+    runs = runs.dropna(subset=cols)  # a run that failed before its evaluation has none
+    key = runs[cols].astype(float).round(6).astype(str).agg("/".join, axis=1)
+    if key.nunique() < 2:
+        return None
+    levels = {n: [set(key[runs[f"level:{n}"] == lv]) for lv in (0, 1)] for n in names}
+    flagged = [n for n, (a, b) in levels.items() if a and b and not a & b]
+    if not flagged:
+        return None
+    col = "baseline_hold_state" if "baseline_hold_state" in cols else cols[0]
+
+    def at(n, level):
+        return "/".join(num(v) for v in sorted(set(runs.loc[runs[f"level:{n}"] == level, col].astype(float).round(6))))
+    shown = "; ".join((f"{n}: " if len(flagged) > 1 else "") + f"{col.removeprefix('baseline_')} {at(n, 0)} at A's "
+                      f"value, {at(n, 1)} at B's" for n in flagged)
+    return (f"{', '.join(flagged)} {'changes' if len(flagged) == 1 else 'change'} the held-out samples, the baselines "
+            f"differing between {'its' if len(flagged) == 1 else 'their'} levels ({shown}): an effect on a figure "
+            "read on those samples (val_action_error) is partly a change of the samples it is read on")
 
 
 def lenth(effects):

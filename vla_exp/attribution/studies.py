@@ -389,6 +389,9 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start, at_second=None):
 
     plan, done = None, runs()
     result = sc.estimate_effects(done[done.design_part == "design"], args.metric, names)  # the design's runs are all in
+    changes = sc.held_out_changes(done[done.design_part == "design"], names)
+    if changes:
+        print(f"note: {changes}")
     if "error" in result:
         print(f"no confirmation: {result['error']}")
     while "error" not in result:  # the confirmation, one configuration (all its seeds side by side) at a time
