@@ -181,6 +181,7 @@ def test_a_factor_that_changes_the_held_out_samples_is_named_from_the_runs_basel
     assert screen.held_out_changes(runs, names) == only_c
     runs.loc[runs["level:a"] == 1, "baseline_hold_state"] = np.nan  # runs that failed before their evaluation
     assert screen.held_out_changes(runs, names) == only_c  # not a, whose runs at B's value have nothing to compare
+    assert screen.held_out_changes(runs.assign(baseline_hold_state=np.nan), names) is None  # every run failed
     runs["baseline_hold_state"] = 0.1 + 0.01 * runs["level:b"] + 0.02 * runs["level:c"]  # two factors
     assert screen.held_out_changes(runs, names).startswith(
         "b, c change the held-out samples, the baselines differing between their levels (b: hold_state 0.1/0.12 at "

@@ -408,6 +408,8 @@ def held_out_changes(runs, names):
     if not cols:
         return None
     runs = runs.dropna(subset=cols)  # a run that failed before its evaluation has none
+    if len(runs) < 2:
+        return None
     key = runs[cols].astype(float).round(6).astype(str).agg("/".join, axis=1)
     if key.nunique() < 2:
         return None
