@@ -388,8 +388,9 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start, at_second=None):
         return found[found.design_name.notna()] if "design_name" in found else found.iloc[:0]
 
     plan, done = None, runs()
-    result = sc.estimate_effects(done[done.design_part == "design"], args.metric, names)  # the design's runs are all in
-    changes = sc.held_out_changes(done[done.design_part == "design"], names)
+    design = done[done.design_part == "design"]  # all in: a multirun cut short stopped the study above
+    result = sc.estimate_effects(design, args.metric, names)
+    changes = sc.held_out_changes(design, names)
     if changes:
         print(f"note: {changes}")
     if "error" in result:
