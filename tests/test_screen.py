@@ -375,15 +375,16 @@ def load_study():
     return studies
 
 
-def test_a_screen_into_a_folder_held_by_another_screen_or_a_run_is_refused_and_writes_nothing(tmp_path):
-    from vla_exp.files import exclusive
+def test_a_screen_into_a_folder_held_by_another_study_or_a_run_is_refused_and_writes_nothing(tmp_path):
+    from vla_exp.files import STUDY_LOCK, exclusive
     study = load_study()
     screen_args = ["screen", "--a", "recipe=original", "--b", "recipe=fixed", "--seeds", "0,1", "--jobs", "1"]
     out = tmp_path / "s"
-    with exclusive(out / "design", "a screen"), pytest.raises(SystemExit) as e:
+    with exclusive(out, "a screen", lock=STUDY_LOCK), pytest.raises(SystemExit) as e:
         study.main([*screen_args, "--out", str(out)])
-    assert f"{out / 'design'} is in use by another screen (pid" in str(e.value.code)
-    assert [p.name for p in (out / "design").iterdir()] == [".lock"]  # the first screen's files stay its own
+    assert str(e.value.code) == f"error: {out} is in use by another study (pid {os.getpid()}): wait for it to end, or give " \
+                                "this one another folder"
+    assert [p.name for p in out.iterdir()] == [STUDY_LOCK]  # the first study's files stay its own
     out = tmp_path / "r"
     with exclusive(out, "a run"), pytest.raises(SystemExit) as e:
         study.main([*screen_args, "--out", str(out)])

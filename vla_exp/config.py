@@ -5,9 +5,12 @@ Torch-free, so the report and the analysis can read runs without loading the tra
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from vla_exp import UsageError, one_line
 
 CONF_DIR = next(p for p in (Path(__file__).parent / "conf", Path(__file__).parent.parent / "conf") if p.is_dir())
 GROUPS = ("init", "loss_handling", "optim", "clipping")  # the four fixes, one config group each
@@ -22,6 +25,22 @@ def compose(*overrides):
     from hydra import compose as hydra_compose, initialize_config_dir
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("train", list(overrides))
+
+
+def compose_checked(overrides, what):
+    """compose() and every rule a run's config must meet (vla_exp.data.sources.validate); a config that does not
+    compose or breaks a rule is one line naming `what` (UsageError)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    from vla_exp.data.sources import validate
+    try:
+        cfg = compose(*overrides)
+        validate(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UsageError(f"{what} does not compose: {one_line(e, 300).split(' Config search path')[0]}") from None
+    except UsageError as e:
+        raise UsageError(f"{what}: {e}") from None
+    return cfg
 
 
 def choices(cfg):
@@ -57,6 +76,28 @@ def foreign_keys(cfg_leaves):
     open_nodes = tuple(f"{k}." for k, v in conf_leaves() if v == {})
     return [k for k in cfg_leaves if k.split(".")[0] not in ("design", "hydra") and k not in known
             and not k.startswith(open_nodes) and not any(e.startswith(f"{k}.") for e in known)]
+
+
+REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\}")  # ${data.action_dim}, nothing else
+
+
+def settled(node, where):
+    """{dotted key: value} of every leaf of a config read as data (a run folder's, or one composed here, as plain
+    containers): a leaf that is exactly `${key}` naming another leaf (what the project's own files write:
+    `${data.action_dim}`) takes that leaf's value; every other interpolation (a resolver, `${oc.env:...}`,
+    `${hydra:...}`, text around one) stays the text it is, never resolved, since a folder's config could otherwise
+    print an environment variable. A reference to no leaf, or a circle of them, is one line naming `where`."""
+    flat = leaves(node)
+
+    def value(key, seen):
+        v = flat[key]
+        if not (isinstance(v, str) and (ref := REFERENCE.fullmatch(v))):
+            return v
+        if ref[1] not in flat or ref[1] in seen:
+            raise UsageError(f"{where}: {key}={v} names {'no value of the config' if ref[1] not in flat else 'a circle of references'}"
+                             " (a config read from a folder is data: its interpolations are not resolved)")
+        return value(ref[1], {*seen, ref[1]})
+    return {k: value(k, {k}) for k in flat}
 
 
 def literal(value):

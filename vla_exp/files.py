@@ -110,18 +110,22 @@ def check_cache_entry(path, what):
                          "regenerated")
 
 
+STUDY_LOCK = ".study.lock"
+
+
 class Busy(UsageError):
     """The folder is held by another process."""
 
 
 @contextmanager
-def exclusive(folder, what):
+def exclusive(folder, what, lock=".lock"):
     """Hold `folder` for the block, as `what` ("a run", "a sweep"): another process that asks for it meanwhile stops
-    with one line naming this one's pid. The lock is the kernel's (flock): it goes when the process does, even on
-    SIGKILL, so a crash never leaves a folder locked."""
+    with one line naming this one's pid. The lock is the kernel's (flock) on the file `lock` in the folder: it goes
+    when the process does, even on SIGKILL, so a crash never leaves a folder locked. A study holds its folder with
+    a lock of its own (STUDY_LOCK), since the multiruns it launches there take `.lock`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as f:
+    with open(folder / lock, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -294,8 +294,9 @@ def write_study(folder, study, **settings):
 
 
 def read_study(folder):
-    """{"study": name, ...} of a study folder, or None for a plain sweep."""
+    """{"study": name, ...} of a study folder, or None for a plain sweep or a study.json that holds no such record."""
     try:
-        return json.loads((Path(folder) / STUDY).read_text())
+        study = json.loads((Path(folder) / STUDY).read_text())
     except (OSError, ValueError):
         return None
+    return study if isinstance(study, dict) else None

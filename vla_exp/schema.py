@@ -36,9 +36,10 @@ def one_of(options):
 
 POSITIVE = (lambda v: number(v) and v > 0, "must be a number > 0")
 NULL_OR_COUNT = (lambda v: v is None or integer(v) and v >= 1, "must be null or an integer >= 1")
+# numpy's seeds are 32-bit, and the data order of epoch e is seeded with seed * 1000 + e
+SEED = (lambda v: integer(v) and 0 <= v < 2 ** 32, f"must be an integer from 0 to {2 ** 32 - 1}")
 RULES = [  # key, (test, what is allowed)
-    # numpy's seeds are 32-bit, and the data order of epoch e is seeded with seed * 1000 + e
-    ("seed", (lambda v: integer(v) and 0 <= v < 2 ** 32, f"must be an integer from 0 to {2 ** 32 - 1}")),
+    ("seed", SEED),
     ("epochs", integer_from(1)),
     ("log_every", integer_from(1)),
     ("converge_loss", (number, "must be a number")),

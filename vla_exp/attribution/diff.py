@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vla_exp import UsageError, one_line
-from vla_exp.config import CONF_DIR, NOT_RESULTS, foreign_keys, leaves, literal
+from vla_exp.config import CONF_DIR, NOT_RESULTS, foreign_keys, settled
 from vla_exp.runs import read_normalization, read_summary
 
 LABELS = ("name", "recipe")  # say which option a group or preset is; they decide nothing by themselves
@@ -52,13 +52,8 @@ class Side:
                 raise UsageError(f"{which}: {path} is a folder without .hydra/config.yaml (the config a run of "
                                  "vla-exp-train saves): give a run folder or a list of overrides")
             cfg = saved_yaml(saved / "config.yaml", which, "a config")
-            hydra = saved_yaml(saved / "hydra.yaml", which, "Hydra's record of the run") \
-                if (saved / "hydra.yaml").is_file() else None
-            choices = OmegaConf.select(hydra, "hydra.runtime.choices") if hydra else {}
-            if not isinstance(choices, (dict, DictConfig)):
-                raise UsageError(f"{which}: {saved / 'hydra.yaml'} has no hydra.runtime.choices mapping (not written "
-                                 "by Hydra?)")
-            self.choices = dict(choices)
+            self.choices = saved_choices(saved / "hydra.yaml", which) if (saved / "hydra.yaml").is_file() else {}
+            where = f"{which}: {saved / 'config.yaml'}"
         else:
             from hydra import compose, initialize_config_dir
             from hydra.errors import HydraException
@@ -71,14 +66,28 @@ class Side:
                                  f"({' '.join(str(e).split()).split(' Config search path')[0][:300]})") from None
             self.choices = dict(cfg.hydra.runtime.choices)
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        for key, v in leaves(OmegaConf.to_container(cfg, resolve=False)).items():
-            if isinstance(v, str) and "${oc.env:" in v:  # the environment's value may be a secret, or unset here
-                OmegaConf.update(cfg, key, literal(v), force_add=True)
-        self.leaves = leaves(OmegaConf.to_container(cfg, resolve=True))
+            where = f"{which}: {text!r}"
+        self.leaves = settled(OmegaConf.to_container(cfg, resolve=False), where)
         if foreign := foreign_keys(self.leaves):  # a config is data: it may set the project's keys, no others
             raise UsageError(f"{which}: {self.label} sets {foreign[0]}, which is no key of the project's config"
                              + (f" ({len(foreign) - 1} more)" if len(foreign) > 1 else ""))
 
+
+def saved_choices(path, which):
+    """The group choices Hydra recorded for a run (hydra.runtime.choices in its hydra.yaml), read as data: each of
+    the project's groups must name one of its options."""
+    choices = OmegaConf.to_container(saved_yaml(path, which, "Hydra's record of the run"), resolve=False)
+    for key in ("hydra", "runtime", "choices"):
+        choices = choices.get(key) if isinstance(choices, dict) else None
+    if not isinstance(choices, dict):
+        raise UsageError(f"{which}: {path} has no hydra.runtime.choices mapping (not written by Hydra?)")
+    for group in groups():
+        option = choices.get(group)
+        if option is not None and not (isinstance(option, str) and (CONF_DIR / group / f"{option}.yaml").is_file()):
+            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+            raise UsageError(f"{which}: {path} names {group}={option}, which is no option of {group} (the options: "
+                             f"{', '.join(options)})")
+    return choices
 
 
 def saved_yaml(path, which, what):

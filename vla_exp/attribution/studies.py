@@ -37,18 +37,22 @@ import importlib.util
 import json
 import math
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from vla_exp import UsageError, one_line
-from vla_exp.config import GROUPS, compose, recipe_levels
-from vla_exp.files import exclusive, write_json, write_text
-from vla_exp.runs import CONFIRMATION_JSON, CONFIRMATION_MD, SUMMARY, nothing_ran, write_study
+from vla_exp.config import GROUPS, compose, compose_checked, recipe_levels
+from vla_exp.files import STUDY_LOCK, exclusive, write_json, write_text
+from vla_exp.runs import CONFIRMATION_JSON, CONFIRMATION_MD, SUMMARY, check_folder, nothing_ran, write_study
+from vla_exp.schema import SEED
+from vla_exp.signals import SIGNALS, Interrupted
 from vla_exp.attribution.report import main as report
 
 # working: the smallest budget at which the fixed recipe beats every baseline in all seeds (3 epochs of the default
@@ -73,10 +77,98 @@ def cells(study):
     return ["recipe=original," + ",".join(f"original_with_{g}" for g in GROUPS)]
 
 
+def seed_list(text):
+    """--seeds as the canonical text of distinct seeds ("0,1,2"), each a seed a run accepts; else one line. A seed
+    given twice would be one run read as two replicates."""
+    items = text.split(",")
+    test, allowed = SEED
+    for item in items:
+        if not (re.fullmatch(r"\d+", item.strip()) and test(int(item))):
+            raise argparse.ArgumentTypeError(f"{text!r}: {item.strip()!r} is not a seed: each {allowed}")
+    seeds = [int(item) for item in items]
+    if twice := next((x for x in seeds if seeds.count(x) > 1), None):
+        raise argparse.ArgumentTypeError(f"{text!r}: seed {twice} is given {seeds.count(twice)} times; each seed is "
+                                         "one replicate, so give distinct seeds")
+    return ",".join(map(str, seeds))
+
+
+def number(low, above=False):
+    """An argparse type: a finite number >= `low` (> `low` where `above`)."""
+    def parse(text):
+        try:
+            x = float(text)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and (x > low if above else x >= low)):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number {'>' if above else '>='} {low:g}")
+        return x
+    return parse
+
+
+class Refused(UsageError):
+    """A study's multirun launched nothing: its folder was held, or a job's config was refused (it said which)."""
+
+
+@contextmanager
+def holding(folders):
+    """The study holds its folders from before it writes anything until it ends (STUDY_LOCK: a second study into one
+    stops in one line), and refuses a folder that a run or sweep holds now (its .lock, which the study's own multiruns
+    take while they run) or that a file is in the place of. A refused study writes nothing there."""
+    with ExitStack() as hold:
+        for folder in map(Path, folders):
+            check_folder(folder, "study folder")
+            if (folder / ".lock").exists():
+                with exclusive(folder, "a run or sweep"):
+                    pass
+            hold.enter_context(exclusive(folder, "another study", lock=STUDY_LOCK))
+        yield
+
+
+def launch(overrides, launcher):
+    """One multirun of a study's runs (vla-exp-train -m) with `overrides` on the `launcher`, and its exit code. It
+    runs in a process group of its own, and a signal to the study (Ctrl-C, SIGTERM, SIGUSR1/2) goes on to the
+    whole group: each running job saves a checkpoint and stops at its step boundary, the study waits for them, then
+    raises Interrupted (the same command resumes). A multirun that launched nothing raises Refused."""
+    from vla_exp.training.sweep import REFUSED
+    proc = subprocess.Popen([sys.executable, "-m", "vla_exp.training.main", "-m", *overrides, *launcher],
+                            start_new_session=True)
+    got = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:  # the multirun ended meanwhile
+            pass
+    previous = {s: signal.signal(s, forward) for s in SIGNALS}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if got:
+        raise Interrupted(got[0], f"interrupted by {signal.Signals(got[0]).name}: the running jobs saved a checkpoint "
+                          "and no report was written; the same command resumes the study and skips its finished runs")
+    if code == REFUSED:
+        raise Refused("the study's multirun launched nothing (the line above says why); the study stops there")
+    return code
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """The command line: one line for bad input, an interrupted study or a refused multirun, before any report."""
+    try:
+        return study(argv)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+
+
+def study(argv=None):
+    p = argparse.ArgumentParser(prog="vla-exp-study", description=__doc__.split("\n")[0])
     p.add_argument("study", choices=("factorial", "leave_one_out", "add_one", "metaworld", "budget", "screen"))
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--seeds", type=seed_list, default="0,1,2", help="comma-separated distinct seeds (default 0,1,2)")
     p.add_argument("--jobs", type=int, help="runs side by side on the CPUs (default 2; 1 needs no launcher plugin)")
     p.add_argument("--jobs-per-gpu", type=int, metavar="K", help="K runs side by side on each of this machine's GPUs, "
                    "each seeing only its own, K first checked against the GPU's memory by a one-epoch probe run "
@@ -99,7 +191,7 @@ def main(argv=None):
     s.add_argument("--foldover", action="store_true", help="add the design's mirror image (twice the runs)")
     s.add_argument("--metric", default="val_action_error", help="what the screen and the confirmation read "
                    "(a figure of summary.json; default val_action_error)")
-    s.add_argument("--threshold", type=float, help="a step recovers B when its mean is this close to B's (default: "
+    s.add_argument("--threshold", type=number(0, above=True), help="a step recovers B when its mean is this close to B's (default: "
                    "within the 95%% interval of the difference, from the screen's seed noise)")
     s.add_argument("--method", choices=("design", "bisect"), default="design", help="design (default): a two-level "
                    "design over every difference, then the confirmation; bisect: sequential bifurcation, groups of "
@@ -109,9 +201,9 @@ def main(argv=None):
                         "each of its factors, the same seeds, into <out>_confirm): working (default: the smallest at "
                         "which the fixed recipe beats every baseline), quick, or quoted Hydra overrides applied after "
                         "all others ('epochs=5'); nothing runs twice where it composes to the study's own budget")
-    s.add_argument("--delta0", type=float, default=0.02, help="bisect: the largest effect on --metric that does not "
+    s.add_argument("--delta0", type=number(0), default=0.02, help="bisect: the largest effect on --metric that does not "
                    "matter (default 0.02)")
-    s.add_argument("--delta1", type=float, default=0.08, help="bisect: the smallest effect that matters (default 0.08)")
+    s.add_argument("--delta1", type=number(0, above=True), default=0.08, help="bisect: the smallest effect that matters (default 0.08)")
     s.add_argument("--max-seeds", type=int, default=40, help="bisect: the most seeds one group test may run before "
                    "it says it cannot tell (default 40)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after the budget: epochs=4 (they "
@@ -145,15 +237,21 @@ def main(argv=None):
         # the run with the largest batch (the first of them) needs the most memory of the study's runs
         jobs = [job for overrides, _ in sweeps for job in sweep_jobs(overrides)]
         probe_or_exit(args.jobs_per_gpu, max(jobs, key=lambda job: compose(*job).optim.batch_size))
+    with holding([folder for _, folder in sweeps]):
+        check_owner(out, args.study)
+        return run_sweeps(args, sweeps, budget, launcher, out)
+
+
+def run_sweeps(args, sweeps, budget, launcher, out):
+    """A study of one or two multiruns in the folders it holds: the runs, then study.json and the report."""
+    from vla_exp.training.sweep import sweep_jobs
     if args.study == "metaworld":
         prepare(*budget, *args.overrides)
     code = 0
     for overrides, folder in sweeps:
-        code |= subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *overrides, *launcher,
-                                f"hydra.sweep.dir={folder}", "progress=false"]).returncode
+        code |= launch([*overrides, f"hydra.sweep.dir={folder}", "progress=false"], launcher)
     if code and nothing_ran([folder for _, folder in sweeps]):
         return code
-    from vla_exp.training.sweep import sweep_jobs
     short = cut_short(code, sum(len(sweep_jobs(overrides)) for overrides, _ in sweeps),
                       sum(1 for _, folder in sweeps for _ in Path(folder).glob(f"*/{SUMMARY}")))
     if short:
@@ -165,6 +263,18 @@ def main(argv=None):
                 **({} if args.study in ("metaworld", "budget") else {"budget": args.budget}))
     report([out])  # with the study's own tables (success.md, budget.md): study.json says which
     return code  # non-zero when a run failed: the report marks its cell
+
+
+def check_owner(out, study, **sides):
+    """Refuse in one line a folder whose study.json says another study made it (or a screen of other sides): its
+    runs would be read as this one's and its files written over."""
+    from vla_exp.runs import STUDY, read_study
+    held = read_study(out)
+    if held is None and (Path(out) / STUDY).exists():
+        raise UsageError(f"{Path(out) / STUDY} is not a study's record: give --out a new folder, or delete the file")
+    if held and any(held.get(k) != v for k, v in {"study": study, **sides}.items()):
+        what = ", ".join(f"{k} {held.get(k)!r}" for k in {"study": study, **sides} if k in held)
+        raise UsageError(f"{out} holds another study ({what}): give --out a new folder")
 
 
 def job_launcher(jobs, per_gpu, gpus=None, address=None):
@@ -247,15 +357,8 @@ def probe_or_exit(per_gpu, job):
 def ray_cluster(address):
     """The GPUs and cores of the Ray cluster running at `address`, asked of the cluster itself."""
     import ray
-    if address != "auto":  # Ray retries an address where nothing listens for many minutes
-        host, _, port = address.removeprefix("ray://").rpartition(":")
-        if not (host and port.isdigit()):
-            raise UsageError(f"--ray-address {address}: give the head's host:port, or auto for the cluster "
-                             "`ray start --head` started on this machine")
-        try:
-            socket.create_connection((host, int(port)), timeout=10).close()
-        except OSError as e:
-            raise UsageError(f"--ray-address {address}: nothing answers there ({e.strerror or e})") from None
+    if address != "auto":
+        check_ray_head(address)
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     except ConnectionError as e:
@@ -265,6 +368,34 @@ def ray_cluster(address):
     finally:
         ray.shutdown()
     return int(resources.get("GPU", 0)), resources.get("CPU", 1)
+
+
+def check_ray_head(address, timeout=10):
+    """One line unless a Ray cluster's head answers at `address` (host:port; ray://host:port, Ray Client's) within
+    `timeout` seconds: Ray's own client retries an address for minutes, whatever answers there. The head's GCS is a
+    gRPC server (grpcio comes with Ray): it must answer its cluster-id call; a Ray Client server must at least speak
+    gRPC, which an HTTP server or anything else never does."""
+    import grpc
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not (host and port.isdigit()):
+        raise UsageError(f"--ray-address {address}: give the head's host:port, or auto for the cluster "
+                         "`ray start --head` started on this machine")
+    if not 0 < int(port) < 65536:
+        raise UsageError(f"--ray-address {address}: port {port} is out of range (1 to 65535)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f"--ray-address {address}: nothing answers there ({e.strerror or e})") from None
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            if address.startswith("ray://"):
+                grpc.channel_ready_future(channel).result(timeout=timeout)
+            else:
+                channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(b"", timeout=timeout)
+        except (grpc.RpcError, grpc.FutureTimeoutError) as e:
+            why = e.code().name if isinstance(e, grpc.RpcError) else f"no gRPC answer in {timeout} s"
+            raise UsageError(f"--ray-address {address}: something answers there, but not a Ray cluster's head "
+                             f"({why}; `ray start --head` starts one and prints its address)") from None
 
 
 def screen(args, parser, out, launcher):
@@ -309,7 +440,6 @@ def screen(args, parser, out, launcher):
               f"{desc['runs'] * len(seeds)} runs" + (
                   f", resolution {desc['resolution']}, I = {' = '.join(desc['defining_relation'][:6])}"
                   + (" ..." if len(desc["defining_relation"]) > 6 else "") if desc["resolution"] else ""))
-    configs = out / "design"
 
     def stage(where, overrides):
         """sweep(configurations, part): the overrides of one multirun of them into `where` (their config files in
@@ -350,16 +480,8 @@ def screen(args, parser, out, launcher):
             job = [f"hydra.searchpath=[file://{scratch}]" if o.startswith("hydra.searchpath=") else o
                    for o in sweep_jobs(sweep([levels], "design", Path(scratch)))[0]]
             probe_or_exit(args.jobs_per_gpu, job)
-    with ExitStack() as hold:  # the study holds its folder before writing anything; a refused one writes nothing
-        try:
-            if (out / ".lock").exists():
-                with exclusive(out, "a run or sweep"):
-                    pass
-            hold.enter_context(exclusive(configs, "another screen"))
-            if at_second:
-                hold.enter_context(exclusive(confirm / "design", "another screen"))
-        except UsageError as e:
-            sys.exit(f"error: {e}")
+    with holding([out, *([confirm] if at_second else [])]):  # before writing anything: a refused one writes nothing
+        check_owner(out, "screen", a=args.a, b=args.b, method=args.method)
         if args.method == "bisect":
             return run_bisect(args, out, launcher, sweep, facs, start, at_second)
         return run_screen(args, out, launcher, sweep, matrix, facs, start, at_second)
@@ -373,8 +495,7 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start, at_second=None):
     from vla_exp.config import reference_levels
     from vla_exp.runs import find_run_dirs, load_runs
     names = [f.name for f in facs]
-    launched = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *sweep(list(matrix), "design"),
-                               *launcher]).returncode
+    launched = launch(sweep(list(matrix), "design"), launcher)
     if launched and nothing_ran([out]):
         return launched
     design_runs = [out / f"{sc.config_name(levels)}-s{seed}" for levels in matrix for seed in args.seeds.split(",")]
@@ -405,8 +526,7 @@ def run_screen(args, out, launcher, sweep, matrix, facs, start, at_second=None):
         if plan["next"] is None:
             break
         print(f"confirmation: {sc.label(plan['next'], names)}")
-        launched |= subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", *sweep([plan["next"]], "confirm"),
-                                    *launcher]).returncode
+        launched |= launch(sweep([plan["next"]], "confirm"), launcher)
         done = runs()
         if not (done.design_name == sc.config_name(plan["next"])).any():
             print(f"no confirmation: the runs of {sc.label(plan['next'], names)} did not finish")
@@ -485,9 +605,7 @@ def run_bisect(args, out, launcher, sweep, facs, start, at_second=None):
         for levels, chosen in wanted.items():
             by_seeds[tuple(sorted(chosen))].append(levels)
         for chosen, configs in by_seeds.items():
-            launched |= subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m",
-                                        *sweep(configs, "bisect", run_seeds=",".join(map(str, chosen))),
-                                        *launcher]).returncode
+            launched |= launch(sweep(configs, "bisect", run_seeds=",".join(map(str, chosen))), launcher)
         got = [value(levels, seed_of(rep)) for levels, rep in requests]
         if any(v is None for v in got):
             raise UsageError("the runs of a group test did not finish (interrupted?): run the same command again "
@@ -543,9 +661,6 @@ def second_budget(text, budget, overrides):
     budget (the confirmation already ran there). A budget's name replaces the study's; quoted Hydra overrides come
     after every other override."""
     import shlex
-
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
     if text in BUDGETS:
         label, second = f"the {text} budget ({' '.join(BUDGETS[text])})", [*BUDGETS[text], *overrides]
     else:
@@ -557,20 +672,8 @@ def second_budget(text, budget, overrides):
             raise UsageError(f"--confirm-budget {text!r}: give a budget ({', '.join(BUDGETS)}) or quoted Hydra "
                              "overrides (key=value ...)")
         label, second = f"the confirmation budget ({text})", [*BUDGETS[budget], *overrides, *extra]
-    from vla_exp.schema import validate
-    try:
-        own = compose(*BUDGETS[budget], *overrides)
-        validate(own)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise UsageError(f"the study's overrides {' '.join(overrides)!r} do not compose: "
-                         f"{one_line(e, 300)}") from None
-    try:
-        confirming = compose(*second)
-        validate(confirming)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise UsageError(f"--confirm-budget {text!r} does not compose: {one_line(e, 300)}") from None
-    except UsageError as e:
-        raise UsageError(f"--confirm-budget {text!r}: {e}") from None
+    own = compose_checked([*BUDGETS[budget], *overrides], f"the study's override list {' '.join(overrides)!r}")
+    confirming = compose_checked(second, f"--confirm-budget {text!r}")
     same = confirming == own
     return None if same else (label, second)
 
@@ -597,23 +700,21 @@ def confirm_again(args, launcher, at_second, names, chosen):
                     "error": f"the runs of {', '.join(sc.label(lv, names) for lv in asked)} did not finish there "
                              "(interrupted?): run the same command again to go on"}, launched or 1
         asked = check["next"]
-        launched |= subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m",
-                                    *sweep(asked, "confirm"), *launcher]).returncode
+        launched |= launch(sweep(asked, "confirm"), launcher)
 
 
 def prepare(*overrides):
     """Generate the demonstrations once, before parallel jobs would each start on them."""
     from vla_exp.data.sources import episodes_dir
-    from vla_exp.data.sources import validate
-    cfg = compose(*overrides)
-    validate(cfg)  # MetaWorld missing, or a bad override: one line before anything runs
+    cfg = compose_checked(overrides, "the study's runs")  # MetaWorld missing, or a bad override: one line
     print(f"demonstrations: {episodes_dir(cfg)}")
 
 
 def equal_updates(budget, overrides):
     """Overrides of the fixed recipe at the original's optimiser updates: its epochs scaled by the two recipes'
     batch sizes (the last, partial batch of an epoch aside, steps per epoch go as 1 / batch size)."""
-    original, fixed = (compose(f"recipe={r}", *budget, *overrides) for r in ("original", "fixed"))
+    original, fixed = (compose_checked([f"recipe={r}", *budget, *overrides], "the study's runs")
+                       for r in ("original", "fixed"))
     epochs = original.epochs * fixed.optim.batch_size / original.optim.batch_size
     if epochs != int(epochs) or epochs < 1:
         raise UsageError(f"epochs={original.epochs}: the fixed recipe cannot make the original's updates in whole "

@@ -14,7 +14,7 @@ from vla_exp.signals import Interrupted
 from vla_exp.training.ddp import rank
 from vla_exp.training.loop import train
 from vla_exp.policy.shape import adopt_checkpoint
-from vla_exp.training.sweep import save_config, sweep_settings
+from vla_exp.training.sweep import jobs_apart, save_config, stopping, sweep_settings
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -22,6 +22,10 @@ def main(cfg):
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     if sweep:
+        if signame := stopping(hc.sweep.dir):
+            print(f"job {hc.job.num}: not started, the sweep is stopping on {signame}; the same command runs it",
+                  file=sys.stderr)
+            return
         sweep_settings(cfg, hc)
     try:
         if adopt_checkpoint(cfg, hc.overrides.task):
@@ -30,7 +34,7 @@ def main(cfg):
     except Interrupted as e:  # one line; then submitit's requeue where it asked for the signal, else the exit
         if rank() == 0:
             print(f"job {hc.job.num}: {e}" if sweep else e, file=sys.stderr)
-        if not_requeued(e):
+        if not_requeued(e) or sweep and jobs_apart(hc.launcher):
             return  # the job ends as interrupted; the sweep goes on to its count line and the resume hint
         sys.exit(128 + e.signum)  # a sweep stops too: the same command resumes this job and skips the finished ones
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 at the end; the jobs a sweep launches; a job's settings inside a sweep (its W&B group, its share of the cores)."""
 import logging
 import os
+import signal
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -14,6 +15,10 @@ from omegaconf import OmegaConf
 from vla_exp import UsageError
 from vla_exp.files import exclusive, write_text
 from vla_exp.runs import SUMMARY, check_folder, status_of
+from vla_exp.signals import SIGNALS
+
+REFUSED = 2  # a multirun's exit code where it launched nothing (its folder held, a job's config refused)
+STOPPING = ".stopping"  # in a sweep folder while its multirun stops on a signal: the name of the signal
 
 
 def sweep_settings(cfg, hc):
@@ -70,7 +75,7 @@ class Sweep(Callback):
             check_folder(config.hydra.sweep.dir, "sweep folder")
             self.hold.enter_context(exclusive(config.hydra.sweep.dir, "another sweep"))
         except UsageError as e:
-            sys.exit(f"error: {e}")
+            refuse(f"error: {e}")
         bad, jobs = [], job_overrides(config)
         common = set.intersection(*map(set, jobs)) if jobs else set()
         for num, overrides in enumerate(jobs):
@@ -79,7 +84,24 @@ class Sweep(Callback):
             except UsageError as e:
                 bad.append(f"job {num} ({' '.join(o for o in overrides if o not in common)}): {e}")
         if bad:
-            sys.exit("\n".join(["error: nothing launched; these jobs' configs are not valid:", *bad]))
+            refuse("\n".join(["error: nothing launched; these jobs' configs are not valid:", *bad]))
+        self.signum = None
+        if jobs_apart(config.hydra.launcher):
+            (Path(config.hydra.sweep.dir) / STOPPING).unlink(missing_ok=True)  # left by a sweep killed while stopping
+            self.hold.callback(self.hold_signals(config.hydra.sweep.dir))
+
+    def hold_signals(self, sweep_dir):
+        """Where the jobs run in processes of their own (joblib), a signal to the sweep (Ctrl-C, SIGTERM, SIGUSR1/2)
+        must not end it before they save: its jobs got the signal too (from the terminal, or from a study, through
+        the process group) and stop at their next step boundary with a checkpoint, and a job that has not started
+        does not start (STOPPING). A second Ctrl-C stops at once. Returns what restores the handlers."""
+        def ask(signum, frame):
+            if signum == signal.SIGINT and self.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signum = self.signum or signum
+            write_text(Path(sweep_dir) / STOPPING, signal.Signals(signum).name)
+        previous = {s: signal.signal(s, ask) for s in SIGNALS}
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
     def __getstate__(self):  # submitit pickles the launcher with its callbacks: the lock stays with this process
         return {}
@@ -91,11 +113,33 @@ class Sweep(Callback):
         interrupted = status.count("interrupted")
         print(f"{sweep_dir}: {len(status)} runs, {failed} failed, {interrupted} interrupted. "
               f"Report: vla-exp-report {sweep_dir}")
-        if interrupted:
+        if interrupted or self.signum:
             print("the same command resumes the interrupted runs and skips the finished ones")
+        (sweep_dir / STOPPING).unlink(missing_ok=True)
         self.hold.close()
+        if self.signum:
+            sys.exit(128 + self.signum)
         if failed or interrupted:
             sys.exit(1)
+
+
+def refuse(message):
+    """A multirun that launches nothing: its line, and the exit code that says so to a study."""
+    print(message, file=sys.stderr)
+    sys.exit(REFUSED)
+
+
+def jobs_apart(launcher):
+    """Whether the launcher runs a sweep's jobs in processes of their own on this machine (joblib's loky workers)."""
+    return str(launcher.get("_target_", "")).endswith("JoblibLauncher")
+
+
+def stopping(sweep_dir):
+    """The signal a multirun is stopping on ("SIGINT"), or None: a job that would start now does not."""
+    try:
+        return (Path(sweep_dir) / STOPPING).read_text().strip() or "a signal"
+    except OSError:
+        return None
 
 
 def check_partition(launcher):
