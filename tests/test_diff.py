@@ -210,3 +210,52 @@ def test_a_group_factor_lists_its_leaves_under_it():
     from vla_exp.attribution.diff import text
     shown = text(diff(Side("recipe=original", "A"), Side("recipe=fixed", "B")))
     assert "  optim: original -> fixed\n" in shown and "      optim.lr: 0.001 -> 0.0001\n" in shown
+
+
+@pytest.mark.parametrize("token", ["${ oc.env:VLA_TEST_SECRET}", "${oc.env: VLA_TEST_SECRET}",
+                                   "x${oc.env:VLA_TEST_SECRET}", "${oc.decode:${oc.env:VLA_TEST_SECRET}}",
+                                   "${hydra:runtime.cwd}", "${oc.env:VLA_TEST_UNSET}", "${now:%H}"])
+def test_no_interpolation_in_a_folders_config_is_resolved(tmp_path, monkeypatch, token):
+    """A folder's config is data: an interpolation of any form, anywhere, stays the text it is (a spaced resolver
+    once printed the variable); only the project's own `${key}` references take the value they name."""
+    from omegaconf import OmegaConf
+    from vla_exp.config import compose
+    from vla_exp.attribution import screen
+    from vla_exp.attribution.diff import text
+    monkeypatch.setenv("VLA_TEST_SECRET", "hunter2")
+    monkeypatch.delenv("VLA_TEST_UNSET", raising=False)
+    cfg = compose("recipe=fixed")
+    cfg.data.camera = token
+    record = {"hydra": {"runtime": {"choices": Side("recipe=fixed", "A").choices}}}
+    folder = saved_run(tmp_path / "run", OmegaConf.to_yaml(cfg), OmegaConf.to_yaml(record))
+    b = Side(str(folder), "B")
+    d = diff(Side("recipe=fixed", "A"), b)
+    assert [(f["factor"], f["b"]) for f in d["factors"]] == [("data.camera", token)]
+    assert b.leaves["model.config.action_dim"] == compose("recipe=fixed").data.action_dim  # ${data.action_dim}
+    assert "hunter2" not in text(d) and token in text(d)
+    facs, _ = screen.factors(Side("recipe=fixed", "A"), b)
+    assert "hunter2" not in screen.config_yaml([1], facs, "design", Side("recipe=fixed", "A"), b)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("${no.such.key}", "data.camera=${no.such.key} names no value of the config"),
+    ("${data.camera}", "data.camera=${data.camera} names a circle of references")])
+def test_a_reference_to_nothing_in_a_folders_config_is_one_line(tmp_path, value, message):
+    from omegaconf import OmegaConf
+    from vla_exp.config import compose
+    cfg = OmegaConf.to_yaml(compose("recipe=fixed")).replace("camera: top", f"camera: {value}")
+    folder = saved_run(tmp_path / "run", cfg)
+    with pytest.raises(SystemExit) as e:
+        main(["recipe=fixed", str(folder)])
+    assert str(e.value) == (f"error: B: {folder / '.hydra' / 'config.yaml'}: {message} (a config read from a folder "
+                            "is data: its interpolations are not resolved)")
+
+
+def test_a_folder_whose_hydra_record_names_no_option_is_one_line(tmp_path):
+    from omegaconf import OmegaConf
+    choices = {**Side("recipe=fixed", "A").choices, "data": "bogus"}
+    folder = saved_run(tmp_path / "run", hydra=OmegaConf.to_yaml({"hydra": {"runtime": {"choices": choices}}}))
+    with pytest.raises(SystemExit) as e:
+        main([str(folder), "recipe=fixed"])
+    assert str(e.value) == (f"error: A: {folder / '.hydra' / 'hydra.yaml'} names data=bogus, which is no option of "
+                            "data (the options: blocks, lerobot, metaworld, tint)")

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -20,6 +21,7 @@ from vla_exp.data.sources import datasets
 from vla_exp.data.convert import main as convert
 from vla_exp.data.chunks import sample_errors
 from vla_exp.data.episodes import read_episode
+from vla_exp.files import check_cache_entry
 from vla_exp.data.sources import episodes_dir
 
 FAST = ("logger=none", "progress=false", "debug=smoke")
@@ -158,6 +160,48 @@ def test_convert_a_data_config(tmp_path):
     convert(["data=tint data.episodes=3 data.steps=4", str(tmp_path / "ds"), "--codebase-version", "v2.1"])
     info = json.loads((tmp_path / "ds" / "meta" / "info.json").read_text())
     assert (info["codebase_version"], info["total_episodes"], info["total_frames"]) == ("v2.1", 3, 12)
+
+
+def test_convert_refuses_an_output_inside_its_source_and_a_source_inside_its_output(source, written, tmp_path):
+    """Into a cache entry (a data config's episodes) the output would be files its manifest does not list, and every
+    later run on that data would stop: refused before anything is written, both ways and both directions."""
+    data = "data=tint data.episodes=3 data.steps=4"
+    entry = Path(episodes_dir(compose(*data.split())))
+    with pytest.raises(SystemExit) as e:
+        convert([data, str(entry / "lerobot")])
+    assert str(e.value) == f"error: {entry / 'lerobot'} is inside the source {entry}: give an output folder outside it"
+    dataset = written[("v3.0", "video")]
+    for src, out in ((str(source), source / "ds"), (str(dataset), dataset / "back"), (str(source), source.parent)):
+        with pytest.raises(SystemExit) as e:
+            convert([src, str(out)])
+        assert "give an output folder outside it" in str(e.value) and "\n" not in str(e.value)
+    assert not (entry / "lerobot").exists() and not (source / "ds").exists() and not (dataset / "back").exists()
+    check_cache_entry(entry, "data")  # the entry is still whole
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fps", "-5"], "argument --fps: '-5': must be a whole number >= 1"),
+    (["--fps", "0"], "argument --fps: '0': must be a whole number >= 1"),
+    (["--image-size", "0"], "argument --image-size: '0': must be a whole number >= 1")])
+def test_convert_numbers_below_one_are_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit):
+        convert(["data=tint", str(tmp_path / "ds"), *args])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"vla-exp-convert: error: {message}"
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("source, message", [
+    ("data=bogus", "error: the source 'data=bogus' does not compose: In 'train': Could not find 'data/bogus' "
+                   "Available options in 'data': blocks lerobot metaworld tint"),
+    ("data=tint foo=1", "error: the source 'data=tint foo=1' does not compose: Could not override 'foo'. To append "
+                        "to your config use +foo=1"),
+    ("data=tint data.episodes=1", "error: the source 'data=tint data.episodes=1': data.episodes=1: must be an integer "
+                                  ">= 2, or null (data=lerobot: every episode)")])
+def test_convert_a_data_config_that_does_not_compose_is_one_line(tmp_path, source, message):
+    with pytest.raises(SystemExit) as e:
+        convert([source, str(tmp_path / "ds")])
+    assert str(e.value) == message
+    assert not (tmp_path / "ds").exists()
 
 
 def test_the_split_and_normalisation_are_the_hdf5_ones(written, source):

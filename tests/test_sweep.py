@@ -212,7 +212,9 @@ def test_a_study_whose_configs_are_refused_says_so_and_stops(tmp_path, study):
     out = cli("-m", "vla_exp.attribution.studies", *study, "--seeds", "0,1", "--jobs", "1", "--out", str(tmp_path / "s"),
               "eval.samples=0", "logger=none")
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1].endswith("eval.samples=0: must be an integer >= 1")
+    *_, bad_job, last = out.stderr.strip().splitlines()
+    assert bad_job.endswith("eval.samples=0: must be an integer >= 1")
+    assert last == "error: the study's multirun launched nothing (the line above says why); the study stops there"
     assert not (tmp_path / "s" / "report").exists()
 
 

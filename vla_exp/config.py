@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vla_exp import UsageError, one_line
+from vla_exp import UsageError
 
 CONF_DIR = next(p for p in (Path(__file__).parent / "conf", Path(__file__).parent.parent / "conf") if p.is_dir())
 GROUPS = ("init", "loss_handling", "optim", "clipping")  # the four fixes, one config group each
@@ -25,22 +25,6 @@ def compose(*overrides):
     from hydra import compose as hydra_compose, initialize_config_dir
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("train", list(overrides))
-
-
-def compose_checked(overrides, what):
-    """compose() and every rule a run's config must meet (vla_exp.data.sources.validate); a config that does not
-    compose or breaks a rule is one line naming `what` (UsageError)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-    from vla_exp.data.sources import validate
-    try:
-        cfg = compose(*overrides)
-        validate(cfg)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise UsageError(f"{what} does not compose: {one_line(e, 300).split(' Config search path')[0]}") from None
-    except UsageError as e:
-        raise UsageError(f"{what}: {e}") from None
-    return cfg
 
 
 def choices(cfg):
@@ -106,7 +90,16 @@ def literal(value):
         return value.replace("${", "\\${")
     if isinstance(value, list):
         return [literal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: literal(v) for k, v in value.items()}
     return value
+
+
+def dig(node, *keys):
+    """node[k1][k2]... of plain containers read from a file, or None where a level is missing or no mapping."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def run_name(cfg):

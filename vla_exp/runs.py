@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from vla_exp import UsageError
-from vla_exp.config import GROUPS, NOT_RESULTS, leaves
+from vla_exp.config import GROUPS, NOT_RESULTS, dig, leaves
 from vla_exp.files import write_json
 
 SUMMARY, METRICS, CONFIG, INIT_REPORT = "summary.json", "metrics.jsonl", ".hydra/config.yaml", "init_report.json"
@@ -63,7 +63,14 @@ class Design:
         missing = [f.name for f in fields(cls) if f.name not in node]
         if missing:
             raise UsageError(f"{where}: its design node lacks {', '.join(missing)} (written by another version?)")
-        return cls(**{f.name: node[f.name] for f in fields(cls)})
+        d = cls(**{f.name: node[f.name] for f in fields(cls)})
+        texts = all(isinstance(getattr(d, k), str) for k in ("name", "label", "part", "a", "b"))
+        if not (texts and isinstance(d.factors, list) and all(isinstance(f, str) for f in d.factors)
+                and isinstance(d.levels, list) and len(d.levels) == len(d.factors)
+                and all(x in (0, 1) and not isinstance(x, float) for x in d.levels)):
+            raise UsageError(f"{where}: its design node is malformed (texts for name, label, part, a and b; a list "
+                             "of factor names and a list of as many 0/1 levels)")
+        return d
 
     def node(self):
         return asdict(self)
@@ -87,11 +94,26 @@ def check_run_folder(run_dir):
                              "run folder")
 
 
+def unreadable(path, why):
+    """Name a file, or a part of one, that a reader goes on without: one warning line."""
+    print(f"warning: {path}: {why}; read without it")
+
+
+def parse_json(text):
+    """JSON as Python reads it, but an integer longer than 18 digits (a 400-digit one) reads as a float (inf where
+    too long for one), so that no figure stops a reader with OverflowError."""
+    return json.loads(text, parse_int=lambda s: int(s) if len(s) < 19 else float(s))
+
+
+def read_json(path):
+    return parse_json(Path(path).read_text())
+
+
 def read_summary(run_dir):
     """The run's summary as a dict, or None where there is none; an unreadable one reads as a failed run."""
     path = Path(run_dir) / SUMMARY
     try:
-        s = json.loads(path.read_text())
+        s = read_json(path)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:  # a summary half written by an older, non-atomic writer
@@ -126,13 +148,22 @@ def finished(run_dir, digest):
 
 
 def read_metrics(run_dir):
-    """The rows of a run's metrics.jsonl; the last line of a run killed while writing it is left out."""
-    path, rows = Path(run_dir) / METRICS, []
-    for line in path.read_text().splitlines() if path.exists() else ():
+    """The rows of a run's metrics.jsonl; the last line of a run killed while writing it is left out, and any other
+    line that is no row (not JSON, no "kind") is named."""
+    path, rows, bad = Path(run_dir) / METRICS, [], []
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    for num, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
+            row = parse_json(line)
         except ValueError:
-            pass
+            row = None
+        if isinstance(row, dict) and row.get("kind") in ("step", "epoch"):
+            rows.append(row)
+        elif num < len(lines) or row is not None:  # a last line cut short is a killed writer's: not worth a word
+            bad.append(num)
+    if bad:
+        unreadable(path, f"line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:5]))}"
+                         f"{' ...' if len(bad) > 5 else ''} hold{'s' if len(bad) == 1 else ''} no metrics row")
     return rows
 
 
@@ -142,11 +173,6 @@ def read_normalization(run_dir):
         return json.loads((Path(run_dir) / NORMALIZATION).read_text())
     except (OSError, ValueError):
         return None
-
-
-def read_config(run_dir, resolve=False):
-    """The run's saved config as a plain dict (interpolations kept as text unless `resolve`)."""
-    return OmegaConf.to_container(OmegaConf.load(Path(run_dir) / CONFIG), resolve=resolve)
 
 
 # ------------------------------------------------------------------------------------------------ many runs
@@ -188,6 +214,31 @@ def cell_label(cell, levels):
     return recipe + (" with " + ", ".join(f"{c}={cell[c]}" for c in diffs[recipe]) if diffs[recipe] else "")
 
 
+def readable(path, s):
+    """A summary with each part the report reads in the shape it reads it: a part in another shape (choices that are
+    no mapping, a seed that is no seed, a malformed design node) is named and left out, and the run read without it."""
+    s = dict(s)
+    for key in ("choices", "baseline_action_errors", "design"):
+        if key in s and not isinstance(s[key], dict):
+            unreadable(path, f"{key} is a {type(s[key]).__name__}, not a mapping")
+            s.pop(key)
+    bad = [k for k, v in (s.get("baseline_action_errors") or {}).items() if not isinstance(v, (int, float, type(None)))]
+    if bad:
+        unreadable(path, f"baseline_action_errors: {bad[0]} is no number")
+        s["baseline_action_errors"] = {k: v for k, v in s["baseline_action_errors"].items() if k not in bad}
+    seed = s.get("seed")
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2 ** 32):
+        unreadable(path, f"seed={str(seed)[:30]} is no seed (an integer from 0 to {2 ** 32 - 1})")
+        s.pop("seed")
+    if "design" in s:
+        try:
+            Design.of(s["design"], path)
+        except UsageError as e:
+            unreadable(path, str(e).removeprefix(f"{path}: "))
+            s.pop("design")
+    return s
+
+
 def check_keys(run_dir, s):
     if s.get("status") in FINISHED and (missing := [k for k in SUMMARY_KEYS if k not in s]):
         raise UsageError(f"{Path(run_dir) / SUMMARY}: a finished run's summary without {', '.join(missing)} "
@@ -202,11 +253,12 @@ def load_runs(run_dirs, levels):
     for d in tqdm(run_dirs, desc="reading summaries", disable=len(run_dirs) < MANY):
         s = read_summary(d) or {"status": "failed", "error": f"no {SUMMARY}"}
         check_keys(d, s)
+        s = readable(Path(d) / SUMMARY, s)
         choices = s.get("choices") or {}
         row = {"run_dir": str(d), **{c: str(choices.get(c) or "?") for c in CELL}, "recipe": choices.get("recipe")}
         row.update({k: v for k, v in s.items() if isinstance(v, (str, int, float, bool, type(None))) and k not in row})
         row.update({f"baseline_{k}": v for k, v in (s.get("baseline_action_errors") or {}).items()})
-        if isinstance(s.get("design"), dict):  # a screen's configuration
+        if "design" in s:  # a screen's configuration
             design = Design.of(s["design"], Path(d) / SUMMARY)
             row.update({f"design_{k}": getattr(design, k) for k in ("name", "label", "part")})
             row.update({f"level:{f}": x for f, x in zip(design.factors, design.levels)})
@@ -254,7 +306,7 @@ def check_replicates(runs):
 
 def differing_keys(run_dirs):
     """The config keys that decide results and differ between the runs' saved configs (.hydra/config.yaml)."""
-    configs = [leaves(read_config(d)) for d in run_dirs if (Path(d) / CONFIG).is_file()]
+    configs = [leaves(c) for d in run_dirs if isinstance(c := read_yaml(Path(d) / CONFIG), dict)]
     if len(configs) < 2:
         return "replicate_hash: the runs' saved configs are not there to say which keys"
     flat = pd.DataFrame(configs).astype(str)
@@ -279,11 +331,21 @@ def sweep_group(run_dirs):
     """The W&B group of the runs' sweep: its hydra.sweep.dir (what vla-exp-train groups a multirun by) when the
     sweep's multirun.yaml holds it literally, else the name of the runs' common parent folder."""
     parent = Path(os.path.commonpath([str(Path(d).parent) for d in run_dirs]))
-    if (parent / "multirun.yaml").exists():
-        sweep = OmegaConf.load(parent / "multirun.yaml").get("hydra", {}).get("sweep", {})
-        if "dir" in sweep and not OmegaConf.is_interpolation(sweep, "dir"):
-            return str(sweep.dir)
-    return parent.name
+    sweep_dir = dig(read_yaml(parent / "multirun.yaml"), "hydra", "sweep", "dir")
+    return str(sweep_dir) if sweep_dir is not None and "${" not in str(sweep_dir) else parent.name
+
+
+def read_yaml(path):
+    """A YAML file a run or sweep wrote, as plain containers with every interpolation kept as text (a folder's files
+    are data), or None where there is none, and, named, where it is not YAML."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+    if not Path(path).is_file():
+        return None
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (OSError, yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+        return unreadable(path, f"not YAML ({' '.join(str(e).split())[:100]})")
 
 
 # ------------------------------------------------------------------------------------------------ a study

@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vla_exp import UsageError, one_line
-from vla_exp.config import CONF_DIR, NOT_RESULTS, foreign_keys, settled
+from vla_exp.config import CONF_DIR, NOT_RESULTS, dig, foreign_keys, settled
 from vla_exp.runs import read_normalization, read_summary
 
 LABELS = ("name", "recipe")  # say which option a group or preset is; they decide nothing by themselves
@@ -76,9 +76,8 @@ class Side:
 def saved_choices(path, which):
     """The group choices Hydra recorded for a run (hydra.runtime.choices in its hydra.yaml), read as data: each of
     the project's groups must name one of its options."""
-    choices = OmegaConf.to_container(saved_yaml(path, which, "Hydra's record of the run"), resolve=False)
-    for key in ("hydra", "runtime", "choices"):
-        choices = choices.get(key) if isinstance(choices, dict) else None
+    hydra = OmegaConf.to_container(saved_yaml(path, which, "Hydra's record of the run"), resolve=False)
+    choices = dig(hydra, "hydra", "runtime", "choices")
     if not isinstance(choices, dict):
         raise UsageError(f"{which}: {path} has no hydra.runtime.choices mapping (not written by Hydra?)")
     for group in groups():

@@ -12,7 +12,6 @@ Runs of a screen (vla-exp-study screen) get the screen's analysis instead (vla_e
 difference's effect with its aliases, the confirmation, a half-normal plot.
 """
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,12 +20,13 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from vla_exp import UsageError
+from vla_exp import UsageError, one_line
 from vla_exp.attribution import analysis, bisect, dashboard, numbers, screen, study_tables
-from vla_exp.config import CONF_DIR, reference_levels
+from vla_exp.config import CONF_DIR, dig, literal, reference_levels
 from vla_exp.files import atomic, write_text
 from vla_exp.recorder import Tracker
-from vla_exp.runs import METRICS_READ, CONFIG, BISECT_JSON, CONFIRMATION_JSON, find_run_dirs, load_curves, load_runs, read_study, sweep_group
+from vla_exp.runs import (BISECT_JSON, CONFIG, CONFIRMATION_JSON, METRICS_READ, STUDY, find_run_dirs, load_curves,
+                          load_runs, read_json, read_study, read_yaml, sweep_group, unreadable)
 METHOD = ("Effect = marginal mean of the level minus that of the reference level (the original recipe's), with a 95% "
           "CI, from an OLS over the seeds (with two-way interactions where the runs allow: see each metric's model); "
           f"detectable when p < {numbers.ALPHA}; size from partial eta² (small >= 0.01, medium >= 0.06, "
@@ -65,9 +65,9 @@ def screen_results(runs):
     return names, {m: screen.estimate_effects(design, m, names) for m in METRICS_READ if m in runs}
 
 
-def screen_tables(runs, names, results):
+def screen_tables(runs, names, results, folder):
     """(markdown, [(heading, html)]) of a screen: its design, each metric's effects with their aliases, the
-    confirmation where the study saved one (confirmation.json beside the runs)."""
+    confirmation where the study saved one (confirmation.json in its `folder`, beside the runs)."""
     design = runs[runs.design_part == "design"]
     coded = design[[f"level:{n}" for n in names]].drop_duplicates().to_numpy() * 2 - 1
     words = screen.defining_relation(coded)
@@ -98,33 +98,72 @@ def screen_tables(runs, names, results):
                 "precision": shown.se_ratio.map(lambda r: f"SE x{r:.2f}" if r > 1.05 else "")})
             md += [numbers.markdown(table), ""]
             html.append((f"Screen: effects on {metric}", dashboard.note_html(head) + dashboard.table_html(table)))
-    plan_path = Path(os.path.commonpath(list(runs.run_dir))) / CONFIRMATION_JSON
-    if plan_path.is_file():
-        plan = json.loads(plan_path.read_text())
-        rows = [{"step": f"A + {', '.join(s['set'])}", "configuration": s["name"],
-                 plan["metric"]: numbers.mean_pm(s["values"]), "reaches B": "yes" if s["reached"] else "no"}
-                for s in plan["steps"]]
-        rows += [{"step": f"the set without {w['left_out']}", "configuration": w["name"],
-                  plan["metric"]: numbers.mean_pm(w["values"]), "reaches B": "yes" if w["reached"] else "no"}
-                 for w in plan["without"]]
-        table = pd.DataFrame([{"step": "A", "configuration": "A", plan["metric"]: numbers.mean_pm(plan["a"]),
-                               "reaches B": ""}, *rows,
-                              {"step": "B", "configuration": "B", plan["metric"]: numbers.mean_pm(plan["b"]),
-                               "reaches B": ""}])
-        text = screen.sentence(plan)
-        second_md, second_html = budget_table(plan.get("budget", {}))
-        md += ["## Confirmation", "", text, "", numbers.markdown(table), "", *second_md]
-        html.insert(0, ("Confirmation: the smallest set of changes",  # the answer opens the dashboard
-                        dashboard.note_html(text) + second_html + dashboard.table_html(table)))
+    plan_path = folder / CONFIRMATION_JSON
+    plan = read_plan(plan_path, ("metric", "a", "b", "steps", "without"))
+    built = plan and from_file(plan_path, confirmation_tables, plan)
+    if built:
+        md += built[0]
+        html.insert(0, built[1])  # the answer opens the dashboard
     return "\n".join(md), html
+
+
+def confirmation_tables(plan):
+    """(markdown lines, dashboard section) of a screen's confirmation (confirmation.json)."""
+    rows = [{"step": f"A + {', '.join(s['set'])}", "configuration": s["name"],
+             plan["metric"]: numbers.mean_pm(s["values"]), "reaches B": "yes" if s["reached"] else "no"}
+            for s in plan["steps"]]
+    rows += [{"step": f"the set without {w['left_out']}", "configuration": w["name"],
+              plan["metric"]: numbers.mean_pm(w["values"]), "reaches B": "yes" if w["reached"] else "no"}
+             for w in plan["without"]]
+    table = pd.DataFrame([{"step": "A", "configuration": "A", plan["metric"]: numbers.mean_pm(plan["a"]),
+                           "reaches B": ""}, *rows,
+                          {"step": "B", "configuration": "B", plan["metric"]: numbers.mean_pm(plan["b"]),
+                           "reaches B": ""}])
+    text = screen.sentence(plan)
+    second_md, second_html = budget_table(plan.get("budget", {}))
+    return (["## Confirmation", "", text, "", numbers.markdown(table), "", *second_md],
+            ("Confirmation: the smallest set of changes", dashboard.note_html(text) + second_html +
+             dashboard.table_html(table)))
+
+
+def read_plan(path, keys):
+    """A study's record beside its runs (confirmation.json, bisect.json) as a mapping that holds `keys`: None where
+    there is none, and, named, where it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        plan = read_json(path)
+    except (OSError, ValueError) as e:
+        return unreadable(path, f"not JSON ({one_line(e, 100)})")
+    if not isinstance(plan, dict):
+        return unreadable(path, f"holds a {type(plan).__name__}, not the study's record")
+    if missing := [k for k in keys if k not in plan]:
+        return unreadable(path, f"lacks {', '.join(missing)} (cut short, or written by another version?)")
+    return plan
+
+
+def from_file(path, build, *args):
+    """build(*args) from what the file at `path` holds, or None where its content is not in the shape vla-exp writes
+    (a record edited by hand or by another version): the file is named and its part of the report left out."""
+    try:
+        return build(*args)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        return unreadable(path, f"not in the shape this report reads ({type(e).__name__}: {one_line(e, 100)})")
+
+
+def study_of(folder):
+    """The study a folder holds (its study.json), or None: for a plain sweep, or, named, a study.json it cannot read."""
+    study = read_study(folder)
+    if study is None and (folder / STUDY).is_file():
+        unreadable(folder / STUDY, "not the record of a study (a mapping with its name)")
+    return study
 
 
 def logger_config(run_dirs, mode, group):
     """The W&B project and entity of the runs' own logger config (the first run's that has one, else the default),
     with the report's mode and group."""
-    saved = (Path(d) / CONFIG for d in run_dirs)
-    loggers = (OmegaConf.load(path).get("logger") for path in saved if path.is_file())
-    logger = next((lg for lg in loggers if lg is not None and lg.get("kind") == "wandb"),
+    loggers = (dig(read_yaml(Path(d) / CONFIG), "logger") for d in run_dirs)  # a folder's config is data: as text
+    logger = next((literal(lg) for lg in loggers if isinstance(lg, dict) and lg.get("kind") == "wandb"),
                   OmegaConf.load(CONF_DIR / "logger" / "wandb.yaml"))
     return OmegaConf.merge(logger, {"mode": mode, "group": group})
 
@@ -158,12 +197,24 @@ def factorial_part(runs, levels):
 
 def screen_part(runs):
     """A screen's analysis (it varies other keys than the four groups): the same five things as factorial_part. A
-    screen run with --method bisect has no design to analyse: its bisect.json is the analysis."""
-    plan_path = Path(os.path.commonpath(list(runs.run_dir))) / BISECT_JSON
-    if not (runs.design_part == "design").any() and plan_path.is_file():
-        return bisect_part(json.loads(plan_path.read_text()))
-    names, results = screen_results(runs)
-    md, sections = screen_tables(runs, names, results)
+    screen run with --method bisect has no design to analyse: its bisect.json is the analysis. Runs that are no
+    screen's, beside the screen's, are counted and left to a report of their own."""
+    own = runs[runs.design_part.notna()]
+    folder = Path(os.path.commonpath(list(own.run_dir)))
+    if len(own) < len(runs):
+        print(f"note: {len(runs) - len(own)} of the {len(runs)} runs are no screen's: the screen's analysis reads its "
+              f"{len(own)} runs in {folder} alone; report the others apart")
+    if not (own.design_part == "design").any():
+        plan_path = folder / BISECT_JSON
+        plan = read_plan(plan_path, ("metric", "tests", "important", "factors"))
+        part = plan and from_file(plan_path, bisect_part, plan)
+        if part:
+            return part
+        text = (f"The screen's {len(own)} runs in {folder} hold no run of a design, and no readable {BISECT_JSON} "
+                "is beside them: there is nothing to analyse as a screen.")
+        return f"## Screen\n\n{text}", [("Screen", dashboard.note_html(text))], {}, None, text
+    names, results = screen_results(own)
+    md, sections = screen_tables(own, names, results, folder)
     return md, sections, {"half_normal": dashboard.half_normal_figure(results)}, None, md
 
 
@@ -225,7 +276,8 @@ def report(dirs, out=None, use_wandb=False, wandb_mode="offline", group=None):
                 f"Baselines (mean over runs): {baselines or 'none'}\n")
     write_text(out / "table.md", table_md)
     write_text(out / "analysis.md", f"# {title}\n\n{working}\n\n{body}")
-    study = [study_tables.write(Path(d), s) for d in dirs if (s := read_study(d))]
+    study = [part for d in dirs if (s := study_of(Path(d))) and
+             (part := from_file(Path(d) / STUDY, study_tables.write, Path(d), s))]
 
     # ---------------------------------------------------------------------------- plots and dashboard
     pngs = []

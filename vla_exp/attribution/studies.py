@@ -48,7 +48,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from vla_exp import UsageError, one_line
-from vla_exp.config import GROUPS, compose, compose_checked, recipe_levels
+from vla_exp.config import GROUPS, compose, recipe_levels
 from vla_exp.files import STUDY_LOCK, exclusive, write_json, write_text
 from vla_exp.runs import CONFIRMATION_JSON, CONFIRMATION_MD, SUMMARY, check_folder, nothing_ran, write_study
 from vla_exp.schema import SEED
@@ -86,7 +86,7 @@ def seed_list(text):
         if not (re.fullmatch(r"\d+", item.strip()) and test(int(item))):
             raise argparse.ArgumentTypeError(f"{text!r}: {item.strip()!r} is not a seed: each {allowed}")
     seeds = [int(item) for item in items]
-    if twice := next((x for x in seeds if seeds.count(x) > 1), None):
+    if (twice := next((x for x in seeds if seeds.count(x) > 1), None)) is not None:
         raise argparse.ArgumentTypeError(f"{text!r}: seed {twice} is given {seeds.count(twice)} times; each seed is "
                                          "one replicate, so give distinct seeds")
     return ",".join(map(str, seeds))
@@ -672,6 +672,7 @@ def second_budget(text, budget, overrides):
             raise UsageError(f"--confirm-budget {text!r}: give a budget ({', '.join(BUDGETS)}) or quoted Hydra "
                              "overrides (key=value ...)")
         label, second = f"the confirmation budget ({text})", [*BUDGETS[budget], *overrides, *extra]
+    from vla_exp.data.sources import compose_checked
     own = compose_checked([*BUDGETS[budget], *overrides], f"the study's override list {' '.join(overrides)!r}")
     confirming = compose_checked(second, f"--confirm-budget {text!r}")
     same = confirming == own
@@ -705,7 +706,7 @@ def confirm_again(args, launcher, at_second, names, chosen):
 
 def prepare(*overrides):
     """Generate the demonstrations once, before parallel jobs would each start on them."""
-    from vla_exp.data.sources import episodes_dir
+    from vla_exp.data.sources import compose_checked, episodes_dir
     cfg = compose_checked(overrides, "the study's runs")  # MetaWorld missing, or a bad override: one line
     print(f"demonstrations: {episodes_dir(cfg)}")
 
@@ -713,6 +714,7 @@ def prepare(*overrides):
 def equal_updates(budget, overrides):
     """Overrides of the fixed recipe at the original's optimiser updates: its epochs scaled by the two recipes'
     batch sizes (the last, partial batch of an epoch aside, steps per epoch go as 1 / batch size)."""
+    from vla_exp.data.sources import compose_checked
     original, fixed = (compose_checked([f"recipe={r}", *budget, *overrides], "the study's runs")
                        for r in ("original", "fixed"))
     epochs = original.epochs * fixed.optim.batch_size / original.optim.batch_size

@@ -21,9 +21,8 @@ from vla_exp.data.lerobot import SUPPORTED, Dataset, cameras_of, generate, write
 
 def hdf5_source(source):
     """(the folder of HDF5 episodes, the camera to read) for a folder or a quoted list of data overrides."""
-    from vla_exp.config import compose_checked
     from vla_exp.data.episodes import camera_name
-    from vla_exp.data.sources import episodes_dir
+    from vla_exp.data.sources import compose_checked, episodes_dir
     if Path(source).expanduser().is_dir():
         return Path(source).expanduser(), None
     overrides = source.split()

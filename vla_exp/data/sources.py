@@ -7,6 +7,7 @@ imported on use: MetaWorld is an optional extra.
 """
 import importlib
 
+from vla_exp import UsageError, one_line
 from vla_exp.data.chunks import PAST_END, load_split
 from vla_exp.data.episodes import camera_name
 from vla_exp.files import cache_path, check_cache_entry
@@ -34,6 +35,22 @@ def validate(cfg):
     """Every rule a run's config must meet: the schema's and its data source's (UsageError for the first broken)."""
     validate_schema(cfg)
     check(cfg)
+
+
+def compose_checked(overrides, what):
+    """compose() and every rule a run's config must meet (validate); a config that does not
+    compose or breaks a rule is one line naming `what` (UsageError)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    from vla_exp.config import compose
+    try:
+        cfg = compose(*overrides)
+        validate(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UsageError(f"{what} does not compose: {one_line(e, 300).split(' Config search path')[0]}") from None
+    except UsageError as e:
+        raise UsageError(f"{what}: {e}") from None
+    return cfg
 
 
 def episodes_dir(cfg):

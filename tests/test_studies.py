@@ -1,0 +1,148 @@
+"""A study's hold on its folder, its arguments checked before anything is written, and a signal handed on to its
+jobs: the running ones save and the same command resumes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vla_exp.attribution import studies
+from vla_exp.files import STUDY_LOCK, exclusive
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["debug=smoke", "progress=false", "logger=none", "epochs=1", "data.episodes=6"]
+
+
+def refused(capsys, *argv):
+    """The one line a study's command prints for bad input (argparse's or its own), with nothing launched."""
+    with pytest.raises(SystemExit) as e:
+        studies.main(list(argv))
+    if e.value.code == 2:  # argparse: its usage, then one line
+        return capsys.readouterr().err.strip().splitlines()[-1]
+    return str(e.value.code)
+
+
+@pytest.mark.parametrize("seeds, message", [
+    ("0,0,0", "argument --seeds: '0,0,0': seed 0 is given 3 times; each seed is one replicate, so give distinct seeds"),
+    ("1,2,1", "argument --seeds: '1,2,1': seed 1 is given 2 times; each seed is one replicate, so give distinct seeds"),
+    ("a,b,c", "argument --seeds: 'a,b,c': 'a' is not a seed: each must be an integer from 0 to 4294967295"),
+    ("0,,1", "argument --seeds: '0,,1': '' is not a seed: each must be an integer from 0 to 4294967295"),
+    ("-1,0,1", "argument --seeds: '-1,0,1': '-1' is not a seed: each must be an integer from 0 to 4294967295"),
+    ("4294967296", "argument --seeds: '4294967296': '4294967296' is not a seed: each must be an integer from 0 to "
+                   "4294967295"),
+    ("1_0", "argument --seeds: '1_0': '1_0' is not a seed: each must be an integer from 0 to 4294967295")])
+@pytest.mark.parametrize("study", [["add_one"], ["screen", "--method", "bisect", "--a", "recipe=original", "--b",
+                                                 "recipe=fixed"]])
+def test_seeds_that_are_no_distinct_seeds_are_one_line_before_anything(tmp_path, capsys, seeds, message, study):
+    for dry in ([], ["--dry-run"]):
+        assert refused(capsys, *study, f"--seeds={seeds}", "--out", str(tmp_path / "s"), *dry) == \
+            f"vla-exp-study: error: {message}"
+    assert not any(tmp_path.iterdir())
+
+
+def test_seeds_are_read_once_in_the_order_given():
+    assert studies.seed_list(" 3,0 ,4294967295") == "3,0,4294967295"
+
+
+@pytest.mark.parametrize("option, value, allowed", [
+    ("--delta1", "inf", "must be a finite number > 0"), ("--delta1", "0", "must be a finite number > 0"),
+    ("--delta0", "-0.1", "must be a finite number >= 0"), ("--delta0", "nan", "must be a finite number >= 0"),
+    ("--threshold", "-1", "must be a finite number > 0"), ("--threshold", "abc", "must be a finite number > 0")])
+def test_a_screens_numbers_must_be_finite_and_in_range(tmp_path, capsys, option, value, allowed):
+    line = refused(capsys, "screen", "--a", "recipe=original", "--b", "recipe=fixed", "--out", str(tmp_path / "s"),
+                   f"{option}={value}")
+    assert line == f"vla-exp-study: error: argument {option}: {value!r}: {allowed}"
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("study", [["add_one"], ["screen", "--a", "recipe=original", "--b", "recipe=fixed"]])
+def test_a_study_into_a_folder_a_sweep_holds_or_another_study_holds_writes_nothing(tmp_path, capsys, study):
+    """A sweep running in the folder (its .lock), or another study (its STUDY_LOCK): one line, before anything is
+    written, and nothing of theirs is touched."""
+    out = tmp_path / "s"
+    args = [*study, "--seeds", "0,1", "--jobs", "1", "--out", str(out), *TINY]
+    with exclusive(out, "another sweep"):
+        assert refused(capsys, *args) == f"error: {out} is in use by a run or sweep (pid {os.getpid()}): wait for " \
+                                         "it to end, or give this one another folder"
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    with exclusive(out, "another study", lock=STUDY_LOCK):
+        assert refused(capsys, *args) == f"error: {out} is in use by another study (pid {os.getpid()}): wait for " \
+                                         "it to end, or give this one another folder"
+    assert sorted(p.name for p in out.iterdir()) == [".lock", STUDY_LOCK]
+
+
+@pytest.mark.parametrize("held, study, message", [
+    ({"study": "screen", "a": "recipe=original", "b": "recipe=fixed", "method": "design"}, ["add_one"],
+     "holds another study (study 'screen')"),
+    ({"study": "add_one", "seeds": "0"}, ["screen", "--a", "recipe=original", "--b", "recipe=fixed"],
+     "holds another study (study 'add_one')"),
+    ({"study": "screen", "a": "recipe=original", "b": "recipe=fixed", "method": "bisect"},
+     ["screen", "--a", "recipe=original", "--b", "recipe=fixed"],
+     "holds another study (study 'screen', a 'recipe=original', b 'recipe=fixed', method 'bisect')"),
+    ("a string", ["add_one"], "study.json is not a study's record")])
+def test_a_study_never_takes_over_a_folder_another_study_made(tmp_path, capsys, held, study, message):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "study.json").write_text(json.dumps(held))
+    line = refused(capsys, *study, "--seeds", "0,1", "--jobs", "1", "--out", str(out), *TINY)
+    assert line.startswith("error: ") and message in line and "\n" not in line
+    assert json.loads((out / "study.json").read_text()) == held
+    assert sorted(p.name for p in out.iterdir()) == [STUDY_LOCK, "study.json"]
+
+
+def test_a_study_whose_folder_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    for study in (["add_one"], ["screen", "--a", "recipe=original", "--b", "recipe=fixed"]):
+        line = refused(capsys, *study, "--seeds", "0,1", "--jobs", "1", "--out", str(tmp_path / "f"), *TINY)
+        assert line == f"error: {tmp_path / 'f'} is a file, not a folder: the study folder {tmp_path / 'f'} cannot be " \
+                       "made there; remove it or give another folder"
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_a_refused_multirun_stops_the_study_by_name(tmp_path):
+    """The race the hold leaves (a sweep that takes the folder after the study looked): the multirun launches
+    nothing, and the study says so rather than read the folder's runs as its own."""
+    with exclusive(tmp_path, "another sweep"), pytest.raises(studies.Refused) as e:
+        studies.launch(["seed=0", f"hydra.sweep.dir={tmp_path}", *TINY], [])
+    assert str(e.value) == "the study's multirun launched nothing (the line above says why); the study stops there"
+
+
+def wait_for(ready, proc, timeout=300):
+    import time
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow  # a study's multiruns, stopped and resumed
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_ctrl_c_on_a_study_lets_its_running_jobs_save_then_the_same_command_resumes(tmp_path, jobs):
+    """SIGINT to the study alone (as a terminal's Ctrl-C reaches it): it hands the signal on to its multirun's jobs
+    (joblib workers too), waits while they write a checkpoint, starts no other, and ends in one line with no report.
+    The same command resumes the stopped runs from their checkpoints and skips the finished ones."""
+    args = [sys.executable, "-m", "vla_exp.attribution.studies", "add_one", "--seeds", "0", "--jobs", jobs,
+            "--out", str(tmp_path), *TINY[:-2], "epochs=2", "data.episodes=40"]
+    study = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = lambda: [p for p in tmp_path.glob("*/metrics.jsonl") if p.read_text().count('"step"') >= 2]
+    wait_for(started, study)
+    study.send_signal(signal.SIGINT)
+    _, err = study.communicate(timeout=300)
+    assert study.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("interrupted by SIGINT: the running jobs saved a checkpoint and no report "
+                                           "was written; the same command resumes the study and skips its finished runs")
+    stopped = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")}
+    assert 1 <= len(stopped) <= int(jobs) and all(s["status"] == "interrupted" for s in stopped.values())
+    assert all((tmp_path / name / "checkpoint.pt").is_file() for name in stopped)
+    assert not (tmp_path / "report").exists() and not (tmp_path / "study.json").exists()
+    assert not (tmp_path / ".stopping").exists()
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    done = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")}
+    assert len(done) == 5 and all(s["status"] == "completed" for s in done.values())
+    assert all(done[name]["resumed_at_step"] > 0 for name in stopped)
+    assert (tmp_path / "report" / "table.md").is_file()
