@@ -140,9 +140,47 @@ def test_ctrl_c_on_a_study_lets_its_running_jobs_save_then_the_same_command_resu
     assert all((tmp_path / name / "checkpoint.pt").is_file() for name in stopped)
     assert not (tmp_path / "report").exists() and not (tmp_path / "study.json").exists()
     assert not (tmp_path / ".stopping").exists()
+    if jobs == "1":  # the resume is the same for both launchers: checked once
+        return
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     done = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")}
     assert len(done) == 5 and all(s["status"] == "completed" for s in done.values())
     assert all(done[name]["resumed_at_step"] > 0 for name in stopped)
     assert (tmp_path / "report" / "table.md").is_file()
+
+
+@pytest.mark.slow  # an HTTP server in a process of its own
+def test_a_ray_address_where_something_that_is_not_ray_answers_is_one_line_within_seconds(tmp_path):
+    """Ray's own client retries any address for minutes; an HTTP server there, a port out of range and a port where
+    nothing listens are each one line, under --dry-run too, before anything is written."""
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while socket.socket().connect_ex(("127.0.0.1", port)) and time.time() < deadline:
+            time.sleep(0.1)
+        cases = [(f"127.0.0.1:{port}", "something answers there, but not a Ray cluster's head (UNAVAILABLE; "
+                                        "`ray start --head` starts one and prints its address)"),
+                 ("127.0.0.1:99999", "port 99999 is out of range (1 to 65535)")]
+        for address, message in cases:
+            began = time.time()
+            out = subprocess.run([sys.executable, "-m", "vla_exp.attribution.studies", "screen", "--a",
+                                  "recipe=original", "--b", "recipe=fixed", "--dry-run", "--jobs-per-gpu", "2",
+                                  "--ray-address", address, "--out", str(tmp_path / "s")],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2 and time.time() - began < 60
+            assert out.stderr.strip().splitlines()[-1] == f"vla-exp-study: error: --ray-address {address}: {message}"
+    finally:
+        server.kill()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(studies.UsageError, match=rf"--ray-address 127.0.0.1:{free}: nothing answers there \("):
+        studies.check_ray_head(f"127.0.0.1:{free}")
+    assert not tmp_path.joinpath("s").exists()
