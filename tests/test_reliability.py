@@ -293,3 +293,25 @@ def test_the_report_never_pools_different_configs_and_reads_any_summary(tmp_path
     assert table.loc[str(tmp_path / "one" / "empty"), "status"] == "failed"
     assert table.loc[str(tmp_path / "one" / "null"), "error"] == "summary.json holds NoneType, not a summary"
     assert (table.loc[[str(tmp_path / "one" / c) for c in ("copy", "six")], "status"] == "completed").all()
+
+
+@pytest.mark.parametrize("key, value", [("data.task", "${oc.env:VLA_TEST_SECRET}"),
+                                        ("data.camera", "${ oc.env:VLA_TEST_SECRET}"),
+                                        ("paths.cache_dir", "${oc.env:VLA_TEST_SECRET}")])
+def test_a_run_folder_to_evaluate_cannot_choose_which_variable_is_read(tmp_path, monkeypatch, key, value):
+    """vla-exp-evaluate resolves a run's config to run it: an interpolation the project does not write at that key
+    is refused before anything resolves it, so no message can carry the variable's value."""
+    from omegaconf import OmegaConf
+    from vla_exp.config import compose
+    from vla_exp.evaluation.closed_loop import load_run
+    monkeypatch.setenv("VLA_TEST_SECRET", "hunter2")
+    cfg = compose("data=metaworld")
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    assert load_run(tmp_path).data.task == "metaworld"  # the project's own interpolations are kept and resolved
+    OmegaConf.update(cfg, key, value)
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    with pytest.raises(UsageError) as e:
+        load_run(tmp_path)
+    assert str(e.value) == (f"{tmp_path / '.hydra' / 'config.yaml'}: {key}={value} is an interpolation the project's "
+                            "config does not write there (a run folder is data: it is not resolved)")

@@ -58,6 +58,16 @@ def test_a_screens_numbers_must_be_finite_and_in_range(tmp_path, capsys, option,
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("method", ["design", "bisect"])
+def test_a_screens_metric_must_be_a_figure_a_run_writes(tmp_path, capsys, method):
+    """A misspelt --metric would be found only after the design's runs: refused before them."""
+    line = refused(capsys, "screen", "--a", "recipe=original", "--b", "recipe=fixed", "--method", method,
+                   "--metric", "val_action_eror", "--out", str(tmp_path / "s"))
+    assert line.startswith("vla-exp-study: error: --metric val_action_eror: not a figure a run's summary holds; "
+                           "one of initial_output_std, ") and "val_action_error" in line
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("study", [["add_one"], ["screen", "--a", "recipe=original", "--b", "recipe=fixed"]])
 def test_a_study_into_a_folder_a_sweep_holds_or_another_study_holds_writes_nothing(tmp_path, capsys, study):
     """A sweep running in the folder (its .lock), or another study (its STUDY_LOCK): one line, before anything is
@@ -102,6 +112,7 @@ def test_a_study_whose_folder_is_a_file_is_one_line(tmp_path, capsys):
     assert (tmp_path / "f").read_text() == "mine"
 
 
+@pytest.mark.slow  # a multirun process
 def test_a_refused_multirun_stops_the_study_by_name(tmp_path):
     """The race the hold leaves (a sweep that takes the folder after the study looked): the multirun launches
     nothing, and the study says so rather than read the folder's runs as its own."""

@@ -11,6 +11,7 @@ import torch
 from vla_exp import UsageError
 from vla_exp.training import checkpoint, ddp
 from vla_exp.data.sources import datasets
+from vla_exp.runs import FIGURES
 from vla_exp.training.loop import LoopState, build_parts, epoch_batches, optimisation_step, summarise, train
 
 FAST = ("logger=none", "progress=false", "debug=smoke")
@@ -32,6 +33,8 @@ def test_short_run_learns_and_records_everything(make_cfg, tmp_path):
     assert len(losses) == s["steps"] > 20
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10  # the loss falls
     assert SUMMARY_KEYS <= s.keys() and s["status"] == "completed"
+    settings = {"seed", "threads", "processes", "started_at", "converge_loss", "epochs", "beats_baselines"}
+    assert {k for k, v in s.items() if isinstance(v, (int, float)) and k not in settings} <= set(FIGURES)
     assert s["choices"] == {"init": "none", "loss_handling": "scale_down", "optim": "original", "clipping": "none",
                             "recipe": "original", "head_loading": "current"}
     assert set(s["baseline_action_errors"]) == {"mean_action", "hold_state", "ignore_image", "ignore_instruction"}

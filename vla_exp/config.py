@@ -84,6 +84,18 @@ def settled(node, where):
     return {k: value(k, {k}) for k in flat}
 
 
+def own_interpolations(node, where):
+    """Refuse in one line a config read from a folder (as plain containers) that is to be resolved, as a run
+    resolves it, but holds an interpolation that is neither a `${key}` reference nor the very one the project's own
+    files write at that key (`paths.cache_dir`'s `${oc.env:VLA_EXP_CACHE,...}`): a folder is data, and must not
+    choose which environment variable is read."""
+    own = {(k, v) for k, v in conf_leaves() if isinstance(v, str) and "${" in v}
+    for key, v in leaves(node).items():
+        if isinstance(v, str) and "${" in v and not REFERENCE.fullmatch(v) and (key, v) not in own:
+            raise UsageError(f"{where}: {key}={v} is an interpolation the project's config does not write there (a "
+                             "run folder is data: it is not resolved)")
+
+
 def literal(value):
     """A value as a config must hold it to stay as it is: `${...}` in a string is text, not an interpolation."""
     if isinstance(value, str):

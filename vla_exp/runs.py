@@ -43,6 +43,11 @@ CELL = (*GROUPS, "head_loading")  # a cell: one combination of the choices
 METRICS_READ = ("val_action_error", "final_loss", "final_output_std", "initial_output_std")  # the factorial's
 TABLE_METRICS = ("final_loss", "final_output_std", "initial_output_std", "epochs_to_converge", "time_to_converge_s",
                  "skipped_batches", "scaled_loss_steps", "val_action_error", "success_rate")
+# Every figure a finished run's summary holds at its top level (what a screen's --metric may name)
+FIGURES = ("initial_output_std", "initial_loss", "missing_head_params", "nonfinite_head_params", "final_loss",
+           "final_val_loss", "final_output_std", "epochs_to_converge", "time_to_converge_s", "skipped_batches",
+           "scaled_loss_steps", "steps", "stopped_early_at_epoch", "diverged_at_step", "updates", "grad_norm_median",
+           "nonfinite_grad_steps", "val_action_error", "wall_time_s", "peak_rss_mb", "peak_gpu_mb")
 MANY = 20  # a progress bar from this many runs on
 
 

@@ -50,7 +50,7 @@ from pathlib import Path
 from vla_exp import UsageError, one_line
 from vla_exp.config import GROUPS, compose, recipe_levels
 from vla_exp.files import STUDY_LOCK, exclusive, write_json, write_text
-from vla_exp.runs import CONFIRMATION_JSON, CONFIRMATION_MD, SUMMARY, check_folder, nothing_ran, write_study
+from vla_exp.runs import CONFIRMATION_JSON, CONFIRMATION_MD, FIGURES, SUMMARY, check_folder, nothing_ran, write_study
 from vla_exp.schema import SEED
 from vla_exp.signals import SIGNALS, Interrupted
 from vla_exp.attribution.report import main as report
@@ -412,6 +412,8 @@ def screen(args, parser, out, launcher):
                      "seed noise (--seeds 0,1,2)")
     if args.method == "bisect" and args.max_seeds < len(seeds):
         parser.error(f"--max-seeds {args.max_seeds}: must be at least the {len(seeds)} seeds each group test starts with")
+    if args.metric not in FIGURES:
+        parser.error(f"--metric {args.metric}: not a figure a run's summary holds; one of {', '.join(FIGURES)}")
     if len(seeds) < 2 and args.threshold is None:
         parser.error("screen with one seed has no seed noise to say when a step reaches B: give --seeds with two "
                      "or more, or --threshold")

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vla_exp import UsageError
+from vla_exp.config import own_interpolations
 from vla_exp.data import metaworld as mw
 from vla_exp.runs import NORMALIZATION, POLICY, add_to_summary, read_normalization
 
@@ -129,6 +130,7 @@ def load_run(run_dir):
     if not path.is_file():
         raise UsageError(f"{run_dir}: no .hydra/config.yaml there: not a run folder written by vla-exp-train")
     cfg = OmegaConf.load(path)
+    own_interpolations(OmegaConf.to_container(cfg, resolve=False), path)  # before anything resolves the config
     if OmegaConf.select(cfg, "data.task") != "metaworld":
         raise UsageError(f"{run_dir}: trained on data.task={OmegaConf.select(cfg, 'data.task')}, not on MetaWorld "
                          f"(data=metaworld): there is no simulator to roll it out in")
