@@ -22,6 +22,7 @@ from vla_exp.files import Busy, atomic, exclusive
 from vla_exp.policy.load import backbone_path
 from vla_exp.training.loop import train
 from vla_exp.runs import status_of
+from vla_exp.training.sweep import REFUSED
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ("logger=none", "progress=false", "debug=smoke", "recipe=fixed")
@@ -170,7 +171,7 @@ def test_a_second_run_process_into_a_running_folder_stops_and_the_first_finishes
 def test_a_second_sweep_into_a_held_sweep_folder_launches_nothing(tmp_path):
     with exclusive(tmp_path, "another sweep"):
         out = cli("-m", "vla_exp.training.main", "-m", "init=xavier,none", *FAST, f"hydra.sweep.dir={tmp_path}")
-    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+    assert out.returncode == REFUSED and out.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path} is in use by another sweep (pid {os.getpid()}): wait for it to end, or give this one "
         "another folder")
     assert not list(tmp_path.glob("*/summary.json")) and not list(tmp_path.glob("*/metrics.jsonl"))
@@ -179,7 +180,7 @@ def test_a_second_sweep_into_a_held_sweep_folder_launches_nothing(tmp_path):
 @pytest.mark.slow
 def test_a_multirun_with_bad_jobs_names_each_and_launches_nothing(tmp_path):
     out = cli("-m", "vla_exp.training.main", "-m", "optim.lr=0.001,-1", "epochs=1,0", *FAST, f"hydra.sweep.dir={tmp_path}")
-    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.returncode == REFUSED and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-4:] == [
         "error: nothing launched; these jobs' configs are not valid:",
         "job 1 (optim.lr=0.001 epochs=0): epochs=0: must be an integer >= 1",

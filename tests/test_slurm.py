@@ -11,6 +11,8 @@ import pytest
 
 from test_resume import ROOT, RUN, same_run, wait_for_rows
 
+from vla_exp.training.sweep import REFUSED
+
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 SETUP = ROOT.parent / "shared" / "slurm" / "setup_slurm.sh"
 SLURM = ("hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug")
@@ -90,7 +92,7 @@ def test_a_sweep_runs_as_one_job_array_on_the_cluster(tmp_path):
 def test_a_partition_the_cluster_lacks_is_one_line_before_anything_is_submitted(tmp_path):
     proc = sweep(tmp_path, "seed=0,1", "debug=smoke", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu")
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and err.strip().splitlines() == [
+    assert proc.returncode == REFUSED and err.strip().splitlines() == [
         "error: hydra.launcher.partition=gpu: the cluster has no such partition (it has: debug)"]
     assert not (tmp_path / ".submitit").exists()
 

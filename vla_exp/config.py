@@ -78,8 +78,9 @@ def settled(node, where):
         if not (isinstance(v, str) and (ref := REFERENCE.fullmatch(v))):
             return v
         if ref[1] not in flat or ref[1] in seen:
-            raise UsageError(f"{where}: {key}={v} names {'no value of the config' if ref[1] not in flat else 'a circle of references'}"
-                             " (a config read from a folder is data: its interpolations are not resolved)")
+            named = "no value of the config" if ref[1] not in flat else "a circle of references"
+            raise UsageError(f"{where}: {key}={v} names {named} (a config read from a folder is data: its "
+                             "interpolations are not resolved)")
         return value(ref[1], {*seen, ref[1]})
     return {k: value(k, {k}) for k in flat}
 

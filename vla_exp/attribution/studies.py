@@ -191,8 +191,8 @@ def study(argv=None):
     s.add_argument("--foldover", action="store_true", help="add the design's mirror image (twice the runs)")
     s.add_argument("--metric", default="val_action_error", help="what the screen and the confirmation read "
                    "(a figure of summary.json; default val_action_error)")
-    s.add_argument("--threshold", type=number(0, above=True), help="a step recovers B when its mean is this close to B's (default: "
-                   "within the 95%% interval of the difference, from the screen's seed noise)")
+    s.add_argument("--threshold", type=number(0, above=True), help="a step recovers B when its mean is this close "
+                   "to B's (default: within the 95%% interval of the difference, from the screen's seed noise)")
     s.add_argument("--method", choices=("design", "bisect"), default="design", help="design (default): a two-level "
                    "design over every difference, then the confirmation; bisect: sequential bifurcation, groups of "
                    "differences tested and split (vla_exp/attribution/bisect.py)")
@@ -201,9 +201,10 @@ def study(argv=None):
                         "each of its factors, the same seeds, into <out>_confirm): working (default: the smallest at "
                         "which the fixed recipe beats every baseline), quick, or quoted Hydra overrides applied after "
                         "all others ('epochs=5'); nothing runs twice where it composes to the study's own budget")
-    s.add_argument("--delta0", type=number(0), default=0.02, help="bisect: the largest effect on --metric that does not "
-                   "matter (default 0.02)")
-    s.add_argument("--delta1", type=number(0, above=True), default=0.08, help="bisect: the smallest effect that matters (default 0.08)")
+    s.add_argument("--delta0", type=number(0), default=0.02, help="bisect: the largest effect on --metric that "
+                   "does not matter (default 0.02)")
+    s.add_argument("--delta1", type=number(0, above=True), default=0.08, help="bisect: the smallest effect that "
+                   "matters (default 0.08)")
     s.add_argument("--max-seeds", type=int, default=40, help="bisect: the most seeds one group test may run before "
                    "it says it cannot tell (default 40)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, after the budget: epochs=4 (they "
@@ -267,12 +268,13 @@ def run_sweeps(args, sweeps, budget, launcher, out):
 
 def check_owner(out, study, **sides):
     """Refuse in one line a folder whose study.json says another study made it (or a screen of other sides): its
-    runs would be read as this one's and its files written over."""
+    runs would be read as this one's and its files written over. A setting the record lacks (an older version's)
+    is not held against it."""
     from vla_exp.runs import STUDY, read_study
     held = read_study(out)
     if held is None and (Path(out) / STUDY).exists():
         raise UsageError(f"{Path(out) / STUDY} is not a study's record: give --out a new folder, or delete the file")
-    if held and any(held.get(k) != v for k, v in {"study": study, **sides}.items()):
+    if held and any(held.get(k, v) != v for k, v in {"study": study, **sides}.items()):
         what = ", ".join(f"{k} {held.get(k)!r}" for k in {"study": study, **sides} if k in held)
         raise UsageError(f"{out} holds another study ({what}): give --out a new folder")
 
