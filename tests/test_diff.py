@@ -251,11 +251,13 @@ def test_a_reference_to_nothing_in_a_folders_config_is_one_line(tmp_path, value,
                             "is data: its interpolations are not resolved)")
 
 
-def test_a_folder_whose_hydra_record_names_no_option_is_one_line(tmp_path):
+@pytest.mark.parametrize("option", ["bogus", "${oc.env:VLA_TEST_SECRET}"])
+def test_a_folder_whose_hydra_record_names_no_option_is_one_line(tmp_path, monkeypatch, option):
     from omegaconf import OmegaConf
-    choices = {**Side("recipe=fixed", "A").choices, "data": "bogus"}
+    monkeypatch.setenv("VLA_TEST_SECRET", "tint")  # resolved, it would pass for an option
+    choices = {**Side("recipe=fixed", "A").choices, "data": option}
     folder = saved_run(tmp_path / "run", hydra=OmegaConf.to_yaml({"hydra": {"runtime": {"choices": choices}}}))
     with pytest.raises(SystemExit) as e:
         main([str(folder), "recipe=fixed"])
-    assert str(e.value) == (f"error: A: {folder / '.hydra' / 'hydra.yaml'} names data=bogus, which is no option of "
-                            "data (the options: blocks, lerobot, metaworld, tint)")
+    assert str(e.value) == (f"error: A: {folder / '.hydra' / 'hydra.yaml'} names data={option}, which is no option "
+                            "of data (the options: blocks, lerobot, metaworld, tint)")

@@ -184,6 +184,8 @@ def test_convert_refuses_an_output_inside_its_source_and_a_source_inside_its_out
     (["--fps", "0"], "argument --fps: '0': must be a whole number >= 1"),
     (["--image-size", "0"], "argument --image-size: '0': must be a whole number >= 1")])
 def test_convert_numbers_below_one_are_one_line(tmp_path, capsys, args, message):
+    from vla_exp.data.convert import at_least_one
+    assert at_least_one("1") == 1 and at_least_one(" 30") == 30
     with pytest.raises(SystemExit):
         convert(["data=tint", str(tmp_path / "ds"), *args])
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"vla-exp-convert: error: {message}"

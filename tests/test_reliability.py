@@ -171,7 +171,7 @@ def test_a_second_run_process_into_a_running_folder_stops_and_the_first_finishes
 def test_a_second_sweep_into_a_held_sweep_folder_launches_nothing(tmp_path):
     with exclusive(tmp_path, "another sweep"):
         out = cli("-m", "vla_exp.training.main", "-m", "init=xavier,none", *FAST, f"hydra.sweep.dir={tmp_path}")
-    assert out.returncode == REFUSED and out.stderr.strip().splitlines()[-1] == (
+    assert out.returncode == REFUSED == 2 and out.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path} is in use by another sweep (pid {os.getpid()}): wait for it to end, or give this one "
         "another folder")
     assert not list(tmp_path.glob("*/summary.json")) and not list(tmp_path.glob("*/metrics.jsonl"))

@@ -16,7 +16,7 @@ import pytest
 from vla_exp import UsageError
 from vla_exp.attribution import analysis
 from vla_exp.attribution.report import main
-from vla_exp.config import recipe_levels, reference_levels
+from vla_exp.config import CONF_DIR, recipe_levels, reference_levels
 from vla_exp.runs import Design, find_run_dirs, load_runs, sweep_group
 from vla_exp.training.loop import train
 
@@ -363,6 +363,10 @@ def damage(root, case):
         (run / "summary.json").write_text(text)
     elif case == "a huge seed":
         edit_summary(run / "summary.json", seed=10 ** 30)
+    elif case in ("a seed past 32 bits", "a negative seed"):
+        edit_summary(run / "summary.json", seed=2 ** 32 if "32" in case else -1)
+    elif case == "a baseline that is text":
+        edit_summary(run / "summary.json", baseline_action_errors={**BASELINES, "hold_state": "low"})
     elif case == "choices a string":
         edit_summary(run / "summary.json", choices="fixed")
     elif case == "baselines a list":
@@ -372,7 +376,9 @@ def damage(root, case):
                                                             "B").node(), "levels": "1"})
     elif case == "a bad metrics row":
         rows = (run / "metrics.jsonl").read_text().splitlines()
-        (run / "metrics.jsonl").write_text("\n".join([rows[0], "[1, 2]", '{"step": 3}', *rows[1:]]) + "\n")
+        # a last line cut short is a killed writer's, left out without a word; the lines before it are named
+        (run / "metrics.jsonl").write_text("\n".join([rows[0], "not json", "[1, 2]", '{"step": 3}', *rows[1:],
+                                                       '{"kind": "st']) + "\n")
         return run / "metrics.jsonl"
     return run / "summary.json"
 
@@ -385,7 +391,9 @@ def damage(root, case):
     ("choices a string", "choices is a str, not a mapping"),
     ("baselines a list", "baseline_action_errors is a list, not a mapping"),
     ("a malformed design node", "its design node is malformed"),
-    ("a bad metrics row", "lines 2, 3 hold no metrics row")])
+    ("a bad metrics row", "lines 2, 3, 4 hold no metrics row; read without it"),
+    ("a seed past 32 bits", "seed=4294967296 is no seed"), ("a negative seed", "seed=-1 is no seed"),
+    ("a baseline that is text", "baseline_action_errors: hold_state is no number")])
 def test_the_report_names_each_file_it_cannot_read_and_goes_on_with_the_rest(tmp_path, capsys, case, why):
     root = tmp_path / "study"
     if case.startswith("bisect"):
@@ -405,6 +413,8 @@ def test_the_report_names_each_file_it_cannot_read_and_goes_on_with_the_rest(tmp
         assert f"warning: {path}: " in out and why in out and "; read without it" in out, out
     if case == "a 400-digit integer":
         assert runs.final_loss.max() == np.inf
+    if case == "a baseline that is text":  # the run keeps its other baselines
+        assert runs.baseline_mean_action.notna().all()
 
 
 def test_a_bisection_beside_plain_runs_is_reported_with_what_was_found(tmp_path, capsys):
@@ -430,3 +440,57 @@ def test_a_screens_runs_without_a_design_or_a_plan_say_so(tmp_path, capsys):
     analysis_md = (tmp_path / "report" / "analysis.md").read_text()
     assert (f"The screen's 6 runs in {tmp_path.resolve()} hold no run of a design, and no readable bisect.json is "
             "beside them: there is nothing to analyse as a screen.") in analysis_md
+
+
+def test_a_screens_confirmation_opens_its_report_and_a_whole_folder_gets_no_warning(tmp_path, capsys):
+    """A screen's folder as the study leaves it (design runs, confirmation.json, study.json): its sentence and
+    table lead the dashboard, and nothing is named as unreadable."""
+    from vla_exp.attribution import screen
+    names = ["lr", "init"]
+    values = {"A": [0.5, 0.52], "x10": [0.104, 0.1], "x01": [0.45, 0.46], "B": [0.1, 0.11]}
+    for name, errors in values.items():
+        levels = {"A": [0, 0], "B": [1, 1]}.get(name) or [int(c) for c in name[1:]]
+        for seed, error in enumerate(errors):
+            fake_run(tmp_path / f"{name}-s{seed}", FIXED, seed, error=error)
+            design = Design(name=name, label=screen.label(levels, names), part="design", factors=names,
+                            levels=levels, a="recipe=original", b="recipe=fixed")
+            edit_summary(tmp_path / f"{name}-s{seed}" / "summary.json", design=design.node())
+    runs = pd.DataFrame([{"design_name": n, "seed": s, "val_action_error": v}
+                         for n, vs in values.items() for s, v in enumerate(vs)])
+    result = {"effects": pd.DataFrame({"term": names, "effect": [-0.4, -0.05]}), "sigma": 0.01, "df": 4}
+    plan = screen.confirmation(runs, "val_action_error", names, result)
+    assert plan["next"] is None and plan["reached"] == 1
+    (tmp_path / "confirmation.json").write_text(json.dumps(plan))
+    (tmp_path / "study.json").write_text(json.dumps({"study": "screen", "a": "recipe=original", "b": "recipe=fixed"}))
+    main([str(tmp_path)])
+    assert "warning" not in capsys.readouterr().out
+    analysis_md = (tmp_path / "report" / "analysis.md").read_text()
+    assert f"## Confirmation\n\n{screen.sentence(plan)}\n\n| step |" in analysis_md
+    dashboard = (tmp_path / "report" / "dashboard.html").read_text()
+    assert dashboard.index("Confirmation: the smallest set of changes") < dashboard.index("Screen: the design")
+
+
+def test_the_wandb_logger_of_a_report_is_the_runs_own_read_as_text(tmp_path, monkeypatch):
+    """`--wandb` takes the project of the first run whose saved logger is W&B's; a folder's config is data, so an
+    interpolation there is the project's name as written, never an environment variable's value."""
+    from omegaconf import OmegaConf
+    from vla_exp.attribution.report import logger_config
+    from vla_exp.config import compose
+    monkeypatch.setenv("VLA_TEST_SECRET", "hunter2")
+    for name, logger, project in (("a", "none", "ignored"), ("b", "wandb", "${oc.env:VLA_TEST_SECRET}"),
+                                  ("c", "wandb", "third")):
+        cfg = compose("logger=" + logger)
+        if logger == "wandb":
+            cfg.logger.project = project
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        OmegaConf.save(cfg, tmp_path / name / ".hydra" / "config.yaml")
+    got = logger_config([tmp_path / "a", tmp_path / "b", tmp_path / "c"], "offline", "g")
+    assert (got.project, got.mode, got.group) == ("${oc.env:VLA_TEST_SECRET}", "offline", "g")
+    default = OmegaConf.load(CONF_DIR / "logger" / "wandb.yaml").project
+    assert logger_config([tmp_path / "a"], "offline", "g").project == default
+
+
+def test_an_integer_too_long_for_int64_reads_as_a_float():
+    from vla_exp.runs import parse_json
+    assert parse_json("[%s, %s, -%s]" % ("9" * 18, "9" * 19, "9" * 400)) == [10 ** 18 - 1, 1e19, -np.inf]
+    assert type(parse_json("9" * 18)) is int and type(parse_json("9" * 19)) is float

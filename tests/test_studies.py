@@ -1,5 +1,6 @@
 """A study's hold on its folder, its arguments checked before anything is written, and a signal handed on to its
 jobs: the running ones save and the same command resumes."""
+import argparse
 import json
 import os
 import signal
@@ -195,3 +196,59 @@ def test_a_ray_address_where_something_that_is_not_ray_answers_is_one_line_withi
     with pytest.raises(studies.UsageError, match=rf"--ray-address 127.0.0.1:{free}: nothing answers there \("):
         studies.check_ray_head(f"127.0.0.1:{free}")
     assert not tmp_path.joinpath("s").exists()
+
+
+def test_the_bounds_of_a_screens_numbers_are_where_they_are_said_to_be():
+    assert studies.number(0)("0") == 0.0 and studies.number(0, above=True)("1e-9") == 1e-9
+    with pytest.raises(argparse.ArgumentTypeError):
+        studies.number(0, above=True)("0")
+
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:abc", "give the head's host:port, or auto for the cluster `ray start --head` started on this machine"),
+    (":6379", "give the head's host:port, or auto for the cluster `ray start --head` started on this machine"),
+    ("127.0.0.1:0", "port 0 is out of range (1 to 65535)"),
+    ("127.0.0.1:65536", "port 65536 is out of range (1 to 65535)"),
+    ("127.0.0.1:65535", "nothing answers there (Connection refused)")])
+def test_a_ray_address_is_read_before_anything_is_asked_of_it(address, message):
+    with pytest.raises(studies.UsageError) as e:
+        studies.check_ray_head(address)
+    assert str(e.value) == f"--ray-address {address}: {message}"
+
+
+@pytest.mark.slow  # a joblib multirun
+def test_a_signal_to_a_joblib_sweeps_process_alone_lets_its_running_jobs_finish_and_starts_no_more(tmp_path):
+    """SIGTERM to the sweep's own process (not its group): its jobs did not get it and finish; the job not yet
+    started does not start; the sweep says how to go on and exits 128 + 15."""
+    sweep = subprocess.Popen([sys.executable, "-m", "vla_exp.training.main", "-m", "seed=0,1,2", *TINY,
+                              "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(list(tmp_path.glob("*/metrics.jsonl"))) >= 2, sweep)
+    sweep.send_signal(signal.SIGTERM)
+    out, err = sweep.communicate(timeout=300)
+    assert sweep.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    done = {p.parent.name: json.loads(p.read_text())["status"] for p in tmp_path.glob("*/summary.json")}
+    assert sorted(done.values()) == ["completed", "completed"] and not any("s2" in name for name in done)
+    assert "job 2: not started, the sweep is stopping on SIGTERM; the same command runs it" in err
+    assert out.strip().splitlines()[-1] == "the same command resumes the interrupted runs and skips the finished ones"
+    assert not (tmp_path / ".stopping").exists()
+
+
+def test_a_joblib_sweep_keeps_the_first_signal_and_a_second_ctrl_c_stops_it_at_once(tmp_path):
+    """The sweep's own process, in process: the first signal is kept (its name in .stopping for the jobs about to
+    start), a later SIGTERM changes nothing, a second Ctrl-C raises at once; the handlers go back afterwards."""
+    from vla_exp.training.sweep import STOPPING, Sweep, stopping
+    sweep, before = Sweep(), signal.getsignal(signal.SIGINT)
+    sweep.signum = None
+    restore = sweep.hold_signals(tmp_path)
+    try:
+        assert stopping(tmp_path) is None
+        os.kill(os.getpid(), signal.SIGINT)
+        assert sweep.signum == signal.SIGINT and stopping(tmp_path) == "SIGINT"
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert sweep.signum == signal.SIGINT and (tmp_path / STOPPING).read_text() == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGINT) is before

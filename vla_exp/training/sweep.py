@@ -98,8 +98,9 @@ class Sweep(Callback):
         def ask(signum, frame):
             if signum == signal.SIGINT and self.signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            self.signum = self.signum or signum
-            write_text(Path(sweep_dir) / STOPPING, signal.Signals(signum).name)
+            if self.signum is None:
+                self.signum = signum
+                write_text(Path(sweep_dir) / STOPPING, signal.Signals(signum).name)
         previous = {s: signal.signal(s, ask) for s in SIGNALS}
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
