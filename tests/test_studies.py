@@ -209,7 +209,8 @@ def test_the_bounds_of_a_screens_numbers_are_where_they_are_said_to_be():
     (":6379", "give the head's host:port, or auto for the cluster `ray start --head` started on this machine"),
     ("127.0.0.1:0", "port 0 is out of range (1 to 65535)"),
     ("127.0.0.1:65536", "port 65536 is out of range (1 to 65535)"),
-    ("127.0.0.1:65535", "nothing answers there (Connection refused)")])
+    ("127.0.0.1:65535", "nothing answers there (Connection refused)"),
+    ("127.0.0.1:1", "nothing answers there (Connection refused)")])
 def test_a_ray_address_is_read_before_anything_is_asked_of_it(address, message):
     with pytest.raises(studies.UsageError) as e:
         studies.check_ray_head(address)
