@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from test_sweep import wait_for
+
 from vla_exp.attribution import studies
 from vla_exp.files import STUDY_LOCK, exclusive
 
@@ -120,15 +122,6 @@ def test_a_refused_multirun_stops_the_study_by_name(tmp_path):
     with exclusive(tmp_path, "another sweep"), pytest.raises(studies.Refused) as e:
         studies.launch(["seed=0", f"hydra.sweep.dir={tmp_path}", *TINY], [])
     assert str(e.value) == "the study's multirun launched nothing (the line above says why); the study stops there"
-
-
-def wait_for(ready, proc, timeout=300):
-    import time
-    deadline = time.time() + timeout
-    while not ready():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.mark.slow  # a study's multiruns, stopped and resumed
