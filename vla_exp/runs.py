@@ -29,6 +29,7 @@ from tqdm import tqdm
 from vla_exp import UsageError
 from vla_exp.config import GROUPS, NOT_RESULTS, dig, leaves
 from vla_exp.files import write_json
+from vla_exp.schema import SEED
 
 SUMMARY, METRICS, CONFIG, INIT_REPORT = "summary.json", "metrics.jsonl", ".hydra/config.yaml", "init_report.json"
 POLICY, NORMALIZATION, STUDY, CHECKPOINT = "policy.pt", "normalization.json", "study.json", "checkpoint.pt"
@@ -231,9 +232,9 @@ def readable(path, s):
     if bad:
         unreadable(path, f"baseline_action_errors: {bad[0]} is no number")
         s["baseline_action_errors"] = {k: v for k, v in s["baseline_action_errors"].items() if k not in bad}
-    seed = s.get("seed")
-    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2 ** 32):
-        unreadable(path, f"seed={str(seed)[:30]} is no seed (an integer from 0 to {2 ** 32 - 1})")
+    seed, (is_seed, allowed) = s.get("seed"), SEED
+    if seed is not None and not is_seed(seed):
+        unreadable(path, f"seed={str(seed)[:30]} is no seed (it {allowed})")
         s.pop("seed")
     if "design" in s:
         try:
