@@ -246,3 +246,15 @@ def test_a_joblib_sweep_keeps_the_first_signal_and_a_second_ctrl_c_stops_it_at_o
     finally:
         restore()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.slow  # a multirun process
+def test_a_stopping_mark_left_by_a_killed_sweep_stops_no_later_sweep(tmp_path):
+    """A joblib sweep killed while it stopped leaves .stopping behind; a later sweep into the folder, on any launcher,
+    runs its jobs."""
+    (tmp_path / ".stopping").write_text("SIGINT")
+    out = subprocess.run([sys.executable, "-m", "vla_exp.training.main", "-m", "seed=0", *TINY,
+                          f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [json.loads(p.read_text())["status"] for p in tmp_path.glob("*/summary.json")] == ["completed"]
+    assert not (tmp_path / ".stopping").exists()

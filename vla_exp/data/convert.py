@@ -78,7 +78,8 @@ def main(argv=None):
     p.add_argument("--codebase-version", default="v3.0", choices=SUPPORTED, help="LeRobot layout to write")
     p.add_argument("--images", default="video", choices=("video", "image"),
                    help="LeRobot images as AV1 video (LeRobot's default) or PNG image features")
-    p.add_argument("--fps", type=at_least_one, default=20, help="frames per second of a written LeRobot dataset (default 20)")
+    p.add_argument("--fps", type=at_least_one, default=20,
+                   help="frames per second of a written LeRobot dataset (default 20)")
     p.add_argument("--image-size", type=at_least_one, help="LeRobot -> HDF5: resize frames to this square size")
     args = p.parse_args(argv)
     try:

@@ -38,8 +38,8 @@ def validate(cfg):
 
 
 def compose_checked(overrides, what):
-    """compose() and every rule a run's config must meet (validate); a config that does not
-    compose or breaks a rule is one line naming `what` (UsageError)."""
+    """compose() and every rule a run's config must meet (validate); a config that does not compose or breaks a
+    rule is one line naming `what` (UsageError)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
     from vla_exp.config import compose

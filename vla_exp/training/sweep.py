@@ -86,8 +86,8 @@ class Sweep(Callback):
         if bad:
             refuse("\n".join(["error: nothing launched; these jobs' configs are not valid:", *bad]))
         self.signum = None
+        (Path(config.hydra.sweep.dir) / STOPPING).unlink(missing_ok=True)  # left by a sweep killed while stopping
         if jobs_apart(config.hydra.launcher):
-            (Path(config.hydra.sweep.dir) / STOPPING).unlink(missing_ok=True)  # left by a sweep killed while stopping
             self.hold.callback(self.hold_signals(config.hydra.sweep.dir))
 
     def hold_signals(self, sweep_dir):
